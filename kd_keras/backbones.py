@@ -1,0 +1,418 @@
+"""Student / teacher backbone networks, built by name.
+
+Every backbone is a functional `keras.Model` that maps images float32 [B, H, W, 3] with values in
+[0, 1] to features float32 [B, m], the global average pool of its last stage. Input normalisation
+is the model's first layer (`InputNormalization`), so callers always feed [0, 1] images and an
+exported backbone carries its own preprocessing.
+
+Names and feature sizes m (`FEATURE_DIMS`):
+
+  resnet18, resnet34   512    torchvision layout, BasicBlock, [2,2,2,2] / [3,4,6,3]
+  resnet50             2048   torchvision v1.5 layout, Bottleneck (stride on the 3x3 conv)
+  mobilenetv2          1280   keras.applications.MobileNetV2 (alpha 1.0), weights=None
+  efficientnetb0       1280   keras.applications.EfficientNetB0, weights=None
+  resnet_tiny          64     BasicBlock, [1,1,1,1], widths 8/16/32/64, small stem (tests, CI)
+  convnet_tiny         64     3 x (conv3x3/2 BN ReLU), widths 16/32/64 (tests, CI)
+
+Stable layer names, for `model.get_layer(name).output`:
+  ResNets: "stem" (output of the stem), "stage1".."stage4" (output of each stage).
+  convnet_tiny: "stage1".."stage3".
+  All backbones: "images" (the input), "input_normalization", "features" (the pooled output).
+The keras.applications backbones keep their own inner layer names (no "stageN" layers).
+"""
+
+import keras
+from keras import layers, ops
+
+FEATURE_DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "mobilenetv2": 1280,
+    "efficientnetb0": 1280,
+    "resnet_tiny": 64,
+    "convnet_tiny": 64,
+}
+BACKBONE_NAMES = tuple(FEATURE_DIMS)
+
+# Concrete normalisations that `normalize_images` applies; "native" is resolved per architecture
+# by `resolve_norm` before it reaches them.
+NORM_MODES = ("imagenet", "unit", "minus_one_one")
+NORMS = (*NORM_MODES, "native")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PyTorch's BatchNorm defaults: its momentum 0.1 weights the *new* batch statistic, Keras'
+# momentum weights the *old* running value, so 0.1 there == 0.9 here. Keras' own defaults
+# (0.99, 1e-3) would change the training dynamics the recipes were tuned with.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# Inputs at most this many pixels wide get the CIFAR-style stem when small_stem is None: the
+# ImageNet stem would shrink a 32 px image to 8 px before the first residual stage.
+SMALL_STEM_MAX_SIZE = 64
+
+# keras.applications refuse inputs smaller than this.
+_MIN_APPLICATION_SIZE = 32
+
+# name -> (block kind, blocks per stage, base widths per stage). The stem width is widths[0].
+_RESNET_SPECS = {
+    "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet_tiny": ("basic", (1, 1, 1, 1), (8, 16, 32, 64)),
+}
+_CONVNET_TINY_WIDTHS = (16, 32, 64)
+
+# What each architecture "natively" expects, as a concrete mode. EfficientNetB0's own
+# Rescaling(1/255) is undone in front of it (see `_application_features`) and its Normalization
+# layer is the identity without ImageNet weights, so natively its stem sees [0, 1] images.
+_NATIVE_NORMS = {
+    "resnet18": "imagenet",
+    "resnet34": "imagenet",
+    "resnet50": "imagenet",
+    "resnet_tiny": "imagenet",
+    "convnet_tiny": "imagenet",
+    "mobilenetv2": "minus_one_one",
+    "efficientnetb0": "unit",
+}
+
+
+def _check_name(name):
+    if name not in FEATURE_DIMS:
+        raise ValueError(f"Unknown backbone name {name!r}; valid names are {BACKBONE_NAMES}.")
+
+
+def resolve_norm(name, norm):
+    """The concrete normalisation mode (one of `NORM_MODES`) used by backbone `name`.
+
+    "native" means what the architecture expects: "imagenet" mean/std for the ResNets and tiny
+    nets, "minus_one_one" ([-1, 1]) for MobileNetV2, and for EfficientNetB0 the [0, 1] images that
+    keras.applications' untrained EfficientNetB0 sees after its internal Rescaling(1/255), i.e.
+    exactly as if the application were fed x * 255. Other modes are returned unchanged.
+    """
+    _check_name(name)
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
+    return _NATIVE_NORMS[name] if norm == "native" else norm
+
+
+def normalize_images(images, mode):
+    """Normalises images with values in [0, 1] (pure function, no state).
+
+    Args:
+      images: float tensor or array [..., 3] (any leading shape, channels last) in [0, 1].
+        "unit" and "minus_one_one" accept any number of channels.
+      mode: "imagenet" ((x - mean) / std with ImageNet's per-channel RGB statistics),
+        "unit" (identity) or "minus_one_one" (x * 2 - 1). "native" depends on the architecture:
+        resolve it first with `resolve_norm(name, "native")`.
+
+    Returns:
+      A tensor with the shape and float dtype of `images`.
+    """
+    if mode not in NORM_MODES:
+        hint = " (resolve 'native' with resolve_norm(name, norm))" if mode == "native" else ""
+        raise ValueError(f"Unknown normalisation mode {mode!r}{hint}; choose one of {NORM_MODES}.")
+    images = ops.convert_to_tensor(images)
+    if "float" not in str(images.dtype):
+        # Integer images are almost surely uint8 in [0, 255]; silently casting them would feed
+        # the network values 255 times too large.
+        raise ValueError(
+            f"images must be floats in [0, 1], got dtype {images.dtype}; "
+            "convert with images / 255 first."
+        )
+    if mode == "unit":
+        return images
+    if mode == "minus_one_one":
+        return images * 2.0 - 1.0
+    if images.shape[-1] is not None and images.shape[-1] != 3:
+        raise ValueError(
+            f"images must have 3 (RGB) channels for 'imagenet' normalisation, got shape "
+            f"{tuple(images.shape)}."
+        )
+    mean = ops.convert_to_tensor(IMAGENET_MEAN, dtype=images.dtype)
+    std = ops.convert_to_tensor(IMAGENET_STD, dtype=images.dtype)
+    return (images - mean) / std
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class InputNormalization(keras.layers.Layer):
+    """Applies `normalize_images(inputs, mode)`; has no weights.
+
+    Input: float [B, H, W, C] in [0, 1]. Output: same shape, in the layer's compute dtype.
+
+    Args:
+      mode: one of `NORM_MODES` ("imagenet", "unit", "minus_one_one").
+    """
+
+    def __init__(self, mode="imagenet", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in NORM_MODES:
+            raise ValueError(
+                f"InputNormalization: unknown mode {mode!r}; choose one of {NORM_MODES}."
+            )
+        self.mode = mode
+
+    def call(self, inputs):
+        return normalize_images(inputs, self.mode)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def batch_norm(
+    name=None, sync_bn=False, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis=-1, **kwargs
+):
+    """A BatchNormalization layer with PyTorch's defaults (momentum 0.9 == torch's 0.1, eps 1e-5).
+
+    Args:
+      name: layer name.
+      sync_bn: bool, `synchronized=True`: batch statistics are all-reduced over the replicas of
+        a tf.distribute strategy (TensorFlow backend only).
+      momentum, epsilon, axis: as in keras.layers.BatchNormalization.
+      **kwargs: passed on (e.g. center=False, scale=False).
+
+    Returns:
+      keras.layers.BatchNormalization mapping [..., C] -> [..., C].
+    """
+    return layers.BatchNormalization(
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        synchronized=bool(sync_bn),
+        name=name,
+        **kwargs,
+    )
+
+
+def conv_initializer():
+    """He-normal with fan_out, as torchvision's ResNets (kaiming_normal_, mode="fan_out")."""
+    # Untruncated, like torch's kaiming_normal_; keras' HeNormal truncates and uses fan_in.
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def _conv(x, filters, kernel, stride, name):
+    """Bias-free conv with torchvision's symmetric padding (kernel // 2 on every side)."""
+    pad = kernel // 2
+    if stride > 1 and pad > 0:
+        # Keras' "same" pads stride-2 convs asymmetrically (more at the bottom/right), which
+        # shifts the sampling grid relative to torchvision; explicit padding keeps them aligned.
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    return layers.Conv2D(
+        filters,
+        kernel,
+        strides=stride,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=conv_initializer(),
+        name=name,
+    )(x)
+
+
+def _basic_block(x, filters, stride, name, out_name, bn):
+    shortcut = x
+    y = _conv(x, filters, 3, stride, f"{name}_conv1")
+    y = bn(f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = _conv(y, filters, 3, 1, f"{name}_conv2")
+    y = bn(f"{name}_bn2")(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _conv(x, filters, 1, stride, f"{name}_proj_conv")
+        shortcut = bn(f"{name}_proj_bn")(shortcut)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=out_name)(y)
+
+
+def _bottleneck_block(x, filters, stride, name, out_name, bn):
+    out_filters = 4 * filters
+    shortcut = x
+    y = _conv(x, filters, 1, 1, f"{name}_conv1")
+    y = bn(f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    # ResNet v1.5: the stride sits on the 3x3 conv, not on the first 1x1 (which would discard
+    # three quarters of the input before any spatial filtering).
+    y = _conv(y, filters, 3, stride, f"{name}_conv2")
+    y = bn(f"{name}_bn2")(y)
+    y = layers.ReLU(name=f"{name}_relu2")(y)
+    y = _conv(y, out_filters, 1, 1, f"{name}_conv3")
+    y = bn(f"{name}_bn3")(y)
+    if stride != 1 or x.shape[-1] != out_filters:
+        shortcut = _conv(x, out_filters, 1, stride, f"{name}_proj_conv")
+        shortcut = bn(f"{name}_proj_bn")(shortcut)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=out_name)(y)
+
+
+def _resnet_features(x, name, small_stem, bn):
+    kind, blocks, widths = _RESNET_SPECS[name]
+    if small_stem:
+        x = _conv(x, widths[0], 3, 1, "stem_conv")
+        x = bn("stem_bn")(x)
+        x = layers.ReLU(name="stem")(x)
+    else:
+        x = _conv(x, widths[0], 7, 2, "stem_conv")
+        x = bn("stem_bn")(x)
+        x = layers.ReLU(name="stem_relu")(x)
+        # Zero padding equals torch's -inf padding here because the inputs are post-ReLU (>= 0).
+        x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+        x = layers.MaxPooling2D(3, strides=2, name="stem")(x)
+    block_fn = _basic_block if kind == "basic" else _bottleneck_block
+    for s, (num_blocks, filters) in enumerate(zip(blocks, widths, strict=True), start=1):
+        for b in range(num_blocks):
+            stride = 2 if (s > 1 and b == 0) else 1
+            out_name = f"stage{s}" if b == num_blocks - 1 else f"stage{s}_block{b}_out"
+            x = block_fn(x, filters, stride, f"stage{s}_block{b}", out_name, bn)
+    return x
+
+
+def _convnet_tiny_features(x, bn):
+    for s, filters in enumerate(_CONVNET_TINY_WIDTHS, start=1):
+        x = _conv(x, filters, 3, 2, f"stage{s}_conv")
+        x = bn(f"stage{s}_bn")(x)
+        x = layers.ReLU(name=f"stage{s}")(x)
+    return x
+
+
+def _application_features(x, name, image_size):
+    """Last feature map of a keras.applications net (weights=None) grown on tensor `x`.
+
+    `x` is already normalised by our InputNormalization; passing it as `input_tensor` puts the
+    application's layers into the same flat graph (not a nested model), so their BN layers are
+    reachable from `model.layers` and `get_layer` sees their names.
+    """
+    shape = (image_size, image_size, 3)
+    if name == "efficientnetb0":
+        # The application starts with Rescaling(1/255) followed by a Normalization layer whose
+        # mean/variance are 0/1 unless ImageNet weights are loaded (never here). Multiplying by
+        # 255 cancels the rescaling so its stem sees exactly our normalised images.
+        x = layers.Rescaling(255.0, name="undo_efficientnet_rescaling")(x)
+        app = keras.applications.EfficientNetB0(
+            include_top=False, weights=None, input_tensor=x, input_shape=shape, pooling=None
+        )
+    else:
+        app = keras.applications.MobileNetV2(
+            include_top=False, weights=None, input_tensor=x, input_shape=shape, pooling=None
+        )
+    return app.output, app.layers
+
+
+def _validate(name, image_size, small_stem, norm, sync_bn, bn_momentum, bn_epsilon, name_prefix):
+    _check_name(name)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8 (pixels), got {image_size!r}.")
+    if name in ("mobilenetv2", "efficientnetb0") and image_size < _MIN_APPLICATION_SIZE:
+        raise ValueError(
+            f"image_size must be >= {_MIN_APPLICATION_SIZE} for {name}, got {image_size}."
+        )
+    if small_stem not in (None, True, False):
+        raise ValueError(f"small_stem must be None (auto), True or False, got {small_stem!r}.")
+    if small_stem and name not in _RESNET_SPECS:
+        raise ValueError(
+            f"small_stem=True applies to ResNets only; {name!r} has no replaceable stem."
+        )
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
+    if sync_bn not in (True, False):
+        raise ValueError(f"sync_bn must be a bool, got {sync_bn!r}.")
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}.")
+    if not bn_epsilon > 0.0:
+        raise ValueError(f"bn_epsilon must be > 0, got {bn_epsilon!r}.")
+    if name_prefix is not None and (not isinstance(name_prefix, str) or "/" in name_prefix):
+        raise ValueError(f"name_prefix must be a string without '/', got {name_prefix!r}.")
+
+
+def build_backbone(
+    name,
+    image_size,
+    small_stem=None,
+    norm="imagenet",
+    sync_bn=False,
+    bn_momentum=BN_MOMENTUM,
+    bn_epsilon=BN_EPSILON,
+    name_prefix=None,
+):
+    """Builds a backbone: images float32 [B, S, S, 3] in [0, 1] -> features [B, FEATURE_DIMS[name]].
+
+    Args:
+      name: one of `BACKBONE_NAMES`.
+      image_size: int S, side of the square input in pixels (fixed in the model's input shape).
+      small_stem: ResNets only. True: CIFAR stem (conv3x3/1 + BN + ReLU, no max-pool); False:
+        ImageNet stem (conv7x7/2 + BN + ReLU + maxpool3x3/2); None: True iff S <= 64.
+        resnet_tiny uses the small stem unless small_stem=False. Must not be True for the others.
+      norm: "imagenet", "unit", "minus_one_one" or "native" (see `resolve_norm`); applied by the
+        model's first layer, an `InputNormalization`.
+      sync_bn: bool, synchronized BatchNorm across tf.distribute replicas.
+      bn_momentum, bn_epsilon: BatchNorm settings (Keras convention; defaults = PyTorch's). For
+        mobilenetv2 / efficientnetb0 these and sync_bn are set on every application BN layer
+        too (their own defaults are momentum 0.999 / 0.99 and epsilon 1e-3).
+      name_prefix: optional string; the model is named f"{name_prefix}_{name}" (e.g. "student_"
+        and "teacher_" copies of one architecture can then sit in the same functional graph).
+        Layer names are not prefixed, so get_layer("stage3") works for every model.
+
+    Returns:
+      A functional keras.Model with input "images" float32 [B, S, S, 3] and output "features"
+      [B, m] (the layer dtype policy's compute dtype, float32 by default).
+    """
+    _validate(name, image_size, small_stem, norm, sync_bn, bn_momentum, bn_epsilon, name_prefix)
+    mode = resolve_norm(name, norm)
+
+    def bn(layer_name):
+        return batch_norm(layer_name, sync_bn=sync_bn, momentum=bn_momentum, epsilon=bn_epsilon)
+
+    images = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
+    x = InputNormalization(mode, name="input_normalization")(images)
+    if name in _RESNET_SPECS:
+        if small_stem is None:
+            small_stem = name == "resnet_tiny" or image_size <= SMALL_STEM_MAX_SIZE
+        x = _resnet_features(x, name, small_stem, bn)
+    elif name == "convnet_tiny":
+        x = _convnet_tiny_features(x, bn)
+    else:
+        x, app_layers = _application_features(x, name, image_size)
+        # The layers are already built but BatchNormalization reads momentum, epsilon and
+        # synchronized only when called (and get_config serialises the new values), so
+        # changing them here, before any call, takes full effect.
+        for layer in app_layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
+                layer.epsilon = float(bn_epsilon)
+                layer.synchronized = bool(sync_bn)
+    features = layers.GlobalAveragePooling2D(name="features")(x)
+    model_name = name if not name_prefix else f"{name_prefix.rstrip('_')}_{name}"
+    return keras.Model(images, features, name=model_name)
+
+
+def feature_dim(model):
+    """Feature size m of a backbone, read from its static output shape [B, m]."""
+    try:
+        shape = model.output_shape
+    except (AttributeError, ValueError) as err:
+        raise ValueError(
+            f"model {getattr(model, 'name', model)!r} has no static output shape; "
+            "build it (call it once or use a functional model) first."
+        ) from err
+    if isinstance(shape, list) or len(shape) != 2 or shape[-1] is None:
+        raise ValueError(
+            f"model {model.name!r} must output one feature tensor [B, m], has output shape {shape}."
+        )
+    return int(shape[-1])
+
+
+def freeze(model):
+    """Makes `model` non-trainable (for teachers) and returns it.
+
+    With trainable=False, Keras 3 BatchNormalization also runs in inference mode (moving
+    statistics, no updates) even when called with training=True.
+    """
+    model.trainable = False
+    return model

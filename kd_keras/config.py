@@ -1,0 +1,308 @@
+"""The only module that knows absl flags: flags -> frozen dataclasses, saved as JSON.
+
+Everything downstream takes these dataclasses (or plain arguments), never `FLAGS`, so every
+component can be built in tests without parsing a command line.
+
+Flagfiles: `--flagfile=flags/simreg.cfg` reads flags from a file; a flagfile may itself contain
+`--flagfile=common.cfg` lines (absl resolves them relative to the working directory, so our
+flagfiles name their includes relative to the repository root). Flags given on the command line
+after the flagfile override it.
+"""
+
+import dataclasses
+import json
+import os
+
+from absl import flags
+
+METHODS = ("simreg", "regress", "regress_bn", "supervised")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+AUGMENTATIONS = ("weak", "strong", "none")
+AUG_MODES = ("same", "different")
+HEADS = ("linear", "mlp2", "mlp4")
+NORMS = ("imagenet", "unit", "minus_one_one", "native")
+SCHEDULES = ("cosine", "constant")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines kd_keras' flags once (idempotent, so tests may call it repeatedly)."""
+    if "method" in FLAGS:
+        return
+    # Run.
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results, export.")
+    flags.DEFINE_enum("method", "simreg", METHODS, "Training method.")
+    flags.DEFINE_integer("seed", 0, "Global seed (weights, shuffling, augmentation).")
+    flags.DEFINE_enum("strategy", "auto", STRATEGIES, "tf.distribute strategy; auto = "
+                      "MirroredStrategy over all local GPUs when there are several, else one device.")
+    flags.DEFINE_bool("sync_bn", True, "Synchronise BatchNorm statistics across replicas.")
+    flags.DEFINE_bool("export", True, "Export the student backbone as a SavedModel at the end.")
+    flags.DEFINE_bool("evaluate", True, "Run k-NN evaluation of the student (and teachers).")
+    flags.DEFINE_string("save_freq", "epoch", "Checkpoint frequency for resuming: 'epoch' or a "
+                        "number of steps.")
+    flags.DEFINE_integer("log_images", 4, "Augmented views written to TensorBoard (0 = none).")
+    flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0 silent, 1 progress bar, 2 line).")
+    # Data.
+    flags.DEFINE_string("dataset", "digits", "'digits' (embedded, scikit-learn), an image "
+                        "folder path (or 'folder:PATH') with train/ and val/ class subfolders, or "
+                        "'tfds:NAME'.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (for --dataset=tfds:NAME).")
+    flags.DEFINE_bool("download", False, "Allow TFDS to download and prepare the dataset.")
+    flags.DEFINE_string("train_split", "train", "Split used for distillation and as k-NN memory.")
+    flags.DEFINE_string("eval_split", None, "Split used for evaluation; default: 'test' for "
+                        "digits, 'val' for folders, 'test' for TFDS.")
+    flags.DEFINE_integer("image_size", 32, "Side of the square training views, pixels.")
+    flags.DEFINE_enum("augment", "weak", AUGMENTATIONS, "SimReg B.2 augmentation strength.")
+    flags.DEFINE_enum("aug_mode", "same", AUG_MODES, "'same': one augmented image for teacher "
+                      "and student (SimReg's best); 'different': two augmentations.")
+    flags.DEFINE_float("crop_scale_min", 0.2, "Lower bound of the random-resized-crop area.")
+    flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer size (examples).")
+    flags.DEFINE_bool("cache_decoded", False, "Cache decoded images in memory.")
+    # Networks.
+    flags.DEFINE_string("student", "resnet18", "Student backbone name.")
+    flags.DEFINE_enum("student_norm", "imagenet", NORMS, "Input normalisation of the student.")
+    flags.DEFINE_enum("small_stem", "auto", ["auto", "true", "false"], "CIFAR-style stem "
+                      "(3x3 conv, no max-pool); auto = when --image_size <= 64.")
+    flags.DEFINE_multi_string("teacher", [], "Teacher spec, repeat for several teachers: a path "
+                              "(SavedModel dir, .keras file, kd_keras run dir), 'app:NAME=WEIGHTS', "
+                              "or 'recipe:supervised'; options after commas, e.g. "
+                              "'path=/m.keras,norm=unit,name=moco'. See kd_keras/teachers.py.")
+    flags.DEFINE_string("teacher_recipe_backbone", "resnet50", "Backbone of a recipe teacher.")
+    flags.DEFINE_integer("teacher_recipe_epochs", 10, "Epochs of a recipe teacher.")
+    flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
+    flags.DEFINE_enum("head", "mlp4", HEADS, "SimReg prediction head.")
+    flags.DEFINE_list("head_hidden_dims", None, "Override hidden sizes of the head.")
+    # Optimisation (SimReg B.3 defaults).
+    flags.DEFINE_integer("batch_size", 256, "Global batch size (split across replicas).")
+    flags.DEFINE_integer("epochs", 130, "Training epochs.")
+    flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch; default: examples // batch.")
+    flags.DEFINE_float("lr", 0.05, "Learning rate at batch 256 (see --lr_scaling).")
+    flags.DEFINE_enum("lr_scaling", "linear", ["linear", "none"], "linear: lr * batch / 256.")
+    flags.DEFINE_enum("schedule", "cosine", SCHEDULES, "Learning-rate schedule.")
+    flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up epochs.")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay added to the gradient (PyTorch "
+                       "SGD semantics).")
+    # Evaluation.
+    flags.DEFINE_list("knn_k", ["1", "20"], "k values of the k-NN evaluation.")
+    flags.DEFINE_integer("eval_batch_size", 256, "Batch size of feature extraction.")
+    flags.DEFINE_integer("knn_max_train", None, "Use at most this many training examples as "
+                         "the k-NN memory (default: all).")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    train_split: str = "train"
+    eval_split: str | None = None
+    image_size: int = 32
+    augment: str = "weak"
+    aug_mode: str = "same"
+    crop_scale_min: float = 0.2
+    shuffle_buffer: int = 10000
+    cache_decoded: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    student: str = "resnet18"
+    student_norm: str = "imagenet"
+    small_stem: bool | None = None
+    teachers: tuple[str, ...] = ()
+    teacher_recipe_backbone: str = "resnet50"
+    teacher_recipe_epochs: int = 10
+    teacher_recipe_lr: float = 0.1
+    head: str = "mlp4"
+    head_hidden_dims: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 256
+    epochs: int = 130
+    steps_per_epoch: int | None = None
+    lr: float = 0.05
+    lr_scaling: str = "linear"
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+    def scaled_lr(self):
+        """Peak learning rate for the global batch (linear scaling rule from batch 256)."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.batch_size / 256.0
+        return self.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    knn_k: tuple[int, ...] = (1, 20)
+    eval_batch_size: int = 256
+    knn_max_train: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str
+    method: str = "simreg"
+    seed: int = 0
+    strategy: str = "auto"
+    sync_bn: bool = True
+    export: bool = True
+    evaluate: bool = True
+    save_freq: str | int = "epoch"
+    log_images: int = 4
+    verbose: int = 1
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def save(self, path):
+        """Writes the resolved configuration as JSON (atomically)."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
+
+
+def _positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"--{name} must be positive, got {value}.")
+
+
+def _int_list(name, values):
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--{name} must be a comma-separated list of integers, got {values}.") from err
+
+
+def config_from_flags(flag_values=FLAGS):
+    """Builds and validates a `Config` from parsed flags.
+
+    Raises:
+      ValueError: naming the flag, for missing or impossible values.
+    """
+    fv = flag_values
+    if not fv.workdir:
+        raise ValueError("--workdir is required: the run directory for checkpoints and results.")
+    save_freq = fv.save_freq
+    if save_freq != "epoch":
+        try:
+            save_freq = int(save_freq)
+        except ValueError as err:
+            raise ValueError(f"--save_freq must be 'epoch' or an integer, got {save_freq!r}.") from err
+        _positive("save_freq", save_freq)
+    for name in ("batch_size", "epochs", "image_size", "eval_batch_size", "shuffle_buffer"):
+        _positive(name, fv[name].value)
+    for name in ("steps_per_epoch", "knn_max_train"):
+        _positive(name, fv[name].value, allow_none=True)
+    if fv.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {fv.lr}.")
+    if not 0.0 < fv.crop_scale_min <= 1.0:
+        raise ValueError(f"--crop_scale_min must be in (0, 1], got {fv.crop_scale_min}.")
+    if not 0.0 <= fv.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {fv.momentum}.")
+    if fv.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be >= 0, got {fv.weight_decay}.")
+    if fv.warmup_epochs < 0 or fv.warmup_epochs >= fv.epochs:
+        raise ValueError(
+            f"--warmup_epochs must be in [0, --epochs={fv.epochs}), got {fv.warmup_epochs}."
+        )
+    knn_k = _int_list("knn_k", fv.knn_k)
+    if any(k < 1 for k in knn_k):
+        raise ValueError(f"--knn_k values must be >= 1, got {knn_k}.")
+    hidden = None
+    if fv.head_hidden_dims:
+        hidden = _int_list("head_hidden_dims", fv.head_hidden_dims)
+    teachers = tuple(fv.teacher)
+    if fv.method != "supervised" and not teachers:
+        raise ValueError(f"--method={fv.method} distils a teacher: give at least one --teacher.")
+    if fv.method in ("regress", "regress_bn") and fv.head != "linear":
+        raise ValueError(
+            f"--method={fv.method} is a baseline with a linear head; set --head=linear "
+            f"(got --head={fv.head})."
+        )
+    small_stem = {"auto": None, "true": True, "false": False}[fv.small_stem]
+    return Config(
+        workdir=os.path.abspath(os.path.expanduser(fv.workdir)),
+        method=fv.method,
+        seed=fv.seed,
+        strategy=fv.strategy,
+        sync_bn=fv.sync_bn,
+        export=fv.export,
+        evaluate=fv.evaluate,
+        save_freq=save_freq,
+        log_images=fv.log_images,
+        verbose=fv.verbose,
+        data=DataConfig(
+            dataset=fv.dataset,
+            data_dir=fv.data_dir,
+            download=fv.download,
+            train_split=fv.train_split,
+            eval_split=fv.eval_split,
+            image_size=fv.image_size,
+            augment=fv.augment,
+            aug_mode=fv.aug_mode,
+            crop_scale_min=fv.crop_scale_min,
+            shuffle_buffer=fv.shuffle_buffer,
+            cache_decoded=fv.cache_decoded,
+        ),
+        model=ModelConfig(
+            student=fv.student,
+            student_norm=fv.student_norm,
+            small_stem=small_stem,
+            teachers=teachers,
+            teacher_recipe_backbone=fv.teacher_recipe_backbone,
+            teacher_recipe_epochs=fv.teacher_recipe_epochs,
+            teacher_recipe_lr=fv.teacher_recipe_lr,
+            head=fv.head,
+            head_hidden_dims=hidden,
+        ),
+        optim=OptimConfig(
+            batch_size=fv.batch_size,
+            epochs=fv.epochs,
+            steps_per_epoch=fv.steps_per_epoch,
+            lr=fv.lr,
+            lr_scaling=fv.lr_scaling,
+            schedule=fv.schedule,
+            warmup_epochs=fv.warmup_epochs,
+            momentum=fv.momentum,
+            weight_decay=fv.weight_decay,
+        ),
+        eval=EvalConfig(
+            knn_k=knn_k, eval_batch_size=fv.eval_batch_size, knn_max_train=fv.knn_max_train
+        ),
+    )
+
+
+def config_from_json(path):
+    """Reads a `Config` written by `Config.save` (e.g. from a previous run directory)."""
+    with open(path) as f:
+        raw = json.load(f)
+    sections = {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "optim": OptimConfig,
+        "eval": EvalConfig,
+    }
+    kwargs = {}
+    for key, value in raw.items():
+        if key in sections:
+            fields = {f.name for f in dataclasses.fields(sections[key])}
+            value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()
+                     if k in fields}
+            kwargs[key] = sections[key](**value)
+        else:
+            kwargs[key] = value
+    return Config(**kwargs)

@@ -1,0 +1,52 @@
+"""Feature extraction from an embedding function over a labelled tf.data split."""
+
+import numpy as np
+import tensorflow as tf
+
+
+def extract_features(embed_fn, dataset, max_examples=None):
+    """Runs `embed_fn` over `dataset` and gathers features and labels as NumPy arrays.
+
+    Args:
+      embed_fn: callable images float32 [B, H, W, 3] -> features [B, m] (a keras.Model, an
+        exported SavedModel function, a Teacher, ...). Keras models are called with
+        training=False.
+      dataset: tf.data of dicts with "image" [B, H, W, 3] and "label" [B].
+      max_examples: stop after this many examples (None: all).
+    Returns:
+      (features float32 [N, m], labels int64 [N]).
+    """
+    call = _as_inference_fn(embed_fn)
+    feats, labels, seen = [], [], 0
+    for batch in dataset:
+        f = call(batch["image"])
+        feats.append(np.asarray(f, dtype=np.float32))
+        labels.append(np.asarray(batch["label"], dtype=np.int64))
+        seen += feats[-1].shape[0]
+        if max_examples is not None and seen >= max_examples:
+            break
+    if not feats:
+        raise ValueError("The evaluation dataset is empty: no features were extracted.")
+    features = np.concatenate(feats)
+    labels = np.concatenate(labels)
+    if max_examples is not None:
+        features, labels = features[:max_examples], labels[:max_examples]
+    if features.ndim != 2:
+        raise ValueError(f"The embedding function returned shape {features.shape}, not [N, dim].")
+    if not np.all(np.isfinite(features)):
+        raise ValueError("The embedding function returned non-finite features (NaN or inf).")
+    return features, labels
+
+
+def _as_inference_fn(embed_fn):
+    import keras
+
+    if isinstance(embed_fn, keras.Model):
+        model = embed_fn
+
+        @tf.function(reduce_retracing=True)
+        def call(images):
+            return model(images, training=False)
+
+        return call
+    return embed_fn

@@ -1,0 +1,274 @@
+"""Frozen teachers loaded from local files, with their input conventions.
+
+A teacher spec is a string, either a bare location or comma-separated `key=value` options:
+
+  /runs/teacher                     a previous kd_keras run directory (uses its exported backbone)
+  /models/moco                      a SavedModel directory (signature `serving_default`)
+  /models/swav.keras                a Keras 3 model file
+  app:ResNet50=/weights/r50.h5      a `keras.applications` architecture + a local weights file
+  path=/models/m.keras,norm=imagenet,name=moco,size=224
+
+Options:
+  path   the location (or the first positional part of the spec).
+  name   name used in logs and metrics (default: derived from the path).
+  norm   what the teacher expects as input: "unit" ([0, 1] images, default for files and runs:
+         kd_keras models normalise internally), "imagenet" (mean/std), "minus_one_one",
+         "native" (the keras.applications model's own preprocess_input; default for app:).
+  size   resize views to size x size before the teacher (default: no resize).
+  pool   "avg" to global-average-pool a 4-D [B, h, w, d] output into features.
+  output key of a dict-valued output (SavedModel signatures return dicts).
+
+Nothing here downloads: `app:` requires a weights file that exists. A path that does not exist
+is an error (FileNotFoundError naming --teacher), never a silent fallback.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from kd_keras import backbones
+
+RUN_CONFIG = "config.json"
+RUN_BACKBONE = os.path.join("export", "backbone.keras")
+
+# keras.applications constructors -> module holding their preprocess_input.
+_APP_PREPROCESS = {
+    "ResNet50": "resnet",
+    "ResNet101": "resnet",
+    "ResNet152": "resnet",
+    "ResNet50V2": "resnet_v2",
+    "ResNet101V2": "resnet_v2",
+    "ResNet152V2": "resnet_v2",
+    "MobileNetV2": "mobilenet_v2",
+    "MobileNetV3Small": "mobilenet_v3",
+    "MobileNetV3Large": "mobilenet_v3",
+    "EfficientNetB0": "efficientnet",
+    "EfficientNetB1": "efficientnet",
+    "EfficientNetB2": "efficientnet",
+    "EfficientNetB3": "efficientnet",
+    "EfficientNetB4": "efficientnet",
+    "EfficientNetV2S": "efficientnet_v2",
+    "EfficientNetV2M": "efficientnet_v2",
+    "ConvNeXtTiny": "convnext",
+    "ConvNeXtSmall": "convnext",
+    "ConvNeXtBase": "convnext",
+    "DenseNet121": "densenet",
+    "VGG16": "vgg16",
+    "VGG19": "vgg19",
+    "Xception": "xception",
+    "InceptionV3": "inception_v3",
+}
+_NORMS = ("unit", "imagenet", "minus_one_one", "native")
+_OPTIONS = ("path", "name", "norm", "size", "pool", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed --teacher value."""
+
+    kind: str  # "run", "savedmodel", "keras", "app" or "recipe"
+    path: str
+    name: str
+    norm: str = "unit"
+    size: int | None = None
+    pool: str | None = None
+    output: str | None = None
+    app: str | None = None  # keras.applications constructor for kind "app"
+    recipe: str | None = None  # recipe name for kind "recipe"
+
+
+def parse_teacher_spec(spec, index=0):
+    """Parses one --teacher string into a `TeacherSpec` (no file access beyond existence).
+
+    Raises:
+      ValueError: malformed spec or unknown option.
+      FileNotFoundError: the location does not exist.
+    """
+    if not spec or not spec.strip():
+        raise ValueError("--teacher is empty.")
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    options = {}
+    for i, part in enumerate(parts):
+        key, sep, value = part.partition("=")
+        if i == 0 and (not sep or key.startswith("app:") or key not in _OPTIONS):
+            options["path"] = part
+            continue
+        if not sep or key not in _OPTIONS:
+            raise ValueError(
+                f"--teacher={spec!r}: cannot parse {part!r}; options are {_OPTIONS} as key=value."
+            )
+        options[key] = value
+    location = options.get("path")
+    if not location:
+        raise ValueError(f"--teacher={spec!r} names no path.")
+    norm = options.get("norm")
+    if norm is not None and norm not in _NORMS:
+        raise ValueError(f"--teacher={spec!r}: norm must be one of {_NORMS}, got {norm!r}.")
+    size = options.get("size")
+    if size is not None:
+        try:
+            size = int(size)
+        except ValueError as err:
+            raise ValueError(f"--teacher={spec!r}: size must be an integer.") from err
+        if size <= 0:
+            raise ValueError(f"--teacher={spec!r}: size must be positive.")
+    pool = options.get("pool")
+    if pool not in (None, "avg"):
+        raise ValueError(f"--teacher={spec!r}: pool must be 'avg'.")
+    common = dict(size=size, pool=pool, output=options.get("output"))
+
+    if location.startswith("recipe:"):
+        recipe = location.split(":", 1)[1]
+        name = options.get("name", f"recipe_{recipe}")
+        return TeacherSpec("recipe", "", name, norm or "unit", recipe=recipe, **common)
+    if location.startswith("app:"):
+        app, sep, weights = location[4:].partition("=")
+        if not sep or not weights:
+            raise ValueError(
+                f"--teacher={spec!r}: use app:NAME=/path/to/weights.h5 (a local weights file; "
+                "kd_keras never downloads weights implicitly)."
+            )
+        if not hasattr(keras.applications, app):
+            raise ValueError(f"--teacher={spec!r}: keras.applications has no {app!r}.")
+        weights = os.path.abspath(os.path.expanduser(weights))
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--teacher: weights file {weights} does not exist.")
+        if norm in (None, "native") and app not in _APP_PREPROCESS:
+            raise ValueError(
+                f"--teacher={spec!r}: no known preprocessing for {app}; give norm=... explicitly."
+            )
+        name = options.get("name", app.lower())
+        return TeacherSpec("app", weights, name, norm or "native", app=app, **common)
+
+    path = os.path.abspath(os.path.expanduser(location))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--teacher: {path} does not exist.")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, RUN_CONFIG)):
+        kind = "run"
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
+        kind = "savedmodel"
+    elif os.path.isfile(path) and path.endswith(".keras"):
+        kind = "keras"
+    else:
+        raise ValueError(
+            f"--teacher: {path} is neither a kd_keras run directory (with {RUN_CONFIG}), a "
+            "SavedModel directory (with saved_model.pb) nor a .keras file."
+        )
+    if norm == "native":
+        raise ValueError(f"--teacher={spec!r}: norm=native applies to app: teachers only.")
+    default_name = os.path.basename(path.rstrip("/")).removesuffix(".keras") or f"t{index}"
+    name = options.get("name", default_name)
+    return TeacherSpec(kind, path, _safe_name(name), norm or "unit", **common)
+
+
+def _safe_name(name):
+    # Used in metric and layer names, which accept only [A-Za-z0-9_].
+    cleaned = "".join(c if c.isalnum() else "_" for c in name)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"t_{cleaned}"
+
+
+class Teacher:
+    """A frozen feature extractor with its input convention.
+
+    Calling it maps images float32 [B, H, W, 3] in [0, 1] to features float32 [B, d]; the
+    model runs with training=False and outside any gradient.
+
+    Attributes:
+      name: str, used in metric names.
+      feature_dim: int d.
+      spec: the `TeacherSpec` it was loaded from.
+    """
+
+    def __init__(self, spec, model, image_size):
+        self.spec = spec
+        self.name = spec.name
+        self.model = model
+        if hasattr(model, "trainable"):
+            model.trainable = False
+        probe = self(tf.zeros([2, image_size, image_size, 3]))
+        if probe.shape.rank != 2:
+            raise ValueError(
+                f"--teacher {spec.name!r} ({spec.path or spec.recipe}): output has shape "
+                f"{probe.shape}, not a feature vector [batch, dim]; add pool=avg for a 4-D map."
+            )
+        self.feature_dim = int(probe.shape[-1])
+
+    def _preprocess(self, images):
+        images = tf.cast(images, tf.float32)
+        if self.spec.size is not None:
+            images = tf.image.resize(images, [self.spec.size, self.spec.size], antialias=True)
+        if self.spec.norm == "native":
+            module = getattr(keras.applications, _APP_PREPROCESS[self.spec.app])
+            return module.preprocess_input(images * 255.0)
+        return backbones.normalize_images(images, self.spec.norm)
+
+    def __call__(self, images):
+        out = self.model(self._preprocess(images), training=False)
+        if isinstance(out, dict):
+            if self.spec.output is not None:
+                if self.spec.output not in out:
+                    raise ValueError(
+                        f"--teacher {self.name!r}: output={self.spec.output!r} not among the "
+                        f"model's outputs {sorted(out)}."
+                    )
+                out = out[self.spec.output]
+            elif len(out) == 1:
+                out = next(iter(out.values()))
+            else:
+                raise ValueError(
+                    f"--teacher {self.name!r} returns several outputs {sorted(out)}; "
+                    "choose one with output=KEY."
+                )
+        out = tf.cast(out, tf.float32)
+        if self.spec.pool == "avg" and out.shape.rank == 4:
+            out = tf.reduce_mean(out, axis=[1, 2])
+        return tf.stop_gradient(out)
+
+
+def load_teacher(spec, image_size, index=0):
+    """Loads a frozen `Teacher` from a spec string or `TeacherSpec`.
+
+    Args:
+      spec: str or TeacherSpec (kind "recipe" must be resolved to a run directory first).
+      image_size: side of the views the teacher will receive (used to probe its output).
+    Raises:
+      FileNotFoundError / ValueError naming --teacher and the file.
+    """
+    if isinstance(spec, str):
+        spec = parse_teacher_spec(spec, index)
+    if spec.kind == "recipe":
+        raise ValueError(
+            f"--teacher recipe:{spec.recipe} must be trained before loading (kd_keras.train does)."
+        )
+    try:
+        if spec.kind == "run":
+            model = _load_keras_file(os.path.join(spec.path, RUN_BACKBONE), spec)
+        elif spec.kind == "keras":
+            model = _load_keras_file(spec.path, spec)
+        elif spec.kind == "savedmodel":
+            model = keras.layers.TFSMLayer(spec.path, call_endpoint="serving_default")
+        else:
+            size = spec.size or image_size
+            constructor = getattr(keras.applications, spec.app)
+            model = constructor(
+                include_top=False, weights=spec.path, pooling="avg", input_shape=(size, size, 3)
+            )
+    except (OSError, ValueError, TypeError, KeyError, tf.errors.OpError) as err:
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--teacher: could not load {spec.path} as a {spec.kind}: {reason}") from err
+    return Teacher(spec, model, image_size)
+
+
+def _load_keras_file(path, spec):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--teacher: {path} does not exist (is the run finished?).")
+    return keras.models.load_model(path, compile=False)
+
+
+def run_image_size(run_dir):
+    """The training image size recorded in a kd_keras run directory's config.json."""
+    with open(os.path.join(run_dir, RUN_CONFIG)) as f:
+        return int(json.load(f)["data"]["image_size"])

@@ -1,0 +1,384 @@
+"""Command-line training: flags -> config -> strategy -> data -> method -> fit -> k-NN -> export.
+
+  python -m kd_keras.train --flagfile=flags/simreg.cfg --workdir=/tmp/run
+
+Re-running the same command after an interruption resumes from the last checkpoint; re-running a
+finished run re-evaluates and re-exports without training again.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from kd_keras import config as config_lib
+
+config_lib.define_flags()
+
+log = logging.getLogger("kd_keras")
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+EXPORT_DIR = "export"
+RESULTS = "results.json"
+DONE_MARKER = "DONE"
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, without a traceback."""
+
+
+def select_strategy(name):
+    """Returns the tf.distribute strategy named by --strategy."""
+    import tensorflow as tf
+
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "auto" and len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def learning_rate_schedule(optim, steps_per_epoch):
+    """Cosine (or constant) schedule over all steps with optional linear warm-up."""
+    import keras
+
+    peak = optim.scaled_lr()
+    total = optim.epochs * steps_per_epoch
+    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+    if optim.schedule == "constant":
+        return peak
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, total - warmup, warmup_target=peak, warmup_steps=warmup, alpha=0.0
+        )
+    return keras.optimizers.schedules.CosineDecay(peak, total, alpha=0.0)
+
+
+def default_eval_split(dataset):
+    if dataset.startswith("tfds:") or dataset == "digits":
+        return "test"
+    return "val"
+
+
+def _read_epoch(workdir):
+    path = os.path.join(workdir, CHECKPOINT_DIR, "training_metadata.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f).get("epoch", 0))
+    return 0
+
+
+def build_student(cfg, input_size):
+    from kd_keras import backbones
+
+    return backbones.build_backbone(
+        cfg.model.student,
+        input_size,
+        small_stem=cfg.model.small_stem,
+        norm=cfg.model.student_norm,
+        sync_bn=cfg.sync_bn,
+    )
+
+
+def build_method(cfg, student, teachers, num_classes):
+    """The keras.Model of --method around `student` (un-compiled)."""
+    from kd_keras import heads, methods
+
+    if cfg.method == "supervised":
+        return methods.Supervised(
+            student, num_classes, weight_decay=cfg.optim.weight_decay, name="supervised"
+        )
+    m = student.output_shape[-1]
+    head_list = [
+        heads.prediction_head(
+            m,
+            t.feature_dim,
+            cfg.model.head,
+            hidden_dims=cfg.model.head_hidden_dims,
+            sync_bn=cfg.sync_bn,
+            name=f"head_{t.name}",
+        )
+        for t in teachers
+    ]
+    return methods.SimReg(
+        student,
+        teachers,
+        head_list,
+        variant=cfg.method,
+        sync_bn=cfg.sync_bn,
+        weight_decay=cfg.optim.weight_decay,
+        name=cfg.method,
+    )
+
+
+def resolve_teachers(cfg, strategy):
+    """Loads every --teacher, training recipe teachers first (cached under the workdir)."""
+    from kd_keras import teachers as teachers_lib
+
+    loaded = []
+    for i, raw in enumerate(cfg.model.teachers):
+        spec = teachers_lib.parse_teacher_spec(raw, i)
+        if spec.kind == "recipe":
+            run_dir = train_recipe_teacher(cfg, spec)
+            spec = dataclasses.replace(spec, kind="run", path=run_dir)
+        with strategy.scope():
+            loaded.append(teachers_lib.load_teacher(spec, cfg.data.image_size, i))
+        log.info("teacher %s: %s (%s), %d-d features", spec.name, spec.path, spec.kind,
+                 loaded[-1].feature_dim)
+    return loaded
+
+
+RECIPES = ("supervised",)
+
+
+def train_recipe_teacher(cfg, spec):
+    """Trains (or reuses) the teacher named by `recipe:NAME` on the same data.
+
+    The teacher run lives in `<workdir>/teacher_<recipe>`; a finished one (DONE marker) is
+    reused, an interrupted one resumes.
+    """
+    if spec.recipe not in RECIPES:
+        raise UsageError(f"--teacher=recipe:{spec.recipe}: unknown recipe; known: {RECIPES}.")
+    run_dir = os.path.join(cfg.workdir, f"teacher_{spec.recipe}")
+    if os.path.isfile(os.path.join(run_dir, DONE_MARKER)):
+        log.info("reusing recipe teacher %s", run_dir)
+        return run_dir
+    teacher_cfg = dataclasses.replace(
+        cfg,
+        workdir=run_dir,
+        method="supervised",
+        export=True,
+        model=dataclasses.replace(
+            cfg.model, student=cfg.model.teacher_recipe_backbone, teachers=()
+        ),
+        optim=dataclasses.replace(
+            cfg.optim,
+            epochs=cfg.model.teacher_recipe_epochs,
+            lr=cfg.model.teacher_recipe_lr,
+            warmup_epochs=0.0,
+        ),
+        data=dataclasses.replace(cfg.data, augment="strong"),
+    )
+    print(f"Training recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
+          f"{teacher_cfg.optim.epochs} epochs) in {run_dir}", flush=True)
+    run(teacher_cfg)
+    return run_dir
+
+
+def run(cfg):
+    """Runs one training job described by `cfg`; returns the results dict."""
+    import keras
+
+    from kd_keras import augment, callbacks, data, export, features, knn
+
+    os.makedirs(cfg.workdir, exist_ok=True)
+    config_path = os.path.join(cfg.workdir, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            previous = f.read().strip()
+        if previous != cfg.to_json().strip():
+            log.warning("%s differs from this command's configuration; the new one is used and "
+                        "saved (resuming from the existing checkpoint).", config_path)
+    cfg.save(config_path)
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = select_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+
+    # Data.
+    eval_split = cfg.data.eval_split or default_eval_split(cfg.data.dataset)
+    load = dict(data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size,
+                download=cfg.data.download)
+    train_examples, train_info = data.load_split(cfg.data.dataset, cfg.data.train_split, **load)
+    data.check_batch_size(cfg.optim.batch_size, replicas, train_info.num_examples)
+    if cfg.method == "supervised" and not train_info.has_labels:
+        raise UsageError(f"--method=supervised needs labels; {cfg.data.dataset} has none.")
+    steps_per_epoch = cfg.optim.steps_per_epoch or train_info.num_examples // cfg.optim.batch_size
+    size = cfg.data.image_size
+
+    teachers = resolve_teachers(cfg, strategy) if cfg.method != "supervised" else []
+
+    view_fn = augment.make_view_fn(
+        cfg.data.augment, size, cfg.data.aug_mode, scale=(cfg.data.crop_scale_min, 1.0)
+    )
+    if cfg.data.aug_mode == "same":
+        # One augmented image feeds both networks; don't carry a duplicate through tf.data.
+        base_view_fn = view_fn
+
+        def view_fn(image, seed):
+            return {"student": base_view_fn(image, seed)["student"]}
+
+    start_epoch = _read_epoch(os.path.join(cfg.workdir))
+    train_ds = data.make_train_dataset(
+        train_examples,
+        view_fn,
+        cfg.optim.batch_size,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        cache_decoded=cfg.data.cache_decoded,
+        start_epoch=start_epoch,
+    )
+
+    def eval_transform(image):
+        return augment.center_crop(image, size)
+
+    eval_info = None
+    eval_examples = None
+    try:
+        eval_examples, eval_info = data.load_split(cfg.data.dataset, eval_split, **load)
+    except (FileNotFoundError, ValueError) as err:
+        log.warning("no evaluation split (%s): %s", eval_split, err)
+
+    def eval_views(examples):
+        ds = data.make_eval_dataset(examples, eval_transform, cfg.eval.eval_batch_size)
+        return ds.map(lambda b: {"student": b["image"], "label": b["label"]})
+
+    # Model.
+    with strategy.scope():
+        student = build_student(cfg, size)
+        method = build_method(cfg, student, teachers, train_info.num_classes)
+        optimizer = keras.optimizers.SGD(
+            learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
+            momentum=cfg.optim.momentum,
+        )
+        method.compile(optimizer=optimizer)
+        method.build((None, size, size, 3))
+
+    logdir = os.path.join(cfg.workdir, LOG_DIR)
+    cbs = [
+        callbacks.NaNGuard(),
+        keras.callbacks.BackupAndRestore(
+            os.path.join(cfg.workdir, CHECKPOINT_DIR),
+            save_freq=cfg.save_freq,
+            double_checkpoint=True,
+            delete_checkpoint=False,
+        ),
+        keras.callbacks.TensorBoard(logdir, update_freq="epoch"),
+    ]
+    if cfg.log_images:
+        first = next(iter(train_ds.take(1)))
+        views = {k: v for k, v in first.items() if k in ("student", "teacher")}
+        cbs.append(callbacks.ViewImageLogger(logdir, views, cfg.log_images))
+
+    validation = None
+    if eval_examples is not None and cfg.method != "supervised":
+        validation = eval_views(eval_examples)
+    elif eval_examples is not None and eval_info.has_labels:
+        validation = eval_views(eval_examples)
+
+    t0 = time.time()
+    history = method.fit(
+        train_ds,
+        epochs=cfg.optim.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=validation,
+        callbacks=cbs,
+        verbose=cfg.verbose,
+    )
+    train_seconds = time.time() - t0
+    last_logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+
+    results = {
+        "method": cfg.method,
+        "student": cfg.model.student,
+        "teachers": [t.name for t in teachers],
+        "dataset": cfg.data.dataset,
+        "train_split": cfg.data.train_split,
+        "eval_split": eval_split if eval_info else None,
+        "epochs": cfg.optim.epochs,
+        "steps": int(method.optimizer.iterations.numpy()),
+        "train_seconds_this_invocation": round(train_seconds, 1),
+        "final_logs": last_logs,
+    }
+
+    # k-NN evaluation: backbone features, cosine, majority vote (SimReg protocol).
+    if cfg.evaluate and eval_info is not None and train_info.has_labels and eval_info.has_labels:
+        train_eval = data.make_eval_dataset(train_examples, eval_transform,
+                                            cfg.eval.eval_batch_size)
+        test_eval = data.make_eval_dataset(eval_examples, eval_transform,
+                                           cfg.eval.eval_batch_size)
+        ks = tuple(k for k in cfg.eval.knn_k if k <= (cfg.eval.knn_max_train
+                                                     or train_info.num_examples))
+
+        def knn_of(embed):
+            xtr, ytr = features.extract_features(embed, train_eval, cfg.eval.knn_max_train)
+            xte, yte = features.extract_features(embed, test_eval)
+            return knn.knn_accuracy(xtr, ytr, xte, yte, ks=ks, vote="majority")
+
+        knn_results = {"protocol": "knn cosine majority vote, backbone features, centre crop",
+                       "student": knn_of(student)}
+        for t in teachers:
+            knn_results[f"teacher_{t.name}"] = knn_of(t)
+        if cfg.method != "supervised":
+            with strategy.scope():
+                keras.utils.set_random_seed(cfg.seed + 1)
+                random_student = build_student(cfg, size)
+            knn_results["random_init_student"] = knn_of(random_student)
+        results["knn"] = knn_results
+        results["num_train"] = train_info.num_examples
+        results["num_eval"] = eval_info.num_examples
+
+    if cfg.export:
+        path = export.export_backbone(
+            student,
+            os.path.join(cfg.workdir, EXPORT_DIR),
+            metadata={"backbone": cfg.model.student, "method": cfg.method,
+                      "image_size": size},
+        )
+        results["export"] = path
+    _write_json(os.path.join(cfg.workdir, RESULTS), results)
+    with open(os.path.join(cfg.workdir, DONE_MARKER), "w") as f:
+        f.write("done\n")
+    _print_summary(results)
+    return results
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _print_summary(results):
+    print(f"\n== {results['method']} | student {results['student']} | "
+          f"{results['steps']} steps ==")
+    for name, metrics in results.get("knn", {}).items():
+        if name == "protocol":
+            continue
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float))
+        print(f"k-NN {name:>24}: {shown}")
+    if "export" in results:
+        print(f"exported student backbone: {results['export']}")
+    sys.stdout.flush()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from kd_keras.callbacks import NonFiniteLoss
+
+    try:
+        cfg = config_lib.config_from_flags(flags.FLAGS)
+        run(cfg)
+    except (UsageError, ValueError, FileNotFoundError, NonFiniteLoss) as err:
+        print(f"kd_keras.train: error: {err}", file=sys.stderr)
+        if os.environ.get("KD_KERAS_DEBUG"):
+            raise
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,37 @@
+"""Small builders shared by tests: tiny students, tiny teachers, synthetic batches."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kd_keras.teachers import Teacher, TeacherSpec
+
+
+def tiny_student(size=8, width=8, feat=6, sync_bn=True, name="student"):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=sync_bn)(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(feat)(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def tiny_teacher(name, size=8, dim=5, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(dim)(x)
+    model = keras.Model(inputs, x, name=f"teacher_{name}")
+    return Teacher(TeacherSpec("keras", "", name, "unit"), model, size)
+
+
+def image_batch(n=8, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(n, size, size, 3)).astype(np.float32)
+
+
+def dataset(images, batch_size):
+    ds = tf.data.Dataset.from_tensor_slices({"student": images})
+    return ds.batch(batch_size, drop_remainder=True)
