@@ -11,6 +11,7 @@ Names and feature sizes m (`FEATURE_DIMS`):
   resnet50             2048   torchvision v1.5 layout, Bottleneck (stride on the 3x3 conv)
   mobilenetv2          1280   keras.applications.MobileNetV2 (alpha 1.0), weights=None
   efficientnetb0       1280   keras.applications.EfficientNetB0, weights=None
+  resnet_small         256    BasicBlock, [1,1,1,1], widths 32/64/128/256 (quick CPU teachers)
   resnet_tiny          64     BasicBlock, [1,1,1,1], widths 8/16/32/64, small stem (tests, CI)
   convnet_tiny         64     3 x (conv3x3/2 BN ReLU), widths 16/32/64 (tests, CI)
 
@@ -30,6 +31,7 @@ FEATURE_DIMS = {
     "resnet50": 2048,
     "mobilenetv2": 1280,
     "efficientnetb0": 1280,
+    "resnet_small": 256,
     "resnet_tiny": 64,
     "convnet_tiny": 64,
 }
@@ -61,6 +63,7 @@ _RESNET_SPECS = {
     "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
     "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
     "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet_small": ("basic", (1, 1, 1, 1), (32, 64, 128, 256)),
     "resnet_tiny": ("basic", (1, 1, 1, 1), (8, 16, 32, 64)),
 }
 _CONVNET_TINY_WIDTHS = (16, 32, 64)
@@ -72,6 +75,7 @@ _NATIVE_NORMS = {
     "resnet18": "imagenet",
     "resnet34": "imagenet",
     "resnet50": "imagenet",
+    "resnet_small": "imagenet",
     "resnet_tiny": "imagenet",
     "convnet_tiny": "imagenet",
     "mobilenetv2": "minus_one_one",

@@ -44,7 +44,8 @@ def _as_inference_fn(embed_fn):
     if isinstance(embed_fn, keras.Model):
         model = embed_fn
 
-        @tf.function(reduce_retracing=True)
+        # One trace for every batch size (the last batch is usually smaller).
+        @tf.function(input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
         def call(images):
             return model(images, training=False)
 

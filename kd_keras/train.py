@@ -72,6 +72,7 @@ def default_eval_split(dataset):
 
 
 def _read_epoch(workdir):
+    """Completed fit epochs recorded by BackupAndRestore (0 for a new run)."""
     path = os.path.join(workdir, CHECKPOINT_DIR, "training_metadata.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -166,9 +167,8 @@ def train_recipe_teacher(cfg, spec):
             cfg.optim,
             epochs=cfg.model.teacher_recipe_epochs,
             lr=cfg.model.teacher_recipe_lr,
-            warmup_epochs=0.0,
+            warmup_epochs=min(cfg.optim.warmup_epochs, cfg.model.teacher_recipe_epochs - 1),
         ),
-        data=dataclasses.replace(cfg.data, augment="strong"),
     )
     print(f"Training recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
           f"{teacher_cfg.optim.epochs} epochs) in {run_dir}", flush=True)
@@ -176,8 +176,13 @@ def train_recipe_teacher(cfg, spec):
     return run_dir
 
 
-def run(cfg):
+def run(cfg, extra_callbacks=()):
     """Runs one training job described by `cfg`; returns the results dict."""
+    return run_and_return_model(cfg, extra_callbacks)[0]
+
+
+def run_and_return_model(cfg, extra_callbacks=()):
+    """Like `run`, also returning the trained method (a keras.Model holding `.student`)."""
     import keras
 
     from kd_keras import augment, callbacks, data, export, features, knn
@@ -218,7 +223,12 @@ def run(cfg):
         def view_fn(image, seed):
             return {"student": base_view_fn(image, seed)["student"]}
 
-    start_epoch = _read_epoch(os.path.join(cfg.workdir))
+    # Where a resumed run picks up: fit epochs done so far (from the checkpoint metadata) ->
+    # optimizer steps -> (data epoch, batches into it). Fit epochs need not match data epochs
+    # (--steps_per_epoch), so the data position is derived from the step count.
+    data_steps = train_info.num_examples // cfg.optim.batch_size
+    done_steps = _read_epoch(cfg.workdir) * steps_per_epoch
+    start_epoch, skip_batches = divmod(done_steps, data_steps)
     train_ds = data.make_train_dataset(
         train_examples,
         view_fn,
@@ -227,6 +237,7 @@ def run(cfg):
         shuffle_buffer=cfg.data.shuffle_buffer,
         cache_decoded=cfg.data.cache_decoded,
         start_epoch=start_epoch,
+        skip_batches=skip_batches,
     )
 
     def eval_transform(image):
@@ -264,16 +275,16 @@ def run(cfg):
             delete_checkpoint=False,
         ),
         keras.callbacks.TensorBoard(logdir, update_freq="epoch"),
+        *extra_callbacks,
     ]
     if cfg.log_images:
         first = next(iter(train_ds.take(1)))
         views = {k: v for k, v in first.items() if k in ("student", "teacher")}
         cbs.append(callbacks.ViewImageLogger(logdir, views, cfg.log_images))
 
+    # Per-epoch validation: MSE/cosine to each teacher (distillation) or accuracy (supervised).
     validation = None
-    if eval_examples is not None and cfg.method != "supervised":
-        validation = eval_views(eval_examples)
-    elif eval_examples is not None and eval_info.has_labels:
+    if eval_examples is not None and (cfg.method != "supervised" or eval_info.has_labels):
         validation = eval_views(eval_examples)
 
     t0 = time.time()
@@ -340,7 +351,7 @@ def run(cfg):
     with open(os.path.join(cfg.workdir, DONE_MARKER), "w") as f:
         f.write("done\n")
     _print_summary(results)
-    return results
+    return results, method
 
 
 def _write_json(path, obj):

@@ -1,0 +1,624 @@
+"""Seeded image augmentations in pure TensorFlow (SimReg / MoCo-v2 style views).
+
+Every random op takes a single image (float32 ``[H, W, 3]`` with values in ``[0, 1]``, not
+batched) and an explicit ``seed`` (integer tensor of shape ``[2]``), and returns float32 in
+``[0, 1]``. All randomness goes through stateless ops, so a given ``(image, seed)`` pair always
+produces the same output, eagerly and inside ``tf.data.Dataset.map`` alike. Each random decision
+gets its own sub-seed derived with ``tf.random.experimental.stateless_split``; no seed is ever
+used for two decisions. Image height and width may be unknown statically.
+"""
+
+import math
+import numbers
+
+import tensorflow as tf
+
+# ITU-R BT.601 luma weights; they sum to one, so a grey image stays in [0, 1].
+_LUMA = (0.299, 0.587, 0.114)
+
+# torchvision's RandomResizedCrop tries this many candidate boxes before falling back.
+_CROP_ATTEMPTS = 10
+
+VIEW_KINDS = ("weak", "strong", "none")
+VIEW_MODES = ("same", "different")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checking and seed plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _as_seed(seed):
+    """Converts a seed to an int64 ``[2]`` tensor.
+
+    Casting to one dtype matters: stateless ops draw different streams for int32 and int64
+    seeds of equal value, so without it ``(1, 2)`` and ``tf.constant([1, 2], tf.int64)`` would
+    give different augmentations.
+    """
+    seed = tf.convert_to_tensor(seed)
+    if not seed.dtype.is_integer:
+        raise ValueError(
+            f"seed must be an integer tensor of shape [2], got dtype {seed.dtype.name}"
+        )
+    if seed.shape.rank is not None and seed.shape.as_list() not in ([2], [None]):
+        raise ValueError(f"seed must have shape [2], got {seed.shape}")
+    return tf.cast(seed, tf.int64)
+
+
+def _split(seed, num):
+    """Returns ``num`` independent int64 ``[2]`` sub-seeds derived from ``seed``."""
+    return tf.unstack(tf.random.experimental.stateless_split(seed, num=num), num=num)
+
+
+def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
+    return tf.random.stateless_uniform(
+        shape, seed=seed, minval=minval, maxval=maxval, dtype=tf.float32
+    )
+
+
+def _check_image(image):
+    """Returns ``image`` as a float32 tensor after checking it is a single RGB image."""
+    image = tf.convert_to_tensor(image)
+    if not image.dtype.is_floating:
+        raise ValueError(
+            f"image must be a float image in [0, 1], got dtype {image.dtype.name}; "
+            "convert it first with to_float_image"
+        )
+    if image.shape.rank is not None:
+        if image.shape.rank != 3:
+            raise ValueError(f"image must have shape [H, W, 3], got {image.shape}")
+        if image.shape[-1] is not None and image.shape[-1] != 3:
+            raise ValueError(f"image must have 3 channels, got shape {image.shape}")
+    return tf.cast(image, tf.float32)
+
+
+def _check_size(size):
+    """Turns an int or ``(h, w)`` pair into a pair of positive Python ints."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (int(size), int(size))
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size):
+            raise ValueError(f"size must be an int or a pair of ints (h, w), got {size!r}")
+        size = (int(size[0]), int(size[1]))
+    else:
+        raise ValueError(f"size must be an int or a pair of ints (h, w), got {size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return size
+
+
+def _check_probability(p, name="p"):
+    if not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _check_range(value, name, lower=0.0, strictly_positive=False):
+    """Checks a ``(lo, hi)`` pair with ``lower <= lo <= hi``."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, numbers.Real) for v in value)
+    ):
+        raise ValueError(f"{name} must be a pair (lo, hi) of numbers, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    too_small = lo <= lower if strictly_positive else lo < lower
+    if too_small or lo > hi:
+        bound = ">" if strictly_positive else ">="
+        raise ValueError(f"{name} must satisfy {lower} {bound} lo <= hi, got {value!r}")
+    return lo, hi
+
+
+def _apply_with_probability(image, seed, p, fn):
+    """Returns ``fn(image)`` with probability ``p`` (decided by ``seed``), else ``image``.
+
+    ``tf.cond`` rather than ``tf.where`` so the skipped branch (e.g. a blur) is not computed.
+    The comparison ``u < p`` with ``u`` in ``[0, 1)`` makes ``p=1`` always and ``p=0`` never.
+    """
+    if p == 0.0:
+        return image
+    if p == 1.0:
+        return fn(image)
+    return tf.cond(_uniform(seed) < p, lambda: fn(image), lambda: image)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def to_float_image(image):
+    """Converts a decoded image to float32 RGB in ``[0, 1]``.
+
+    Args:
+        image: ``[H, W, C]`` tensor, integer (``uint8`` etc., scaled by the dtype's maximum) or
+            floating (assumed already in ``[0, 1]``, only cast). ``C`` may be 1 (grey, tiled to
+            RGB), 2 (grey + alpha), 3 (RGB) or 4 (RGBA, alpha dropped).
+
+    Returns:
+        float32 ``[H, W, 3]``.
+    """
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank is not None and image.shape.rank != 3:
+        raise ValueError(f"image must have shape [H, W, C], got {image.shape}")
+    if image.dtype.is_integer:
+        image = tf.cast(image, tf.float32) / float(image.dtype.max)
+    elif image.dtype.is_floating:
+        image = tf.cast(image, tf.float32)
+    else:
+        raise ValueError(f"image must have an integer or float dtype, got {image.dtype.name}")
+
+    channels = image.shape[-1] if image.shape.rank is not None else None
+    if channels is not None:
+        if channels in (1, 2):
+            return tf.tile(image[:, :, :1], [1, 1, 3])
+        if channels in (3, 4):
+            return image[:, :, :3]
+        raise ValueError(f"image must have 1, 2, 3 or 4 channels, got shape {image.shape}")
+
+    # Channel count only known at run time (e.g. a generic decoder in a dataset).
+    channels = tf.shape(image)[-1]
+    with tf.control_dependencies(
+        [
+            tf.debugging.assert_less_equal(
+                channels, 4, message="image must have 1, 2, 3 or 4 channels"
+            )
+        ]
+    ):
+        out = tf.cond(
+            channels < 3,
+            lambda: tf.tile(image[:, :, :1], [1, 1, 3]),
+            lambda: image[:, :, :3],
+        )
+    out.set_shape([None, None, 3])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Geometric ops
+# --------------------------------------------------------------------------------------------
+
+
+def _resize(image, size_hw):
+    return tf.image.resize(image, size_hw, method="bilinear", antialias=True)
+
+
+def random_resized_crop(image, seed, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Crops a random box and resizes it, following torchvision's ``RandomResizedCrop``.
+
+    The box area is a fraction of the image area drawn uniformly from ``scale``; its aspect ratio
+    (width / height) is ``exp(u)`` with ``u`` uniform in ``[log(ratio[0]), log(ratio[1])]``.
+    Ten candidates are drawn at once and the first one that fits inside the image is used,
+    placed at a uniformly random position. If none fits, the whole image is centre-cropped to
+    the nearest aspect ratio inside ``ratio``. The crop is resized bilinearly with antialiasing.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``; ``H``/``W`` may be statically unknown.
+        seed: integer ``[2]`` tensor.
+        size: output size, an int or ``(height, width)``.
+        scale: ``(lo, hi)`` range of the crop's area fraction, ``0 <= lo <= hi``.
+        ratio: ``(lo, hi)`` range of the crop's aspect ratio, ``0 < lo <= hi``.
+
+    Returns:
+        float32 ``[size_h, size_w, 3]`` in ``[0, 1]``.
+    """
+    image = _check_image(image)
+    seed = _as_seed(seed)
+    out_h, out_w = _check_size(size)
+    scale = _check_range(scale, "scale")
+    if scale[1] == 0.0:
+        raise ValueError(f"scale must have a positive upper bound, got {scale!r}")
+    ratio = _check_range(ratio, "ratio", strictly_positive=True)
+
+    seed_area, seed_ratio, seed_offset = _split(seed, 3)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+
+    target_area = height_f * width_f * _uniform(seed_area, [_CROP_ATTEMPTS], scale[0], scale[1])
+    aspect = tf.exp(_uniform(seed_ratio, [_CROP_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
+    # tf.round rounds half to even, the same as Python's round() used by torchvision.
+    cand_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    cand_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (cand_w > 0) & (cand_w <= width) & (cand_h > 0) & (cand_h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    any_fits = tf.reduce_any(fits)
+
+    # Fallback: the largest centred box whose aspect ratio is clamped into `ratio`.
+    in_ratio = width_f / height_f
+    too_tall = in_ratio < ratio[0]
+    too_wide = in_ratio > ratio[1]
+    fb_w = tf.where(too_wide, tf.cast(tf.round(height_f * ratio[1]), tf.int32), width)
+    fb_h = tf.where(too_tall, tf.cast(tf.round(width_f / ratio[0]), tf.int32), height)
+    fb_w = tf.clip_by_value(fb_w, 1, width)
+    fb_h = tf.clip_by_value(fb_h, 1, height)
+
+    crop_w = tf.where(any_fits, cand_w[first], fb_w)
+    crop_h = tf.where(any_fits, cand_h[first], fb_h)
+
+    # Offsets as floor(u * (n + 1)): uniform over the n + 1 valid integer positions.
+    u = _uniform(seed_offset, [2])
+    rand_top = tf.cast(tf.floor(u[0] * tf.cast(height - crop_h + 1, tf.float32)), tf.int32)
+    rand_left = tf.cast(tf.floor(u[1] * tf.cast(width - crop_w + 1, tf.float32)), tf.int32)
+    top = tf.where(any_fits, tf.minimum(rand_top, height - crop_h), (height - crop_h) // 2)
+    left = tf.where(any_fits, tf.minimum(rand_left, width - crop_w), (width - crop_w) // 2)
+
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, 3]))
+    out = tf.clip_by_value(_resize(crop, (out_h, out_w)), 0.0, 1.0)
+    out.set_shape([out_h, out_w, 3])
+    return out
+
+
+def random_flip(image, seed, p=0.5):
+    """Flips the image left-right with probability ``p``.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        p: flip probability.
+
+    Returns:
+        float32 ``[H, W, 3]``, same shape as ``image``.
+    """
+    image = _check_image(image)
+    seed = _as_seed(seed)
+    p = _check_probability(p)
+    # Flipping is cheap, so computing both sides with tf.where is fine and keeps shapes static.
+    return tf.where(_uniform(seed) < p, tf.reverse(image, axis=[1]), image)
+
+
+def center_crop(image, size, crop_fraction=224 / 256):
+    """Deterministic evaluation transform: resize the shorter side, then centre-crop.
+
+    The shorter side is resized to ``round(max(size) / crop_fraction)`` keeping the aspect ratio
+    (longer side truncated to an int, as torchvision's ``Resize(int)`` does), then the central
+    ``size`` box is cut out (offsets ``round((side - size) / 2)``, as ``CenterCrop`` does).
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        size: output size, an int or ``(height, width)``.
+        crop_fraction: fraction of the resized shorter side that is kept, in ``(0, 1]``.
+
+    Returns:
+        float32 ``[size_h, size_w, 3]`` in ``[0, 1]``.
+    """
+    image = _check_image(image)
+    out_h, out_w = _check_size(size)
+    if not isinstance(crop_fraction, numbers.Real) or not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
+    short_target = max(round(max(out_h, out_w) / crop_fraction), out_h, out_w)
+
+    shape = tf.shape(image)
+    # float64 so that e.g. 256 * 1.5 does not land on 383.99997 and truncate one pixel short.
+    height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    short = tf.minimum(height, width)
+    new_h = tf.cast(tf.floor(short_target * height / short), tf.int32)
+    new_w = tf.cast(tf.floor(short_target * width / short), tf.int32)
+    resized = _resize(image, tf.stack([new_h, new_w]))
+
+    top = tf.cast(tf.round(tf.cast(new_h - out_h, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - out_w, tf.float32) / 2.0), tf.int32)
+    out = tf.slice(resized, tf.stack([top, left, 0]), [out_h, out_w, 3])
+    out = tf.clip_by_value(out, 0.0, 1.0)
+    out.set_shape([out_h, out_w, 3])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Colour ops
+# --------------------------------------------------------------------------------------------
+
+
+def _luma(image):
+    """float32 ``[H, W, 3]`` -> ``[H, W, 1]`` ITU-R 601 grey level."""
+    return tf.reduce_sum(image * tf.constant(_LUMA, tf.float32), axis=-1, keepdims=True)
+
+
+def _blend(image, other, factor):
+    # torchvision's _blend: extrapolates past `image` when factor > 1, then clips.
+    return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def _adjust_brightness(image, factor):
+    """``clip(factor * image)``; float32 ``[H, W, 3]`` and scalar factor."""
+    return tf.clip_by_value(image * factor, 0.0, 1.0)
+
+
+def _adjust_contrast(image, factor):
+    """Blends with the mean grey level of the whole image; float32 ``[H, W, 3]``."""
+    return _blend(image, tf.reduce_mean(_luma(image)), factor)
+
+
+def _adjust_saturation(image, factor):
+    """Blends with the per-pixel grey image; float32 ``[H, W, 3]``."""
+    return _blend(image, _luma(image), factor)
+
+
+def _adjust_hue(image, delta):
+    """Rotates hue by ``delta`` of a full turn (``delta`` in ``[-0.5, 0.5]``)."""
+    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+
+
+def color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
+    """With probability ``p``, jitters brightness, contrast, saturation and hue in random order.
+
+    torchvision ``ColorJitter`` semantics: brightness factor uniform in
+    ``[max(0, 1 - brightness), 1 + brightness]`` (multiplicative); contrast factor likewise,
+    blending with the mean grey level; saturation factor likewise, blending with the grey image;
+    hue shift uniform in ``[-hue, hue]`` of a full turn. The enabled ops (strength > 0) run in an
+    order given by a seeded random permutation; the result is clipped to ``[0, 1]`` after each.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        brightness, contrast, saturation: non-negative strengths.
+        hue: strength in ``[0, 0.5]``.
+        p: probability of applying the jitter at all.
+
+    Returns:
+        float32 ``[H, W, 3]`` in ``[0, 1]``.
+    """
+    image = _check_image(image)
+    seed = _as_seed(seed)
+    p = _check_probability(p)
+    for name, value in (
+        ("brightness", brightness),
+        ("contrast", contrast),
+        ("saturation", saturation),
+    ):
+        if not isinstance(value, numbers.Real) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if not isinstance(hue, numbers.Real) or not 0.0 <= hue <= 0.5:
+        raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+
+    seed_apply, seed_order, seed_b, seed_c, seed_s, seed_h = _split(seed, 6)
+
+    def factor(s, strength):
+        return _uniform(s, (), max(0.0, 1.0 - strength), 1.0 + strength)
+
+    # Ops with zero strength are left out entirely (as torchvision does), which makes an
+    # all-zero jitter an exact identity; a hue round trip through HSV is not bit-exact.
+    ops = []
+    if brightness > 0:
+        ops.append(lambda x: _adjust_brightness(x, factor(seed_b, brightness)))
+    if contrast > 0:
+        ops.append(lambda x: _adjust_contrast(x, factor(seed_c, contrast)))
+    if saturation > 0:
+        ops.append(lambda x: _adjust_saturation(x, factor(seed_s, saturation)))
+    if hue > 0:
+        ops.append(lambda x: _adjust_hue(x, _uniform(seed_h, (), -hue, hue)))
+    if not ops:
+        return image
+
+    def jitter(x):
+        # argsort of i.i.d. uniforms is a uniformly random permutation.
+        order = tf.argsort(_uniform(seed_order, [len(ops)]))
+        for position in range(len(ops)):
+            # Bind x through a default argument: each branch must see this step's input.
+            branches = [lambda op=op, x=x: op(x) for op in ops]
+            x = tf.switch_case(order[position], branches)
+            x = tf.ensure_shape(x, image.shape)
+        return x
+
+    return _apply_with_probability(image, seed_apply, p, jitter)
+
+
+def random_grayscale(image, seed, p=0.2):
+    """With probability ``p``, replaces the image by its ITU-R 601 luma on all 3 channels.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        p: probability of converting.
+
+    Returns:
+        float32 ``[H, W, 3]`` in ``[0, 1]``.
+    """
+    image = _check_image(image)
+    seed = _as_seed(seed)
+    p = _check_probability(p)
+
+    def to_grey(x):
+        return tf.tile(tf.clip_by_value(_luma(x), 0.0, 1.0), [1, 1, 3])
+
+    return _apply_with_probability(image, seed, p, to_grey)
+
+
+# --------------------------------------------------------------------------------------------
+# Blur
+# --------------------------------------------------------------------------------------------
+
+
+def _check_kernel_size(kernel_size):
+    if kernel_size is None:
+        return None
+    if (
+        not isinstance(kernel_size, numbers.Integral)
+        or isinstance(kernel_size, bool)
+        or kernel_size < 1
+        or kernel_size % 2 == 0
+    ):
+        raise ValueError(f"kernel_size must be a positive odd int or None, got {kernel_size!r}")
+    return int(kernel_size)
+
+
+def _blur_with_sigma(image, sigma, kernel_size=None):
+    """Separable Gaussian blur with a given ``sigma`` and reflect padding.
+
+    Args:
+        image: float32 ``[H, W, 3]``.
+        sigma: scalar float, ``>= 0``; 0 gives the identity.
+        kernel_size: odd int, or None for about 10% of the shorter side (odd, at least 3),
+            i.e. ``2 * max(1, (min(H, W) // 10) // 2) + 1``. The radius is clamped to
+            ``min(H, W) - 1`` because reflect padding cannot be wider than the image.
+
+    Returns:
+        float32 ``[H, W, 3]`` in ``[0, 1]``.
+    """
+    image = _check_image(image)
+    kernel_size = _check_kernel_size(kernel_size)
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    if kernel_size is None:
+        radius = tf.maximum(1, (side // 10) // 2)
+    else:
+        radius = tf.constant(kernel_size // 2, tf.int32)
+    radius = tf.minimum(radius, side - 1)
+
+    # A tiny floor keeps sigma = 0 finite: every off-centre tap underflows to exactly 0, so the
+    # normalised kernel is a unit impulse and the convolution returns the input bit for bit.
+    sigma = tf.maximum(tf.cast(sigma, tf.float32), 1e-6)
+    taps = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernel = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma)))
+    kernel = kernel / tf.reduce_sum(kernel)
+
+    x = image[tf.newaxis]
+    # Depthwise: one kernel per channel, [k, 1, 3, 1] for rows and [1, k, 3, 1] for columns.
+    k_rows = tf.tile(kernel[:, tf.newaxis, tf.newaxis, tf.newaxis], [1, 1, 3, 1])
+    k_cols = tf.tile(kernel[tf.newaxis, :, tf.newaxis, tf.newaxis], [1, 1, 3, 1])
+    x = tf.pad(x, [[0, 0], [radius, radius], [0, 0], [0, 0]], mode="REFLECT")
+    x = tf.nn.depthwise_conv2d(x, k_rows, strides=[1, 1, 1, 1], padding="VALID")
+    x = tf.pad(x, [[0, 0], [0, 0], [radius, radius], [0, 0]], mode="REFLECT")
+    x = tf.nn.depthwise_conv2d(x, k_cols, strides=[1, 1, 1, 1], padding="VALID")
+    out = tf.clip_by_value(x[0], 0.0, 1.0)
+    out.set_shape(image.shape)
+    return out
+
+
+def gaussian_blur(image, seed, sigma_range=(0.1, 2.0), p=0.5, kernel_size=None):
+    """With probability ``p``, blurs with a Gaussian whose sigma is uniform in ``sigma_range``.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        sigma_range: ``(lo, hi)`` with ``0 <= lo <= hi``; sigma 0 is the identity.
+        p: probability of blurring.
+        kernel_size: odd int, or None for about 10% of the shorter image side (see
+            ``_blur_with_sigma``).
+
+    Returns:
+        float32 ``[H, W, 3]`` in ``[0, 1]``.
+    """
+    image = _check_image(image)
+    seed = _as_seed(seed)
+    sigma_range = _check_range(sigma_range, "sigma_range")
+    p = _check_probability(p)
+    kernel_size = _check_kernel_size(kernel_size)
+    seed_apply, seed_sigma = _split(seed, 2)
+    sigma = _uniform(seed_sigma, (), sigma_range[0], sigma_range[1])
+    return _apply_with_probability(
+        image, seed_apply, p, lambda x: _blur_with_sigma(x, sigma, kernel_size)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Views (SimReg supplement B.2)
+# --------------------------------------------------------------------------------------------
+
+
+def weak_view(image, seed, size, scale=(0.2, 1.0)):
+    """SimReg's 'weak' augmentation: random resized crop, then random horizontal flip.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        size: output size, an int or ``(height, width)``.
+        scale: area-fraction range of the crop.
+
+    Returns:
+        float32 ``[size_h, size_w, 3]`` in ``[0, 1]``.
+    """
+    seed_crop, seed_flip = _split(_as_seed(seed), 2)
+    image = random_resized_crop(image, seed_crop, size, scale=scale)
+    return random_flip(image, seed_flip)
+
+
+def strong_view(
+    image,
+    seed,
+    size,
+    scale=(0.2, 1.0),
+    jitter_strength=(0.4, 0.4, 0.4, 0.1),
+    jitter_p=0.8,
+    grayscale_p=0.2,
+    blur_sigma=(0.0, 1.0),
+    blur_p=1.0,
+):
+    """SimReg's 'strong' augmentation: weak view + colour jitter + greyscale + Gaussian blur.
+
+    Defaults follow the SimReg paper's supplement B.2, which says the blur's "standard
+    deviation [is] chosen uniformly from [0, 1]" and gives no blur probability, so blur is
+    always applied (``blur_p=1.0``) with sigma uniform in ``[0, 1]``. MoCo-v2 instead blurs with
+    probability 0.5 and sigma in ``[0.1, 2.0]``: pass ``blur_sigma=(0.1, 2.0), blur_p=0.5`` for
+    that. The blur kernel is about 10% of the output side.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        size: output size, an int or ``(height, width)``.
+        scale: area-fraction range of the crop.
+        jitter_strength: ``(brightness, contrast, saturation, hue)`` for ``color_jitter``.
+        jitter_p: probability of colour jitter.
+        grayscale_p: probability of greyscale conversion.
+        blur_sigma: ``(lo, hi)`` range of the blur sigma.
+        blur_p: probability of blurring.
+
+    Returns:
+        float32 ``[size_h, size_w, 3]`` in ``[0, 1]``.
+    """
+    if not isinstance(jitter_strength, (tuple, list)) or len(jitter_strength) != 4:
+        raise ValueError(
+            "jitter_strength must be (brightness, contrast, saturation, hue), "
+            f"got {jitter_strength!r}"
+        )
+    seed_weak, seed_jitter, seed_grey, seed_blur = _split(_as_seed(seed), 4)
+    image = weak_view(image, seed_weak, size, scale=scale)
+    b, c, s, h = jitter_strength
+    image = color_jitter(image, seed_jitter, b, c, s, h, p=jitter_p)
+    image = random_grayscale(image, seed_grey, p=grayscale_p)
+    return gaussian_blur(image, seed_blur, sigma_range=blur_sigma, p=blur_p)
+
+
+def make_view_fn(kind, size, mode, scale=(0.2, 1.0)):
+    """Builds ``fn(image, seed) -> {"student": view, "teacher": view}`` for a dataset map.
+
+    Args:
+        kind: "weak" (``weak_view``), "strong" (``strong_view``) or "none" (``center_crop``).
+        size: output size, an int or ``(height, width)``.
+        mode: "same" (one augmentation; both entries are the same tensor, SimReg's best setting)
+            or "different" (independent augmentations from two sub-seeds of ``seed``).
+        scale: area-fraction range of the random crop (unused for "none").
+
+    The returned ``fn`` takes an image ``[H, W, C]`` of any dtype accepted by
+    ``to_float_image`` and an integer ``[2]`` seed, and returns float32
+    ``[size_h, size_w, 3]`` views. The student view under "different" equals the (shared) view
+    under "same" for the same seed, so switching modes only changes the teacher's input. For
+    "none" the view is deterministic, so it is computed once and shared in both modes.
+    """
+    if kind not in VIEW_KINDS:
+        raise ValueError(f"kind must be one of {VIEW_KINDS}, got {kind!r}")
+    if mode not in VIEW_MODES:
+        raise ValueError(f"mode must be one of {VIEW_MODES}, got {mode!r}")
+    size = _check_size(size)
+    scale = _check_range(scale, "scale")
+
+    if kind == "none":
+
+        def fn(image, seed):
+            del seed  # the evaluation transform is deterministic
+            view = center_crop(to_float_image(image), size)
+            return {"student": view, "teacher": view}
+
+        return fn
+
+    view_op = weak_view if kind == "weak" else strong_view
+
+    def fn(image, seed):
+        image = to_float_image(image)
+        seed_student, seed_teacher = _split(_as_seed(seed), 2)
+        student = view_op(image, seed_student, size, scale=scale)
+        if mode == "same":
+            return {"student": student, "teacher": student}
+        return {"student": student, "teacher": view_op(image, seed_teacher, size, scale=scale)}
+
+    return fn

@@ -1,0 +1,729 @@
+"""Dataset sources -> tf.data pipelines of examples, training views and evaluation batches.
+
+Every *example* produced by :func:`load_split` is a dict::
+
+    {"image": float32 [H, W, 3] in [0, 1],   # greyscale tiled to RGB, alpha dropped
+     "label": int32 [],                       # -1 when the split has no labels
+     "index": int64 []}                       # stable id 0..N-1 in a deterministic order
+
+Sources (the ``--dataset`` flag):
+
+* ``"digits"``: scikit-learn's bundled handwritten digits (1797 8x8 greyscale images, 10
+  classes). It has no official split, so a stratified 80/20 split is drawn once with a fixed
+  seed (:data:`DIGITS_SPLIT_SEED`): "train" has 1437 images, "test" (alias "val"/"validation")
+  has 360. Images are scaled to [0, 1], bilinearly upsampled to 32x32 (or ``image_size_hint``)
+  once, up front, and tiled to RGB; the whole split lives in memory.
+* ``"folder:/path/to/root"`` or an existing directory: ``root/<split>/<class>/*.{jpg,jpeg,png,
+  bmp,gif}``. Class ids are the sorted class-folder names of the *train* split (so every split
+  agrees); the index is the position in (class, file name) order. Images may have any size.
+* ``"tfds:NAME"``: a prepared TensorFlow Datasets dataset (e.g. ``tfds:cifar10``). Nothing is
+  downloaded unless ``download=True``.
+
+Undecodable images (folder source): decoding happens inside the pipeline, because checking
+every file up front is too slow for ImageNet-sized folders. Each decode runs in a tiny nested
+dataset with ``ignore_errors`` and a fallback element, which turns a decode error into a
+success flag; failed files are then filtered out and a ``WARNING`` line naming the file is
+printed to stderr (a ``tf.print``, so it shows even when TF's C++ log level hides warnings).
+A plain ``ignore_errors`` on the outer map also works, but its log line does not say which
+file failed. Such files are dropped every epoch, so an epoch can be a few examples short; the
+count of dropped files is only known up front when ``load_split(..., verify=True)`` runs
+:func:`verify_images`, which removes them and reports the count as ``SplitInfo.skipped_files``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_DEFAULT_SIZE = 32
+
+# Name of the attribute through which load_split hands make_train_dataset the undecoded
+# records of a split, so shuffling happens on file names / encoded bytes, not on decoded
+# float images (a 10k-element buffer of decoded ImageNet images would need tens of GB).
+_LAZY_ATTR = "_kd_keras_lazy_source"
+
+# Constant folded into the per-epoch shuffle seed so that shuffle order and view seeds are
+# drawn from unrelated streams even though both derive from the same user seed.
+_SHUFFLE_SALT = 0x5EED5
+
+_VAL_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val")}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """Metadata of one loaded split.
+
+    Attributes:
+      num_examples: examples listed for the split (undecodable files found at run time are
+        still counted here; those removed by ``verify=True`` are not).
+      num_classes: number of classes (0 when the split has no labels).
+      class_names: class name per class id.
+      source: the ``--dataset`` string the split came from.
+      split: split name as requested.
+      has_labels: False when every label is -1.
+      skipped_files: image files removed up front because they could not be decoded.
+      image_shape: (H, W, 3) when every image has the same size, else None.
+    """
+
+    num_examples: int
+    num_classes: int
+    class_names: tuple
+    source: str
+    split: str
+    has_labels: bool
+    skipped_files: int = 0
+    image_shape: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _LazySource:
+    """Undecoded records plus the function that turns one into ``(ok, example)``."""
+
+    records: tf.data.Dataset
+    decode: Callable
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared image helpers
+
+
+def _to_rgb_float(image):
+    """Any decoded image [H, W, C] (uint8/uint16/float) -> float32 [H, W, 3] in [0, 1]."""
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.tile(image, [1, 1, 3])
+    elif channels == 2:  # greyscale + alpha
+        image = tf.tile(image[..., :1], [1, 1, 3])
+    elif channels == 4:
+        image = image[..., :3]
+    elif channels != 3:
+        raise ValueError(f"Images must have 1-4 channels, got shape {image.shape}.")
+    return image
+
+
+def _decode_file(path):
+    """Reads and decodes one image file -> float32 [H, W, 3]; raises on a bad file."""
+    raw = tf.io.read_file(path)
+    # expand_animations=False keeps GIFs 3-D (first frame), like every other format.
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def _try_decode_file(path):
+    """(ok: bool [], image: float32 [H, W, 3]) for a path tensor, never raising.
+
+    Graph code cannot catch exceptions, so the decode runs in a one-element dataset whose
+    errors are ignored; concatenating a fallback element and taking the first one yields
+    either the decoded image or the fallback, i.e. a success flag.
+    """
+    attempt = (
+        tf.data.Dataset.from_tensors(path)
+        .map(lambda p: (tf.constant(True), _decode_file(p)))
+        .ignore_errors()
+    )
+    fallback = tf.data.Dataset.from_tensors((tf.constant(False), tf.zeros([1, 1, 3])))
+    ok, image = attempt.concatenate(fallback).take(1).get_single_element()
+
+    def _warn():
+        tf.print(
+            "WARNING kd_keras.data: dropping undecodable image", path, output_stream=sys.stderr
+        )
+        return tf.constant(0)
+
+    tf.cond(ok, lambda: tf.constant(0), _warn)
+    return ok, image
+
+
+def verify_images(paths: Sequence[str], num_parallel_calls=tf.data.AUTOTUNE) -> list[str]:
+    """Tries to decode every file (in parallel) exactly as the pipeline would.
+
+    Args:
+      paths: image file paths.
+      num_parallel_calls: decode parallelism.
+
+    Returns:
+      The paths (as given, in input order) that are missing or cannot be decoded.
+    """
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        return []
+    good = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(
+            lambda p: (p, tf.shape(_decode_file(p))),
+            num_parallel_calls=num_parallel_calls,
+            deterministic=False,
+        )
+        .ignore_errors()
+        .map(lambda p, _: p)
+    )
+    decoded = {p.decode("utf-8") for p in good.as_numpy_iterator()}
+    bad = [p for p in paths if p not in decoded]
+    for p in bad:
+        logging.warning("kd_keras.data: cannot decode image %s", p)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+def _image_size(image_size_hint, default):
+    if image_size_hint is None:
+        return (default, default)
+    if isinstance(image_size_hint, int):
+        size = (image_size_hint, image_size_hint)
+    else:
+        size = tuple(int(s) for s in image_size_hint)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size_hint must be a positive int or (height, width), got {size}.")
+    return size
+
+
+def _digits_split_name(split):
+    if split == "train":
+        return "train"
+    if split in ("test", "val", "validation"):
+        return "test"
+    raise ValueError(
+        f"Unknown split {split!r} for --dataset digits; use 'train' or 'test' (alias 'val')."
+    )
+
+
+def digits_rows(split: str, seed: int = DIGITS_SPLIT_SEED) -> np.ndarray:
+    """Rows of ``sklearn.datasets.load_digits()`` that form a digits split.
+
+    Args:
+      split: "train", or "test" / "val" / "validation".
+      seed: split seed; the default is what :func:`load_split` uses.
+
+    Returns:
+      int64 [N] sorted row numbers; the example with index i is row ``digits_rows(split)[i]``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    which = _digits_split_name(split)
+    target = load_digits().target
+    train_rows, test_rows = train_test_split(
+        np.arange(len(target)),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=target,
+        random_state=seed,
+    )
+    rows = train_rows if which == "train" else test_rows
+    return np.sort(rows).astype(np.int64)
+
+
+def _load_digits(source, split, image_size_hint):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    rows = digits_rows(split)
+    size = _image_size(image_size_hint, DIGITS_DEFAULT_SIZE)
+    # Pixel values are counts of set bits in 4x4 blocks, so 16 is the true maximum.
+    small = (bunch.images[rows] / 16.0).astype(np.float32)[..., None]
+    images = tf.image.resize(small, size, method="bilinear")
+    images = tf.clip_by_value(tf.tile(images, [1, 1, 1, 3]), 0.0, 1.0)
+    labels = bunch.target[rows].astype(np.int32)
+    examples = tf.data.Dataset.from_tensor_slices(
+        {
+            "image": images,
+            "label": labels,
+            "index": np.arange(len(rows), dtype=np.int64),
+        }
+    )
+    info = SplitInfo(
+        num_examples=len(rows),
+        num_classes=10,
+        class_names=tuple(str(d) for d in range(10)),
+        source=source,
+        split=split,
+        has_labels=True,
+        skipped_files=0,
+        image_shape=(*size, 3),
+    )
+    return examples, info
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders
+
+
+def _subdirs(path):
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(class_dir):
+    """Sorted image file names directly inside class_dir, plus the count of other files."""
+    images, others = [], 0
+    with os.scandir(class_dir) as entries:
+        for e in entries:
+            if e.name.startswith(".") or not e.is_file():
+                continue
+            if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                images.append(e.name)
+            else:
+                others += 1
+    return sorted(images), others
+
+
+def _split_dir(root, split):
+    """Folder holding the class folders of `split`, or None when it does not exist."""
+    for name in _VAL_ALIASES.get(split, (split,)):
+        candidate = os.path.join(root, name)
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def _folder_class_names(root, split, split_dir):
+    """The class list every split uses: the train split's class folders."""
+    if split == "train":
+        train_dir = split_dir
+    else:
+        train_dir = _split_dir(root, "train") or split_dir
+    names = _subdirs(train_dir)
+    if not names:
+        raise ValueError(
+            f"Image-folder dataset: no class subfolders in {train_dir} "
+            "(expected root/<split>/<class_name>/*.jpg)."
+        )
+    return names
+
+
+def _list_folder(root, split):
+    """(paths, labels, class_names, other_files) of an image-folder split."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--dataset image-folder root does not exist: {root}")
+    split_dir = _split_dir(root, split)
+    if split_dir is None:
+        # A bare root/<class>/ layout is accepted as the train split only: a val split needs
+        # its own folder, otherwise train images would silently be evaluated on.
+        if split == "train" and _subdirs(root) and not _split_dir(root, "val"):
+            split_dir = root
+        else:
+            raise FileNotFoundError(
+                f"Image-folder dataset has no split folder {os.path.join(root, split)} "
+                f"(expected {root}/<split>/<class_name>/*.jpg)."
+            )
+    class_names = _folder_class_names(root, split, split_dir)
+    present = _subdirs(split_dir)
+    if not present:
+        raise ValueError(
+            f"Image-folder dataset: no class subfolders in {split_dir} "
+            "(expected root/<split>/<class_name>/*.jpg)."
+        )
+    known = set(class_names)
+    unknown = [c for c in present if c not in known]
+    if unknown:
+        raise ValueError(
+            f"Image-folder dataset: class folder {os.path.join(split_dir, unknown[0])} is not "
+            f"a class of the train split ({len(class_names)} classes)."
+        )
+    label_of = {c: i for i, c in enumerate(class_names)}
+    paths, labels, others = [], [], 0
+    for name in present:
+        class_dir = os.path.join(split_dir, name)
+        files, n_other = _image_files(class_dir)
+        if not files:
+            raise ValueError(
+                f"Image-folder dataset: class folder {class_dir} contains no images "
+                f"({', '.join(IMAGE_EXTENSIONS)})."
+            )
+        others += n_other
+        paths.extend(os.path.join(class_dir, f) for f in files)
+        labels.extend([label_of[name]] * len(files))
+    return paths, labels, class_names, others
+
+
+def _decode_folder_record(record):
+    ok, image = _try_decode_file(record["path"])
+    return ok, {"image": image, "label": record["label"], "index": record["index"]}
+
+
+def _load_folder(source, root, split, verify):
+    root = os.path.abspath(os.path.expanduser(root))
+    paths, labels, class_names, others = _list_folder(root, split)
+    if others:
+        logging.info("kd_keras.data: ignored %d non-image files under %s", others, root)
+    skipped = 0
+    if verify:
+        bad = set(verify_images(paths))
+        if bad:
+            keep = [i for i, p in enumerate(paths) if p not in bad]
+            paths = [paths[i] for i in keep]
+            labels = [labels[i] for i in keep]
+            skipped = len(bad)
+        if not paths:
+            raise ValueError(
+                f"Image-folder dataset {root}: no decodable images in split {split!r}."
+            )
+    records = tf.data.Dataset.from_tensor_slices(
+        {
+            "path": tf.constant(paths, tf.string),
+            "label": tf.constant(labels, tf.int32),
+            "index": tf.range(len(paths), dtype=tf.int64),
+        }
+    )
+    info = SplitInfo(
+        num_examples=len(paths),
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        source=source,
+        split=split,
+        has_labels=True,
+        skipped_files=skipped,
+        image_shape=None,
+    )
+    return _lazy_examples(records, _decode_folder_record), info
+
+
+def _lazy_examples(records, decode):
+    """Decoded examples dataset that also carries its undecoded records (see _LAZY_ATTR)."""
+    examples = (
+        records.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .filter(lambda ok, ex: ok)
+        .map(lambda ok, ex: ex)
+    )
+    setattr(examples, _LAZY_ATTR, _LazySource(records, decode))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+
+
+def _load_tfds(source, name, split, data_dir, download):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise ValueError(f"--dataset {source!r}: TFDS has no dataset named {name!r}.") from err
+    if not builder.is_prepared():
+        if not download:
+            raise ValueError(
+                f"--dataset {source!r}: TFDS data is not prepared in {builder.data_dir_root}; "
+                "pass --download to download and prepare it, or prepare it there beforehand "
+                f"(e.g. `tfds build {name} --data_dir {builder.data_dir_root}`)."
+            )
+        builder.download_and_prepare()
+    splits = builder.info.splits
+    tfds_split = split
+    if split not in splits and split in _VAL_ALIASES:
+        tfds_split = next((s for s in _VAL_ALIASES[split] if s in splits), split)
+    try:
+        num_examples = splits[tfds_split].num_examples
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"--dataset {source!r} has no split {split!r}; available: {sorted(splits.keys())}."
+        ) from err
+
+    features = builder.info.features
+    if "image" not in features:
+        raise ValueError(f"--dataset {source!r} has no 'image' feature: {list(features)}.")
+    image_feature = features["image"]
+    label_feature = features["label"] if "label" in features else None
+    has_labels = label_feature is not None
+    class_names = tuple(getattr(label_feature, "names", ()) or ()) if has_labels else ()
+    num_classes = int(getattr(label_feature, "num_classes", 0) or 0) if has_labels else 0
+
+    # Keep images encoded until after the training shuffle (see _LAZY_ATTR).
+    lazy = isinstance(image_feature, tfds.features.Image)
+    decoders = {"image": tfds.decode.SkipDecoding()} if lazy else None
+    raw = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders=decoders)
+
+    def _record(index, ex):
+        label = tf.cast(ex["label"], tf.int32) if has_labels else tf.constant(-1, tf.int32)
+        return {"image": ex["image"], "label": label, "index": index}
+
+    records = raw.enumerate().map(_record)
+
+    def _decode(record):
+        image = image_feature.decode_example(record["image"]) if lazy else record["image"]
+        example = {
+            "image": _to_rgb_float(image),
+            "label": record["label"],
+            "index": record["index"],
+        }
+        return tf.constant(True), example
+
+    shape = getattr(image_feature, "shape", None)
+    image_shape = None
+    if shape is not None and len(shape) == 3 and None not in shape[:2]:
+        image_shape = (int(shape[0]), int(shape[1]), 3)
+    info = SplitInfo(
+        num_examples=int(num_examples),
+        num_classes=num_classes,
+        class_names=class_names,
+        source=source,
+        split=split,
+        has_labels=has_labels,
+        skipped_files=0,
+        image_shape=image_shape,
+    )
+    return _lazy_examples(records, _decode), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_split(
+    source: str,
+    split: str,
+    data_dir: str | None = None,
+    image_size_hint=None,
+    download: bool = False,
+    verify: bool = False,
+):
+    """Loads one split of a dataset as a tf.data pipeline of examples.
+
+    Args:
+      source: the ``--dataset`` value: "digits", "folder:/path", an existing directory, or
+        "tfds:NAME" (NAME may carry a config/version, e.g. "tfds:cifar10:3.0.2").
+      split: split name, e.g. "train", "val", "test". "val" and "validation" are aliases.
+      data_dir: TFDS data directory (TFDS's default when None); unused by other sources.
+      image_size_hint: int or (height, width) for sources stored at a tiny size and
+        upsampled up front (digits: default 32); ignored by the others.
+      download: TFDS only: download and prepare missing data (otherwise a ValueError).
+      verify: image folders only: decode every file up front (slow on big folders), drop the
+        undecodable ones and count them in ``SplitInfo.skipped_files``.
+
+    Returns:
+      ``(examples, info)``: a ``tf.data.Dataset`` of example dicts (see module docstring) in
+      index order, and a :class:`SplitInfo`.
+
+    Raises:
+      ValueError: unknown source form, bad split, empty class folder, unprepared TFDS data.
+      FileNotFoundError: missing folder root or split folder.
+    """
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"--dataset must be a non-empty string, got {source!r}.")
+    if source == "digits":
+        return _load_digits(source, split, image_size_hint)
+    if source.startswith("tfds:"):
+        name = source[len("tfds:") :]
+        if not name:
+            raise ValueError("--dataset 'tfds:' needs a dataset name, e.g. 'tfds:cifar10'.")
+        return _load_tfds(source, name, split, data_dir, download)
+    if source.startswith("folder:"):
+        root = source[len("folder:") :]
+        if not root:
+            raise ValueError("--dataset 'folder:' needs a path, e.g. 'folder:/data/imagenette'.")
+        return _load_folder(source, root, split, verify)
+    if os.path.isdir(os.path.expanduser(source)):
+        return _load_folder(source, source, split, verify)
+    if os.sep in source or source.startswith("~"):
+        raise FileNotFoundError(f"--dataset image-folder root does not exist: {source}")
+    raise ValueError(
+        f"Unknown --dataset {source!r}: use 'digits', 'folder:/path/to/root' (or an existing "
+        "directory), or 'tfds:NAME'."
+    )
+
+
+def view_seed(seed, index, epoch, epoch_seed: bool = True):
+    """The seed pair a training view of example `index` gets in `epoch`.
+
+    Args:
+      seed: int / int64 [] base seed of the run.
+      index: int / int64 [] example index.
+      epoch: int / int64 [] epoch number (ignored when ``epoch_seed`` is False).
+      epoch_seed: whether views change from epoch to epoch.
+
+    Returns:
+      int64 [2] seed for ``tf.random.stateless_*`` ops: ``[seed, index]``, or with
+      ``epoch_seed`` ``[hash(seed, index), epoch]`` (that is what ``stateless_fold_in``
+      returns). The Philox algorithm is named so the value does not depend on the device.
+    """
+    base = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+    if not epoch_seed:
+        return base
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64), alg="philox")
+
+
+def _check_positive(name, value):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def make_train_dataset(
+    examples: tf.data.Dataset,
+    view_fn: Callable,
+    batch_size: int,
+    seed: int,
+    shuffle_buffer: int = 10000,
+    drop_remainder: bool = True,
+    deterministic: bool | None = None,
+    cache_decoded: bool = False,
+    epoch_seed: bool = True,
+    num_epochs: int | None = None,
+    start_epoch: int = 0,
+    skip_batches: int = 0,
+):
+    """Shuffled, augmented, batched training pipeline.
+
+    Epochs are explicit: ``Dataset.range(start_epoch, ...)`` is flat-mapped to one pass over
+    the examples per epoch number ``e``, shuffled with a seed derived from ``(seed, e)``, and
+    each example's views get ``view_seed(seed, index, e)``. A view therefore depends only on
+    (seed, index, epoch), not on shuffle order, parallelism or where iteration started, so it
+    can be replayed. Batches never straddle two epochs.
+
+    Args:
+      examples: dataset of example dicts from :func:`load_split`. If it is exactly what
+        load_split returned, shuffling happens before decoding (on file names / bytes).
+      view_fn: ``view_fn(image, seed_pair) -> dict`` of tensors; ``image`` is float32
+        [H, W, 3] and ``seed_pair`` int64 [2]. All views of an image come from this one call.
+        Keys "label" and "index" are reserved.
+      batch_size: examples per batch (global batch size).
+      seed: base seed of shuffling and views.
+      shuffle_buffer: shuffle buffer size; 0 disables shuffling.
+      drop_remainder: drop each epoch's last partial batch (keeps replica batches equal).
+      deterministic: passed to the parallel maps; None keeps tf.data's default (ordered).
+      cache_decoded: keep decoded images in memory after the first epoch (small datasets).
+      epoch_seed: when False, an example gets the same views every epoch.
+      num_epochs: epochs to produce; None repeats forever (pass ``steps_per_epoch`` to fit,
+        e.g. from :func:`steps_per_epoch`).
+      start_epoch: number of the first epoch, so a resumed run replays the right seeds.
+      skip_batches: batches of the first epoch already consumed by an interrupted run; they
+        are skipped on the shuffled records, before decoding, so resuming mid-epoch is cheap
+        and continues with exactly the batches an uninterrupted run would have seen.
+
+    Returns:
+      Dataset of dicts: view_fn's keys with a leading batch dimension, plus "label" int32
+      [B] and "index" int64 [B]; prefetched.
+    """
+    _check_positive("--batch_size", batch_size)
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}.")
+    if num_epochs is not None:
+        _check_positive("num_epochs", num_epochs)
+    lazy = getattr(examples, _LAZY_ATTR, None)
+    if cache_decoded:
+        source = examples.cache()
+        lazy = None
+    else:
+        source = lazy.records if lazy is not None else examples
+
+    def _apply_view(example, epoch):
+        pair = view_seed(seed, example["index"], epoch, epoch_seed)
+        views = view_fn(example["image"], pair)
+        if not isinstance(views, Mapping):
+            raise ValueError(f"view_fn must return a dict of tensors, got {type(views).__name__}.")
+        clash = {"label", "index"} & set(views)
+        if clash:
+            raise ValueError(f"view_fn output uses reserved keys {sorted(clash)}.")
+        return {**views, "label": example["label"], "index": example["index"]}
+
+    def _one_epoch(epoch):
+        ds = source
+        if shuffle_buffer > 0:
+            # fold_in returns [hash(seed pair), epoch]: its first entry ignores the epoch,
+            # so hash the whole pair down to one int64 for shuffle's scalar seed.
+            shuffle_seed = tf.random.stateless_uniform(
+                [],
+                seed=view_seed(seed, _SHUFFLE_SALT, epoch),
+                minval=None,
+                maxval=None,
+                dtype=tf.int64,
+                alg="philox",
+            )
+            # TF's get_seed compares (global seed, op seed) with (0, 0); when the user's global
+            # seed is 0 (tf.random.set_seed(0), keras.utils.set_random_seed(0)) that compares
+            # our tensor seed as a Python bool and fails. Our seed fully determines the order,
+            # so drop the global seed from this function's graph.
+            if not tf.executing_eagerly():
+                tf.compat.v1.get_default_graph().seed = None
+            ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        if skip_batches:
+            skip = tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64),
+                            tf.constant(0, tf.int64))
+            ds = ds.skip(skip)
+        if lazy is not None:
+            ds = (
+                ds.map(
+                    lazy.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+                )
+                .filter(lambda ok, ex: ok)
+                .map(lambda ok, ex: ex)
+            )
+        ds = ds.map(
+            lambda ex: _apply_view(ex, epoch),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+    if num_epochs is None:
+        epochs = tf.data.Dataset.counter(start_epoch, dtype=tf.int64)
+    else:
+        epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs, dtype=tf.int64)
+    return epochs.flat_map(_one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(examples: tf.data.Dataset, transform_fn: Callable | None, batch_size: int):
+    """Ordered evaluation pipeline that keeps the last partial batch.
+
+    Args:
+      examples: dataset of example dicts from :func:`load_split`.
+      transform_fn: ``transform_fn(image float32 [H, W, 3]) -> image`` (e.g. resize + centre
+        crop); None keeps images as they are (they must then share one size).
+      batch_size: examples per batch.
+
+    Returns:
+      Dataset of {"image": [B, ...] float32, "label": int32 [B], "index": int64 [B]} in index
+      order; the last batch may be smaller.
+    """
+    _check_positive("--batch_size", batch_size)
+
+    def _transform(ex):
+        image = ex["image"] if transform_fn is None else transform_fn(ex["image"])
+        return {"image": image, "label": ex["label"], "index": ex["index"]}
+
+    ds = examples.map(_transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
+    """Batches one epoch of :func:`make_train_dataset` yields (if no file is dropped)."""
+    _check_positive("--batch_size", batch_size)
+    full, rest = divmod(int(num_examples), batch_size)
+    return full + (1 if rest and not drop_remainder else 0)
+
+
+def check_batch_size(global_batch_size: int, num_replicas: int, num_examples: int) -> int:
+    """Validates the global batch size against replicas and split size.
+
+    Returns:
+      The per-replica batch size.
+
+    Raises:
+      ValueError: non-positive sizes, a batch size not divisible by the replica count, or a
+        train split smaller than one batch.
+    """
+    _check_positive("--batch_size", global_batch_size)
+    _check_positive("num_replicas", num_replicas)
+    if global_batch_size % num_replicas:
+        raise ValueError(
+            f"--batch_size {global_batch_size} is not divisible by the {num_replicas} replicas; "
+            f"use a multiple of {num_replicas}."
+        )
+    if num_examples < global_batch_size:
+        raise ValueError(
+            f"The train split has {num_examples} examples, fewer than one batch of "
+            f"--batch_size {global_batch_size}."
+        )
+    return global_batch_size // num_replicas
