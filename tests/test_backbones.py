@@ -15,6 +15,7 @@ EXPECTED_DIMS = {
     "resnet50": 2048,
     "mobilenetv2": 1280,
     "efficientnetb0": 1280,
+    "resnet_small": 256,
     "resnet_tiny": 64,
     "convnet_tiny": 64,
 }
