@@ -50,4 +50,5 @@ def _as_inference_fn(embed_fn):
             return model(images, training=False)
 
         return call
-    return embed_fn
+    # Teachers, SavedModel signatures and plain functions: compile once per input shape.
+    return tf.function(embed_fn, reduce_retracing=True)

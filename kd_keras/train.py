@@ -248,13 +248,17 @@ def run_and_return_model(cfg, extra_callbacks=()):
     try:
         eval_examples, eval_info = data.load_split(cfg.data.dataset, eval_split, **load)
     except (FileNotFoundError, ValueError) as err:
-        log.warning("no evaluation split (%s): %s", eval_split, err)
+        if cfg.data.eval_split:  # asked for explicitly: its absence is an error
+            raise
+        log.warning("no evaluation split (%s), k-NN evaluation skipped: %s", eval_split, err)
 
     def eval_views(examples):
         ds = data.make_eval_dataset(examples, eval_transform, cfg.eval.eval_batch_size)
         return ds.map(lambda b: {"student": b["image"], "label": b["label"]})
 
-    # Model.
+    # Model. Re-seed here so the student's initialisation does not depend on whether a recipe
+    # teacher was just trained in this process or reused from an earlier one.
+    keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         student = build_student(cfg, size)
         method = build_method(cfg, student, teachers, train_info.num_classes)
@@ -378,7 +382,9 @@ def _print_summary(results):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; TensorFlow's, FAISS' and absl's chatter only from WARNING up.
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     from kd_keras.callbacks import NonFiniteLoss
 
     try:
