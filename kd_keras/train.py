@@ -340,6 +340,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
                 random_student = build_student(cfg, size)
             knn_results["random_init_student"] = knn_of(random_student)
         results["knn"] = knn_results
+        _log_knn_to_tensorboard(os.path.join(cfg.workdir, LOG_DIR, "knn"), knn_results,
+                                results["steps"])
         results["num_train"] = train_info.num_examples
         results["num_eval"] = eval_info.num_examples
 
@@ -356,6 +358,18 @@ def run_and_return_model(cfg, extra_callbacks=()):
         f.write("done\n")
     _print_summary(results)
     return results, method
+
+
+def _log_knn_to_tensorboard(logdir, knn_results, step):
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        for who, metrics in knn_results.items():
+            if isinstance(metrics, dict):
+                for key, value in metrics.items():
+                    tf.summary.scalar(f"{who}/{key}", value, step=step)
+    writer.flush()
 
 
 def _write_json(path, obj):

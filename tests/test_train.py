@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kd_keras import backbones, config, export, train
 from kd_keras.callbacks import NonFiniteLoss
@@ -48,7 +49,14 @@ def test_smoke_run_exports_a_savedmodel_equal_to_the_student(tmp_path, teacher_f
     for who in ("student", "teacher_teacher", "random_init_student"):
         assert 0.0 <= stored["knn"][who]["knn_top1_k1"] <= 1.0
     assert json.loads((run_dir / "config.json").read_text())["optim"]["epochs"] == 3
-    assert any(f.startswith("events") for _, _, fs in os.walk(run_dir / "logs") for f in fs)
+    tags = {}
+    for sub in ("train", "validation", "knn"):
+        acc = EventAccumulator(str(run_dir / "logs" / sub), size_guidance={"tensors": 0})
+        acc.Reload()
+        tags[sub] = set(acc.Tags()["tensors"])
+    assert {"epoch_learning_rate", "epoch_loss_teacher", "views/student"} <= tags["train"]
+    assert {"epoch_mse_teacher", "epoch_cos_teacher"} <= tags["validation"]
+    assert "student/knn_top1_k5" in tags["knn"]
     # The exported SavedModel (heads dropped) computes the in-memory backbone's features.
     embed = export.load_exported(str(run_dir / "export"))
     images = np.random.default_rng(0).uniform(size=(5, 8, 8, 3)).astype(np.float32)
@@ -146,3 +154,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     bad_student = _cli(f"--workdir={tmp_path}/c", "--method=supervised", "--student=resnet9",
                        "--image_size=8", "--epochs=1")
     assert bad_student.returncode == 2 and "resnet9" in bad_student.stderr
+
+
+def test_mirrored_run_over_two_cpus_matches_one_device(tmp_path, teacher_file):
+    outs = []
+    for strategy in ("default", "mirrored"):
+        cfg = _cfg(tmp_path / strategy, teacher_file, strategy=strategy, evaluate=False,
+                   export=False, log_images=0)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=2))
+        results, method = train.run_and_return_model(cfg)
+        outs.append((results, [w.numpy() for w in method.student.weights]))
+    (r1, w1), (r2, w2) = outs
+    for key in ("loss", "val_loss", "val_cos_teacher"):
+        np.testing.assert_allclose(r1["final_logs"][key], r2["final_logs"][key], rtol=1e-4)
+    for a, b in zip(w1, w2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
