@@ -52,6 +52,7 @@ class ViewImageLogger(keras.callbacks.Callback):
         writer = tf.summary.create_file_writer(f"{self.logdir}/train")
         with writer.as_default():
             for key, images in self.batch.items():
-                tf.summary.image(f"views/{key}", np.clip(images, 0, 1), step=0,
-                                 max_outputs=self.max_images)
+                tf.summary.image(
+                    f"views/{key}", np.clip(images, 0, 1), step=0, max_outputs=self.max_images
+                )
         writer.flush()

@@ -34,40 +34,67 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results, export.")
     flags.DEFINE_enum("method", "simreg", METHODS, "Training method.")
     flags.DEFINE_integer("seed", 0, "Global seed (weights, shuffling, augmentation).")
-    flags.DEFINE_enum("strategy", "auto", STRATEGIES, "tf.distribute strategy; auto = "
-                      "MirroredStrategy over all local GPUs when there are several, else one device.")
+    flags.DEFINE_enum(
+        "strategy",
+        "auto",
+        STRATEGIES,
+        "tf.distribute strategy; auto = "
+        "MirroredStrategy over all local GPUs when there are several, else one device.",
+    )
     flags.DEFINE_bool("sync_bn", True, "Synchronise BatchNorm statistics across replicas.")
     flags.DEFINE_bool("export", True, "Export the student backbone as a SavedModel at the end.")
     flags.DEFINE_bool("evaluate", True, "Run k-NN evaluation of the student (and teachers).")
-    flags.DEFINE_string("save_freq", "epoch", "Checkpoint frequency for resuming: 'epoch' or a "
-                        "number of steps.")
+    flags.DEFINE_string(
+        "save_freq", "epoch", "Checkpoint frequency for resuming: 'epoch' or a number of steps."
+    )
     flags.DEFINE_integer("log_images", 4, "Augmented views written to TensorBoard (0 = none).")
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0 silent, 1 progress bar, 2 line).")
     # Data.
-    flags.DEFINE_string("dataset", "digits", "'digits' (embedded, scikit-learn), an image "
-                        "folder path (or 'folder:PATH') with train/ and val/ class subfolders, or "
-                        "'tfds:NAME'.")
+    flags.DEFINE_string(
+        "dataset",
+        "digits",
+        "'digits' (embedded, scikit-learn), an image "
+        "folder path (or 'folder:PATH') with train/ and val/ class subfolders, or "
+        "'tfds:NAME'.",
+    )
     flags.DEFINE_string("data_dir", None, "TFDS data directory (for --dataset=tfds:NAME).")
     flags.DEFINE_bool("download", False, "Allow TFDS to download and prepare the dataset.")
     flags.DEFINE_string("train_split", "train", "Split used for distillation and as k-NN memory.")
-    flags.DEFINE_string("eval_split", None, "Split used for evaluation; default: 'test' for "
-                        "digits, 'val' for folders, 'test' for TFDS.")
+    flags.DEFINE_string(
+        "eval_split",
+        None,
+        "Split used for evaluation; default: 'test' for "
+        "digits, 'val' for folders, 'test' for TFDS.",
+    )
     flags.DEFINE_integer("image_size", 32, "Side of the square training views, pixels.")
     flags.DEFINE_enum("augment", "weak", AUGMENTATIONS, "SimReg B.2 augmentation strength.")
-    flags.DEFINE_enum("aug_mode", "same", AUG_MODES, "'same': one augmented image for teacher "
-                      "and student (SimReg's best); 'different': two augmentations.")
+    flags.DEFINE_enum(
+        "aug_mode",
+        "same",
+        AUG_MODES,
+        "'same': one augmented image for teacher "
+        "and student (SimReg's best); 'different': two augmentations.",
+    )
     flags.DEFINE_float("crop_scale_min", 0.2, "Lower bound of the random-resized-crop area.")
     flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer size (examples).")
     flags.DEFINE_bool("cache_decoded", False, "Cache decoded images in memory.")
     # Networks.
     flags.DEFINE_string("student", "resnet18", "Student backbone name.")
     flags.DEFINE_enum("student_norm", "imagenet", NORMS, "Input normalisation of the student.")
-    flags.DEFINE_enum("small_stem", "auto", ["auto", "true", "false"], "CIFAR-style stem "
-                      "(3x3 conv, no max-pool); auto = when --image_size <= 64.")
-    flags.DEFINE_multi_string("teacher", [], "Teacher spec, repeat for several teachers: a path "
-                              "(SavedModel dir, .keras file, kd_keras run dir), 'app:NAME=WEIGHTS', "
-                              "or 'recipe:supervised'; options after commas, e.g. "
-                              "'path=/m.keras,norm=unit,name=moco'. See kd_keras/teachers.py.")
+    flags.DEFINE_enum(
+        "small_stem",
+        "auto",
+        ["auto", "true", "false"],
+        "CIFAR-style stem (3x3 conv, no max-pool); auto = when --image_size <= 64.",
+    )
+    flags.DEFINE_multi_string(
+        "teacher",
+        [],
+        "Teacher spec, repeat for several teachers: a path "
+        "(SavedModel dir, .keras file, kd_keras run dir), 'app:NAME=WEIGHTS', "
+        "or 'recipe:supervised'; options after commas, e.g. "
+        "'path=/m.keras,norm=unit,name=moco'. See kd_keras/teachers.py.",
+    )
     flags.DEFINE_string("teacher_recipe_backbone", "resnet50", "Backbone of a recipe teacher.")
     flags.DEFINE_integer("teacher_recipe_epochs", 10, "Epochs of a recipe teacher.")
     flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
@@ -82,13 +109,17 @@ def define_flags():
     flags.DEFINE_enum("schedule", "cosine", SCHEDULES, "Learning-rate schedule.")
     flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up epochs.")
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-    flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay added to the gradient (PyTorch "
-                       "SGD semantics).")
+    flags.DEFINE_float(
+        "weight_decay", 1e-4, "L2 weight decay added to the gradient (PyTorch SGD semantics)."
+    )
     # Evaluation.
     flags.DEFINE_list("knn_k", ["1", "20"], "k values of the k-NN evaluation.")
     flags.DEFINE_integer("eval_batch_size", 256, "Batch size of feature extraction.")
-    flags.DEFINE_integer("knn_max_train", None, "Use at most this many training examples as "
-                         "the k-NN memory (default: all).")
+    flags.DEFINE_integer(
+        "knn_max_train",
+        None,
+        "Use at most this many training examples as the k-NN memory (default: all).",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +215,9 @@ def _int_list(name, values):
     try:
         return tuple(int(v) for v in values)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"--{name} must be a comma-separated list of integers, got {values}.") from err
+        raise ValueError(
+            f"--{name} must be a comma-separated list of integers, got {values}."
+        ) from err
 
 
 def config_from_flags(flag_values=FLAGS):
@@ -201,7 +234,9 @@ def config_from_flags(flag_values=FLAGS):
         try:
             save_freq = int(save_freq)
         except ValueError as err:
-            raise ValueError(f"--save_freq must be 'epoch' or an integer, got {save_freq!r}.") from err
+            raise ValueError(
+                f"--save_freq must be 'epoch' or an integer, got {save_freq!r}."
+            ) from err
         _positive("save_freq", save_freq)
     for name in ("batch_size", "epochs", "image_size", "eval_batch_size", "shuffle_buffer"):
         _positive(name, fv[name].value)
@@ -300,8 +335,9 @@ def config_from_json(path):
     for key, value in raw.items():
         if key in sections:
             fields = {f.name for f in dataclasses.fields(sections[key])}
-            value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()
-                     if k in fields}
+            value = {
+                k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items() if k in fields
+            }
             kwargs[key] = sections[key](**value)
         else:
             kwargs[key] = value

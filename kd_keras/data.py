@@ -649,8 +649,11 @@ def make_train_dataset(
                 tf.compat.v1.get_default_graph().seed = None
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
         if skip_batches:
-            skip = tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64),
-                            tf.constant(0, tf.int64))
+            skip = tf.where(
+                epoch == start_epoch,
+                tf.constant(skip_batches * batch_size, tf.int64),
+                tf.constant(0, tf.int64),
+            )
             ds = ds.skip(skip)
         if lazy is not None:
             ds = (

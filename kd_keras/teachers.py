@@ -258,7 +258,9 @@ def load_teacher(spec, image_size, index=0):
             )
     except (OSError, ValueError, TypeError, KeyError, tf.errors.OpError) as err:
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--teacher: could not load {spec.path} as a {spec.kind}: {reason}") from err
+        raise ValueError(
+            f"--teacher: could not load {spec.path} as a {spec.kind}: {reason}"
+        ) from err
     return Teacher(spec, model, image_size)
 
 

@@ -135,8 +135,13 @@ def resolve_teachers(cfg, strategy):
             spec = dataclasses.replace(spec, kind="run", path=run_dir)
         with strategy.scope():
             loaded.append(teachers_lib.load_teacher(spec, cfg.data.image_size, i))
-        log.info("teacher %s: %s (%s), %d-d features", spec.name, spec.path, spec.kind,
-                 loaded[-1].feature_dim)
+        log.info(
+            "teacher %s: %s (%s), %d-d features",
+            spec.name,
+            spec.path,
+            spec.kind,
+            loaded[-1].feature_dim,
+        )
     return loaded
 
 
@@ -170,8 +175,11 @@ def train_recipe_teacher(cfg, spec):
             warmup_epochs=min(cfg.optim.warmup_epochs, cfg.model.teacher_recipe_epochs - 1),
         ),
     )
-    print(f"Training recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
-          f"{teacher_cfg.optim.epochs} epochs) in {run_dir}", flush=True)
+    print(
+        f"Training recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
+        f"{teacher_cfg.optim.epochs} epochs) in {run_dir}",
+        flush=True,
+    )
     run(teacher_cfg)
     return run_dir
 
@@ -193,8 +201,11 @@ def run_and_return_model(cfg, extra_callbacks=()):
         with open(config_path) as f:
             previous = f.read().strip()
         if previous != cfg.to_json().strip():
-            log.warning("%s differs from this command's configuration; the new one is used and "
-                        "saved (resuming from the existing checkpoint).", config_path)
+            log.warning(
+                "%s differs from this command's configuration; the new one is used and "
+                "saved (resuming from the existing checkpoint).",
+                config_path,
+            )
     cfg.save(config_path)
     keras.utils.set_random_seed(cfg.seed)
     strategy = select_strategy(cfg.strategy)
@@ -202,8 +213,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
 
     # Data.
     eval_split = cfg.data.eval_split or default_eval_split(cfg.data.dataset)
-    load = dict(data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size,
-                download=cfg.data.download)
+    load = dict(
+        data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size, download=cfg.data.download
+    )
     train_examples, train_info = data.load_split(cfg.data.dataset, cfg.data.train_split, **load)
     data.check_batch_size(cfg.optim.batch_size, replicas, train_info.num_examples)
     if cfg.method == "supervised" and not train_info.has_labels:
@@ -318,20 +330,23 @@ def run_and_return_model(cfg, extra_callbacks=()):
 
     # k-NN evaluation: backbone features, cosine, majority vote (SimReg protocol).
     if cfg.evaluate and eval_info is not None and train_info.has_labels and eval_info.has_labels:
-        train_eval = data.make_eval_dataset(train_examples, eval_transform,
-                                            cfg.eval.eval_batch_size)
-        test_eval = data.make_eval_dataset(eval_examples, eval_transform,
-                                           cfg.eval.eval_batch_size)
-        ks = tuple(k for k in cfg.eval.knn_k if k <= (cfg.eval.knn_max_train
-                                                     or train_info.num_examples))
+        train_eval = data.make_eval_dataset(
+            train_examples, eval_transform, cfg.eval.eval_batch_size
+        )
+        test_eval = data.make_eval_dataset(eval_examples, eval_transform, cfg.eval.eval_batch_size)
+        ks = tuple(
+            k for k in cfg.eval.knn_k if k <= (cfg.eval.knn_max_train or train_info.num_examples)
+        )
 
         def knn_of(embed):
             xtr, ytr = features.extract_features(embed, train_eval, cfg.eval.knn_max_train)
             xte, yte = features.extract_features(embed, test_eval)
             return knn.knn_accuracy(xtr, ytr, xte, yte, ks=ks, vote="majority")
 
-        knn_results = {"protocol": "knn cosine majority vote, backbone features, centre crop",
-                       "student": knn_of(student)}
+        knn_results = {
+            "protocol": "knn cosine majority vote, backbone features, centre crop",
+            "student": knn_of(student),
+        }
         for t in teachers:
             knn_results[f"teacher_{t.name}"] = knn_of(t)
         if cfg.method != "supervised":
@@ -340,8 +355,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
                 random_student = build_student(cfg, size)
             knn_results["random_init_student"] = knn_of(random_student)
         results["knn"] = knn_results
-        _log_knn_to_tensorboard(os.path.join(cfg.workdir, LOG_DIR, "knn"), knn_results,
-                                results["steps"])
+        _log_knn_to_tensorboard(
+            os.path.join(cfg.workdir, LOG_DIR, "knn"), knn_results, results["steps"]
+        )
         results["num_train"] = train_info.num_examples
         results["num_eval"] = eval_info.num_examples
 
@@ -349,8 +365,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
         path = export.export_backbone(
             student,
             os.path.join(cfg.workdir, EXPORT_DIR),
-            metadata={"backbone": cfg.model.student, "method": cfg.method,
-                      "image_size": size},
+            metadata={"backbone": cfg.model.student, "method": cfg.method, "image_size": size},
         )
         results["export"] = path
     _write_json(os.path.join(cfg.workdir, RESULTS), results)
@@ -380,13 +395,11 @@ def _write_json(path, obj):
 
 
 def _print_summary(results):
-    print(f"\n== {results['method']} | student {results['student']} | "
-          f"{results['steps']} steps ==")
+    print(f"\n== {results['method']} | student {results['student']} | {results['steps']} steps ==")
     for name, metrics in results.get("knn", {}).items():
         if name == "protocol":
             continue
-        shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                          if isinstance(v, float))
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"k-NN {name:>24}: {shown}")
     if "export" in results:
         print(f"exported student backbone: {results['export']}")

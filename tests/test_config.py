@@ -29,8 +29,14 @@ def test_flagfile_includes_common_and_command_line_overrides(tmp_path):
 
 
 def test_config_round_trips_through_json(tmp_path):
-    fv = _fresh([f"--workdir={tmp_path}/run", "--teacher=recipe:supervised", "--knn_k=1,5",
-                 "--head_hidden_dims=8,8,8"])
+    fv = _fresh(
+        [
+            f"--workdir={tmp_path}/run",
+            "--teacher=recipe:supervised",
+            "--knn_k=1,5",
+            "--head_hidden_dims=8,8,8",
+        ]
+    )
     cfg = config_lib.config_from_flags(fv)
     path = tmp_path / "config.json"
     cfg.save(path)

@@ -22,9 +22,13 @@ def _layer_summary(model):
         (
             "mlp4",
             [
-                ("Dense", 8), ("BatchNormalization", None), ("ReLU", None),
+                ("Dense", 8),
+                ("BatchNormalization", None),
+                ("ReLU", None),
                 ("Dense", 4),
-                ("Dense", 8), ("BatchNormalization", None), ("ReLU", None),
+                ("Dense", 8),
+                ("BatchNormalization", None),
+                ("ReLU", None),
                 ("Dense", 6),
             ],
         ),

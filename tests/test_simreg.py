@@ -15,10 +15,13 @@ def _method(variant="simreg", teachers=None, head="mlp2", seed=0, weight_decay=0
     keras.utils.set_random_seed(seed)
     teachers = teachers or [tiny_teacher("a", dim=5, seed=1), tiny_teacher("b", dim=7, seed=2)]
     student = tiny_student()
-    head_list = [heads.prediction_head(6, t.feature_dim, head, sync_bn=True, name=f"head_{t.name}")
-                 for t in teachers]
-    model = SimReg(student, teachers, head_list, variant=variant, weight_decay=weight_decay,
-                   sync_bn=True)
+    head_list = [
+        heads.prediction_head(6, t.feature_dim, head, sync_bn=True, name=f"head_{t.name}")
+        for t in teachers
+    ]
+    model = SimReg(
+        student, teachers, head_list, variant=variant, weight_decay=weight_decay, sync_bn=True
+    )
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9))
     model.build((None, 8, 8, 3))
     return model
@@ -117,8 +120,10 @@ def test_head_teacher_dimension_mismatch_is_reported():
 def test_two_replicas_match_one_device_on_the_same_global_batch():
     images = image_batch(16, seed=5)
     results = []
-    for strategy in (tf.distribute.get_strategy(),
-                     tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
+    for strategy in (
+        tf.distribute.get_strategy(),
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+    ):
         with strategy.scope():
             model = _method(seed=3, weight_decay=1e-3)
         hist = model.fit(dataset(images, 16), epochs=2, verbose=0).history["loss"]

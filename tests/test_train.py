@@ -136,31 +136,52 @@ def _cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
         [sys.executable, "-m", "kd_keras.train", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     missing = _cli(f"--workdir={tmp_path}/a", "--teacher=/no/such/teacher.keras")
     assert missing.returncode == 2
-    assert "kd_keras.train: error: --teacher: /no/such/teacher.keras does not exist" in missing.stderr
+    assert (
+        "kd_keras.train: error: --teacher: /no/such/teacher.keras does not exist" in missing.stderr
+    )
     assert "Traceback" not in missing.stderr
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
-    bad_data = _cli(f"--workdir={tmp_path}/b", "--teacher=recipe:supervised",
-                    f"--dataset={empty}", "--image_size=8")
+    bad_data = _cli(
+        f"--workdir={tmp_path}/b",
+        "--teacher=recipe:supervised",
+        f"--dataset={empty}",
+        "--image_size=8",
+    )
     assert bad_data.returncode == 2 and "Traceback" not in bad_data.stderr
     assert str(empty) in bad_data.stderr
-    bad_student = _cli(f"--workdir={tmp_path}/c", "--method=supervised", "--student=resnet9",
-                       "--image_size=8", "--epochs=1")
+    bad_student = _cli(
+        f"--workdir={tmp_path}/c",
+        "--method=supervised",
+        "--student=resnet9",
+        "--image_size=8",
+        "--epochs=1",
+    )
     assert bad_student.returncode == 2 and "resnet9" in bad_student.stderr
 
 
 def test_mirrored_run_over_two_cpus_matches_one_device(tmp_path, teacher_file):
     outs = []
     for strategy in ("default", "mirrored"):
-        cfg = _cfg(tmp_path / strategy, teacher_file, strategy=strategy, evaluate=False,
-                   export=False, log_images=0)
+        cfg = _cfg(
+            tmp_path / strategy,
+            teacher_file,
+            strategy=strategy,
+            evaluate=False,
+            export=False,
+            log_images=0,
+        )
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=2))
         results, method = train.run_and_return_model(cfg)
         outs.append((results, [w.numpy() for w in method.student.weights]))

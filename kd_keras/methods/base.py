@@ -35,8 +35,9 @@ class Method(keras.Model):
         """
         total = tf.cast(loss, tf.float32)
         if self.weight_decay:
-            penalty = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
-                                for v in variables])
+            penalty = tf.add_n(
+                [tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables]
+            )
             total = total + 0.5 * self.weight_decay * penalty
         total = total / tf.cast(num_replicas(), tf.float32)
         return self.optimizer.scale_loss(total)

@@ -51,7 +51,9 @@ class SimReg(Method):
     def __init__(self, student, teachers, heads, variant="simreg", sync_bn=False, **kwargs):
         super().__init__(**kwargs)
         if variant not in VARIANTS:
-            raise ValueError(f"Unknown SimReg variant {variant!r} (--method); use one of {VARIANTS}.")
+            raise ValueError(
+                f"Unknown SimReg variant {variant!r} (--method); use one of {VARIANTS}."
+            )
         teachers = tuple(teachers)
         heads = list(heads)
         if not teachers:
@@ -60,7 +62,9 @@ class SimReg(Method):
             raise ValueError(f"Got {len(heads)} heads for {len(teachers)} teachers.")
         names = [t.name for t in teachers]
         if len(set(names)) != len(names):
-            raise ValueError(f"Teacher names must be unique, got {names}; set name=... in --teacher.")
+            raise ValueError(
+                f"Teacher names must be unique, got {names}; set name=... in --teacher."
+            )
         self.student = student
         self.heads = heads
         self._teachers = _Untracked(teachers)
@@ -91,8 +95,12 @@ class SimReg(Method):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, *self.teacher_loss_trackers, *self.mse_trackers,
-                *self.cos_trackers]
+        return [
+            self.loss_tracker,
+            *self.teacher_loss_trackers,
+            *self.mse_trackers,
+            *self.cos_trackers,
+        ]
 
     def call(self, images, training=False):
         """Head outputs for each teacher, list of [B, d_k]."""
