@@ -1,6 +1,7 @@
 """Prediction heads placed on the student backbone during distillation (dropped afterwards)."""
 
 import keras
+import tensorflow as tf
 
 HEAD_KINDS = ("linear", "mlp2", "mlp4")
 
@@ -75,3 +76,66 @@ def prediction_head(in_dim, out_dim, kind="mlp4", hidden_dims=None, sync_bn=Fals
 def feature_batch_norm(name, sync_bn=False):
     """BN without affine parameters, used by the Regress-BN baseline on both feature sets."""
     return _bn(name, sync_bn, affine=False)
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class GradientReversal(keras.layers.Layer):
+    """Gradient reversal layer (Ganin & Lempitsky): identity forward, gradient * alpha backward.
+
+    Forward: y = x. Backward: dL/dx = alpha * dL/dy. The layer multiplies by `alpha` exactly as
+    stored and does NOT negate it again: the sign lives in `alpha`. OSS's schedule
+    (`kd_keras.schedules.grl_alpha`) goes from 0 at the first step towards -1 at the last, so
+    the feature classifier behind this layer is trained normally while the network in front
+    of it receives the classifier's gradient reversed and scaled by |alpha|. alpha = 1 is a
+    plain identity, alpha = 0 blocks the gradient.
+
+    `alpha` is a non-trainable float32 scalar variable of the layer (in
+    `non_trainable_weights`), so a callback or `train_step` can change it every step without
+    retracing and its current value is saved and restored with the weights. Under a
+    tf.distribute strategy it may be set in cross-replica context (a callback) or in replica
+    context (every replica computes the same value; the first replica's is kept).
+
+    Args:
+      alpha: initial multiplier (float).
+    Input/output: any float tensor [...], returned unchanged.
+    """
+
+    def __init__(self, alpha=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_alpha = float(alpha)
+        # autocast=False keeps alpha float32 under mixed precision; it is cast to the
+        # gradient's dtype only when used.
+        self.alpha = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_alpha),
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            aggregation="only_first_replica",
+            name="alpha",
+        )
+
+    def set_alpha(self, value):
+        """Sets the gradient multiplier (Python number or scalar tensor, e.g. grl_alpha(...))."""
+        self.alpha.assign(tf.cast(value, tf.float32))
+
+    def call(self, inputs):
+        return _scale_gradient(inputs, tf.convert_to_tensor(self.alpha))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        # The current alpha travels with the weights; the config keeps the initial value.
+        config = super().get_config()
+        config["alpha"] = self.initial_alpha
+        return config
+
+
+@tf.custom_gradient
+def _scale_gradient(x, alpha):
+    def grad(upstream):
+        # alpha is a schedule-driven constant: it gets a zero gradient, never an update.
+        return upstream * tf.cast(alpha, upstream.dtype), tf.zeros_like(alpha)
+
+    return tf.identity(x), grad

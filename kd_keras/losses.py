@@ -5,6 +5,8 @@ All losses return the mean over the local (per-replica) batch. Under a multi-rep
 because Keras 3's optimizer sums the replicas' gradients (see `methods/base.py`).
 """
 
+import numbers
+
 import tensorflow as tf
 
 
@@ -71,3 +73,77 @@ def _check_same_shape(prediction, target):
             f"prediction has feature dimension {p_dim} but the teacher target has {t_dim}; "
             "the prediction head's output size must equal the teacher's feature dimension."
         )
+
+
+def sinkhorn(scores, epsilon=0.05, num_iters=3):
+    """SwAV's Sinkhorn-Knopp codes (equal-partition soft assignments) for a batch of scores.
+
+    Follows SwAV's `distributed_sinkhorn`: with Q = exp(scores / epsilon)^T ([K, N]), normalise
+    the total mass to 1, then `num_iters` times make every prototype's mass over the samples
+    1/K and every sample's mass over the prototypes 1/N, and finally multiply by N so that each
+    sample's code sums to 1. After the last iteration each code row sums to exactly 1, while the
+    per-prototype sums over the batch are only approximately N/K (the last step is a sample
+    normalisation, which disturbs the prototype marginal again).
+
+    The iteration runs in the log domain. Every normalisation divides by a sum, so the global
+    total (and SwAV's subtraction of the global max before `exp`) only rescales Q by a constant
+    that the next normalisation removes; working with logarithms and `logsumexp` gives the same
+    codes without forming exp(scores / epsilon), so no row or column can underflow to zero,
+    even with epsilon = 0.01 and scores far outside [-1, 1] (SwAV's exp-domain version returns
+    NaN there).
+
+    Distribution: called in a replica context of a strategy with `num_replicas_in_sync` > 1
+    (e.g. inside `strategy.run` or a Keras `train_step` under MirroredStrategy /
+    MultiWorkerMirroredStrategy), each replica passes its own rows and the per-prototype sums
+    run over the GLOBAL batch: each replica's per-prototype log-sums are exchanged with one
+    `ReplicaContext.all_reduce(SUM)` of a [replicas, K] tensor (one row per replica) and
+    combined with a logsumexp, i.e. the cross-replica sum of the masses done without
+    underflow (TF's all-reduce offers only SUM/MEAN, no MAX for a shared shift). The
+    per-sample normalisation is local. A replica's output therefore equals its rows of a
+    single-device call on the replicas' inputs concatenated in replica order. Because the
+    constant factors N and 1/K cancel in the log domain, local batches may even differ in
+    size (SwAV assumes equal ones). In a cross-replica context or without a strategy the
+    input is treated as the whole batch.
+
+    Args:
+      scores: float [N, K] similarities between l2-normalised embeddings and prototypes (the
+        rows may include queued embeddings); any float dtype, computed in float32.
+      epsilon: entropic regularisation (> 0); SwAV/OSS use 0.05.
+      num_iters: Sinkhorn iterations (>= 1); SwAV/OSS use 3.
+    Returns:
+      float32 [N, K] codes, rows summing to 1, wrapped in `tf.stop_gradient`.
+    """
+    if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or epsilon <= 0:
+        raise ValueError(f"epsilon must be a positive number, got {epsilon!r}.")
+    if not isinstance(num_iters, numbers.Integral) or isinstance(num_iters, bool) or num_iters < 1:
+        raise ValueError(f"num_iters must be an integer >= 1, got {num_iters!r}.")
+    scores = tf.convert_to_tensor(scores)
+    if not scores.dtype.is_floating:
+        raise ValueError(f"scores must be a float tensor, got dtype {scores.dtype.name}.")
+    if scores.shape.rank is not None and scores.shape.rank != 2:
+        raise ValueError(f"scores must have shape [N, K], got shape {scores.shape}.")
+
+    # The codes are targets: no gradient may flow back into the scores.
+    log_q = tf.stop_gradient(tf.cast(scores, tf.float32)) / float(epsilon)
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context is not None else 1
+
+    def prototype_log_mass(x):
+        # [1, K]: log of each prototype's mass summed over the global batch.
+        local = tf.reduce_logsumexp(x, axis=0, keepdims=True)
+        if replicas == 1:
+            return local
+        # Gather the replicas' log-masses into [replicas, K] with a SUM all-reduce: each
+        # replica fills only its own row, so the sum adds exact zeros. Summing the masses
+        # themselves could underflow; the logsumexp over the gathered rows cannot.
+        row = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=tf.float32)
+        gathered = context.all_reduce(tf.distribute.ReduceOp.SUM, row[:, None] * local)
+        return tf.reduce_logsumexp(gathered, axis=0, keepdims=True)
+
+    for _ in range(int(num_iters)):
+        # Prototype masses equal (SwAV's "/ sum_of_rows / K"; the constant 1/K cancels).
+        log_q = log_q - prototype_log_mass(log_q)
+        # Sample masses equal (SwAV's "/ sum over prototypes / N"; the constant cancels).
+        log_q = log_q - tf.reduce_logsumexp(log_q, axis=1, keepdims=True)
+    # Rows are now log-normalised: exp gives codes that sum to 1 (SwAV's final "* N").
+    return tf.stop_gradient(tf.exp(log_q))

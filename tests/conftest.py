@@ -14,3 +14,18 @@ try:
     )
 except RuntimeError:
     pass  # already initialised (e.g. a plugin imported TF devices first)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_collective_keys():
+    """Gives each test's MirroredStrategy its own collective-op keys.
+
+    Strategies created in one process reuse the same collective instance keys, and a later one
+    can then fail with "Shape mismatch in the collective instance ..." depending on test order.
+    TensorFlow's own tests bump the key base the same way.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    yield

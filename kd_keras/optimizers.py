@@ -1,0 +1,154 @@
+"""LARS as SwAV (and OSS) use it: apex's LARC(clip=False) around torch SGD, for Keras 3."""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class LARS(keras.optimizers.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (SwAV's `LARC(SGD, clip=False)`).
+
+    For every variable w with gradient g (w, g of the same shape; norms are l2 norms of the
+    whole tensor), wd = weight_decay, tc = trust_coefficient:
+
+      if ||w|| > 0 and ||g|| > 0:
+          ratio = tc * ||w|| / (||g|| + wd * ||w|| + eps)
+          d = (g + wd * w) * ratio
+      else:
+          d = g                       # apex leaves the gradient alone: no decay, ratio 1
+      v = momentum * v + d            # torch SGD momentum (dampening 0, not Nesterov)
+      w = w - learning_rate * v
+
+    This is exactly apex's LARC.step with clip=False followed by torch.optim.SGD with the
+    weight decay moved into LARC: note the denominator uses the norm of the RAW gradient plus
+    wd * ||w|| (not ||g + wd * w||), and there is no clipping of the ratio. SwAV adapts every
+    parameter, biases and BatchNorm included; `exclude_from_adaptation` optionally treats some
+    variables as plain momentum SGD (ratio 1 and no weight decay: d = g).
+
+    Keras' own decoupled `weight_decay` is not used (the weight decay is the coupled one
+    above); gradient clipping, EMA, loss scaling and accumulation keyword arguments are
+    passed to `keras.optimizers.Optimizer`.
+
+    Args:
+      learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`
+        (e.g. `kd_keras.schedules.WarmupCosine`).
+      momentum: in [0, 1); 0 keeps no momentum slots.
+      weight_decay: coupled L2 coefficient wd (>= 0); SwAV/OSS use 1e-6.
+      trust_coefficient: tc (> 0); SwAV uses 0.001.
+      eps: added to the ratio's denominator (>= 0).
+      exclude_from_adaptation: None (adapt everything, SwAV), a list of substrings matched
+        against each variable's path (e.g. ["bias", "batch_normalization", "bn"]; falls back
+        to the name), or a callable variable -> bool (True = excluded). Decided once per
+        variable in `build`.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.9,
+        weight_decay=1e-6,
+        trust_coefficient=0.001,
+        eps=1e-8,
+        exclude_from_adaptation=None,
+        name="lars",
+        **kwargs,
+    ):
+        # Keras' weight_decay is decoupled (AdamW-style) and must stay off.
+        super().__init__(learning_rate=learning_rate, name=name, weight_decay=None, **kwargs)
+        for arg, value, ok in (
+            ("momentum", momentum, 0.0 <= _float(momentum) < 1.0),
+            ("weight_decay", weight_decay, _float(weight_decay) >= 0.0),
+            ("trust_coefficient", trust_coefficient, _float(trust_coefficient) > 0.0),
+            ("eps", eps, _float(eps) >= 0.0),
+        ):
+            if not ok:
+                raise ValueError(f"LARS: invalid {arg}={value!r}.")
+        if isinstance(exclude_from_adaptation, dict):
+            exclude_from_adaptation = keras.saving.deserialize_keras_object(exclude_from_adaptation)
+        if isinstance(exclude_from_adaptation, str):
+            exclude_from_adaptation = [exclude_from_adaptation]
+        if not (
+            exclude_from_adaptation is None
+            or callable(exclude_from_adaptation)
+            or (
+                isinstance(exclude_from_adaptation, list | tuple)
+                and all(isinstance(s, str) for s in exclude_from_adaptation)
+            )
+        ):
+            raise ValueError(
+                "exclude_from_adaptation must be None, a list of name substrings or a "
+                f"callable, got {exclude_from_adaptation!r}."
+            )
+        self.momentum = float(momentum)
+        self.lars_weight_decay = float(weight_decay)
+        self.trust_coefficient = float(trust_coefficient)
+        self.eps = float(eps)
+        if isinstance(exclude_from_adaptation, tuple):
+            exclude_from_adaptation = list(exclude_from_adaptation)
+        self.exclude_from_adaptation = exclude_from_adaptation
+
+    def is_excluded(self, variable):
+        """True when `variable` gets plain momentum SGD (ratio 1, no weight decay)."""
+        rule = self.exclude_from_adaptation
+        if rule is None:
+            return False
+        if callable(rule):
+            return bool(rule(variable))
+        where = getattr(variable, "path", None) or variable.name
+        return any(s in where for s in rule)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        # Python bools indexed like the variables: the choice is static, so the traced update
+        # contains only the branch each variable needs.
+        self._adapt = [not self.is_excluded(v) for v in variables]
+        self.momentums = []
+        if self.momentum != 0.0:
+            self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One LARC(clip=False) + SGD-momentum step for `variable` (formula in the class doc)."""
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        # IndexedSlices (embedding lookups) become dense: the trust ratio needs the full norm.
+        g = tf.cast(tf.convert_to_tensor(gradient), dtype)
+        index = self._get_variable_index(variable)
+        if self._adapt[index]:
+            w = tf.convert_to_tensor(variable)
+            wd = tf.cast(self.lars_weight_decay, dtype)
+            w_norm = tf.norm(w)
+            g_norm = tf.norm(g)
+            ratio = self.trust_coefficient * w_norm / (g_norm + wd * w_norm + self.eps)
+            adapt = tf.logical_and(w_norm > 0.0, g_norm > 0.0)
+            g = tf.where(adapt, (g + wd * w) * ratio, g)
+        if self.momentum != 0.0:
+            buffer = self.momentums[index]
+            g = self.momentum * tf.convert_to_tensor(buffer) + g
+            self.assign(buffer, g)
+        self.assign_sub(variable, lr * g)
+
+    def get_config(self):
+        config = super().get_config()
+        rule = self.exclude_from_adaptation
+        if callable(rule):
+            # Round-trips for functions registered with keras.saving.register_keras_serializable.
+            rule = keras.saving.serialize_keras_object(rule)
+        config.update(
+            {
+                "momentum": self.momentum,
+                "weight_decay": self.lars_weight_decay,
+                "trust_coefficient": self.trust_coefficient,
+                "eps": self.eps,
+                "exclude_from_adaptation": rule,
+            }
+        )
+        return config
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")  # NaN fails every range check

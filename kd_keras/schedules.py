@@ -1,0 +1,122 @@
+"""Step-dependent schedules of OSS/SwAV training: the gradient-reversal alpha and the learning rate."""
+
+import math
+import numbers
+
+import keras
+import tensorflow as tf
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def grl_alpha(step, total_steps):
+    """OSS's gradient-reversal multiplier: alpha = -2 / (1 + exp(-10 n / N)) + 1.
+
+    n = `step`, N = `total_steps`. alpha is 0 at n = 0, -2/(1+e^-5)+1 ~ -0.9866 at n = N/2,
+    -2/(1+e^-10)+1 ~ -0.9999 at n = N and tends to -1 beyond (no clipping). It is passed as
+    is to `kd_keras.heads.GradientReversal`, which multiplies the gradient by it (the minus
+    sign is here, not in the layer). Evaluated as the identical -tanh(5 n / N), which cannot
+    overflow.
+
+    Args:
+      step: current step n (>= 0): Python number or scalar tensor.
+      total_steps: N (> 0): Python number or scalar tensor.
+    Returns:
+      Python float when both arguments are Python numbers, otherwise a float32 scalar tensor.
+    """
+    if _is_number(total_steps) and total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps!r}.")
+    if _is_number(step) and step < 0:
+        raise ValueError(f"step must be >= 0, got {step!r}.")
+    if _is_number(step) and _is_number(total_steps):
+        return -math.tanh(5.0 * step / total_steps)
+    n = tf.cast(step, tf.float32)
+    big_n = tf.cast(total_steps, tf.float32)
+    return -tf.tanh(5.0 * n / big_n)
+
+
+def warmup_cosine(step, total_steps, peak_lr, final_lr=0.0, warmup_steps=0, warmup_start_lr=0.0):
+    """Linear warm-up then cosine decay (SwAV's schedule; OSS: peak 0.6, final 0.0006).
+
+    With w = warmup_steps, T = total_steps and n clipped to [0, T]:
+      n < w:  warmup_start_lr + (peak_lr - warmup_start_lr) * n / w
+      n >= w: final_lr + 0.5 * (peak_lr - final_lr) * (1 + cos(pi * (n - w) / (T - w)))
+    so the rate is peak_lr at n = w and final_lr at n = T (and after).
+    (SwAV's np.linspace warm-up reaches the peak one step earlier; the difference is one step.)
+
+    Args:
+      step: scalar step (Python number or tensor).
+      total_steps, warmup_steps: Python ints, 0 <= warmup_steps < total_steps.
+      peak_lr, final_lr, warmup_start_lr: Python floats.
+    Returns:
+      float32 scalar tensor.
+    """
+    _check_warmup_cosine(total_steps, peak_lr, final_lr, warmup_steps, warmup_start_lr)
+    n = tf.clip_by_value(tf.cast(step, tf.float32), 0.0, float(total_steps))
+    warm = float(warmup_steps)
+    cosine_len = float(total_steps - warmup_steps)
+    progress = (n - warm) / cosine_len
+    cosine = final_lr + 0.5 * (peak_lr - final_lr) * (1.0 + tf.cos(math.pi * progress))
+    if warmup_steps == 0:
+        return cosine
+    linear = warmup_start_lr + (peak_lr - warmup_start_lr) * n / warm
+    return tf.where(n < warm, linear, cosine)
+
+
+def _check_warmup_cosine(total_steps, peak_lr, final_lr, warmup_steps, warmup_start_lr):
+    if not isinstance(total_steps, numbers.Integral) or total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+    if not isinstance(warmup_steps, numbers.Integral) or not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"warmup_steps must be an integer in [0, total_steps={total_steps}), "
+            f"got {warmup_steps!r}."
+        )
+    for name, value in (
+        ("peak_lr", peak_lr),
+        ("final_lr", final_lr),
+        ("warmup_start_lr", warmup_start_lr),
+    ):
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """`warmup_cosine` as a Keras learning-rate schedule (called with the optimizer's step).
+
+    Args:
+      peak_lr: rate at the end of the warm-up (SwAV/OSS: 0.6 at batch 256).
+      total_steps: steps of the whole run (the rate is final_lr from there on).
+      final_lr: rate at total_steps (SwAV/OSS: 0.0006).
+      warmup_steps: linear warm-up steps (0: start at peak_lr).
+      warmup_start_lr: rate at step 0 when warming up.
+    """
+
+    def __init__(self, peak_lr, total_steps, final_lr=0.0, warmup_steps=0, warmup_start_lr=0.0):
+        _check_warmup_cosine(total_steps, peak_lr, final_lr, warmup_steps, warmup_start_lr)
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.final_lr = float(final_lr)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_start_lr = float(warmup_start_lr)
+
+    def __call__(self, step):
+        return warmup_cosine(
+            step,
+            self.total_steps,
+            self.peak_lr,
+            self.final_lr,
+            self.warmup_steps,
+            self.warmup_start_lr,
+        )
+
+    def get_config(self):
+        return {
+            "peak_lr": self.peak_lr,
+            "total_steps": self.total_steps,
+            "final_lr": self.final_lr,
+            "warmup_steps": self.warmup_steps,
+            "warmup_start_lr": self.warmup_start_lr,
+        }
