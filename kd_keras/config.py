@@ -118,7 +118,8 @@ def define_flags():
     flags.DEFINE_integer(
         "knn_max_train",
         None,
-        "Use at most this many training examples as the k-NN memory (default: all).",
+        "Use at most this many training examples (every n-th, so all classes stay) as the "
+        "k-NN memory (default: all).",
     )
 
 

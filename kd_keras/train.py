@@ -330,16 +330,21 @@ def run_and_return_model(cfg, extra_callbacks=()):
 
     # k-NN evaluation: backbone features, cosine, majority vote (SimReg protocol).
     if cfg.evaluate and eval_info is not None and train_info.has_labels and eval_info.has_labels:
-        train_eval = data.make_eval_dataset(
-            train_examples, eval_transform, cfg.eval.eval_batch_size
-        )
+        memory = train_examples
+        cap = cfg.eval.knn_max_train
+        if cap and cap < train_info.num_examples:
+            # Files are ordered by class: take every stride-th example, not the first `cap`,
+            # so that the k-NN memory covers every class.
+            stride = -(-train_info.num_examples // cap)
+            memory = train_examples.filter(lambda ex: ex["index"] % stride == 0)
+        train_eval = data.make_eval_dataset(memory, eval_transform, cfg.eval.eval_batch_size)
         test_eval = data.make_eval_dataset(eval_examples, eval_transform, cfg.eval.eval_batch_size)
         ks = tuple(
             k for k in cfg.eval.knn_k if k <= (cfg.eval.knn_max_train or train_info.num_examples)
         )
 
         def knn_of(embed):
-            xtr, ytr = features.extract_features(embed, train_eval, cfg.eval.knn_max_train)
+            xtr, ytr = features.extract_features(embed, train_eval)
             xte, yte = features.extract_features(embed, test_eval)
             return knn.knn_accuracy(xtr, ytr, xte, yte, ks=ks, vote="majority")
 
