@@ -122,7 +122,7 @@ def parse_teacher_spec(spec, index=0):
 
     if location.startswith("recipe:"):
         recipe = location.split(":", 1)[1]
-        name = options.get("name", f"recipe_{recipe}")
+        name = _safe_name(options.get("name", f"recipe_{recipe}"))
         return TeacherSpec("recipe", "", name, norm or "unit", recipe=recipe, **common)
     if location.startswith("app:"):
         app, sep, weights = location[4:].partition("=")
@@ -140,7 +140,7 @@ def parse_teacher_spec(spec, index=0):
             raise ValueError(
                 f"--teacher={spec!r}: no known preprocessing for {app}; give norm=... explicitly."
             )
-        name = options.get("name", app.lower())
+        name = _safe_name(options.get("name", app.lower()))
         return TeacherSpec("app", weights, name, norm or "native", app=app, **common)
 
     path = os.path.abspath(os.path.expanduser(location))
