@@ -35,3 +35,16 @@ def image_batch(n=8, size=8, seed=0):
 def dataset(images, batch_size):
     ds = tf.data.Dataset.from_tensor_slices({"student": images})
     return ds.batch(batch_size, drop_remainder=True)
+
+
+def two_cpu_strategy():
+    """A MirroredStrategy over the 2 logical CPUs with collective keys no other strategy uses.
+
+    Every new MirroredStrategy starts its collective keys from the same class base, so two
+    strategies in one process can hit each other's cached collective instances ("Shape
+    mismatch in the collective instance 100"); TF's own tests bump the base the same way.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    return strategy

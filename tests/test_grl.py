@@ -4,20 +4,7 @@ import pytest
 import tensorflow as tf
 
 from kd_keras.heads import GradientReversal
-
-
-def _two_cpu_strategy():
-    """A MirroredStrategy over the 2 logical CPUs with collective keys no other strategy uses.
-
-    Every new MirroredStrategy starts its collective group/instance keys from the same class
-    base, so two strategies in one process can hit each other's cached collective instances
-    ("Shape mismatch in the collective instance 100"); TF's own tests bump the base the same
-    way. Bumped again afterwards so that a later strategy elsewhere does not reuse ours.
-    """
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    return strategy
+from tests.helpers import two_cpu_strategy
 
 
 def _x(shape=(3, 4), seed=0):
@@ -117,7 +104,7 @@ def test_mixed_precision_gradient_keeps_input_dtype():
 
 
 def test_set_alpha_under_mirrored_strategy():
-    strategy = _two_cpu_strategy()
+    strategy = two_cpu_strategy()
     with strategy.scope():
         layer = GradientReversal(alpha=0.0)
     layer.set_alpha(-0.4)  # cross-replica context, as a callback does

@@ -5,21 +5,7 @@ import tensorflow as tf
 
 from kd_keras.optimizers import LARS
 from kd_keras.schedules import WarmupCosine
-
-
-def _two_cpu_strategy():
-    """A MirroredStrategy over the 2 logical CPUs with collective keys no other strategy uses.
-
-    Every new MirroredStrategy starts its collective group/instance keys from the same class
-    base, so two strategies in one process can hit each other's cached collective instances
-    ("Shape mismatch in the collective instance 100"); TF's own tests bump the base the same
-    way. Bumped again afterwards so that a later strategy elsewhere does not reuse ours.
-    """
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    return strategy
-
+from tests.helpers import two_cpu_strategy
 
 HP = dict(momentum=0.9, weight_decay=0.05, trust_coefficient=0.02, eps=1e-8)
 
@@ -148,7 +134,7 @@ def test_lars_under_mirrored_strategy_equals_one_device():
     results = []
     for strategy in (
         tf.distribute.get_strategy(),
-        _two_cpu_strategy(),
+        two_cpu_strategy(),
     ):
         with strategy.scope():
             keras.utils.set_random_seed(5)

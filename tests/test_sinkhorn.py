@@ -3,20 +3,7 @@ import pytest
 import tensorflow as tf
 
 from kd_keras import losses
-
-
-def _two_cpu_strategy():
-    """A MirroredStrategy over the 2 logical CPUs with collective keys no other strategy uses.
-
-    Every new MirroredStrategy starts its collective group/instance keys from the same class
-    base, so two strategies in one process can hit each other's cached collective instances
-    ("Shape mismatch in the collective instance 100"); TF's own tests bump the base the same
-    way. Bumped again afterwards so that a later strategy elsewhere does not reuse ours.
-    """
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    return strategy
+from tests.helpers import two_cpu_strategy
 
 
 def _np_sinkhorn(scores, epsilon, num_iters):
@@ -113,7 +100,7 @@ def test_sinkhorn_no_gradient_and_bad_arguments():
 @pytest.mark.parametrize("use_tf_function,split", [(True, 6), (False, 6), (True, 5)])
 def test_sinkhorn_two_replicas_equal_one_device(use_tf_function, split):
     s = _scores(n=12, k=5, seed=8, scale=3.0)  # scale: replicas see different maxima
-    strategy = _two_cpu_strategy()
+    strategy = two_cpu_strategy()
     # Replica 0 gets rows [0, split), replica 1 rows [split, 12) (unequal when split != 6).
     parts = strategy.experimental_distribute_values_from_function(
         lambda ctx: s[:split] if ctx.replica_id_in_sync_group == 0 else s[split:]
