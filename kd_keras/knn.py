@@ -82,8 +82,8 @@ def search_neighbors(train_features, test_features, k, chunk_size=4096, num_thre
       (similarities, indices): float32 [M, k] cosine similarities sorted in decreasing order
       (equal values by increasing index) and int64 [M, k] row indices into `train_features`.
     """
-    train = _check_features(train_features, "train_features")
-    test = _check_features(test_features, "test_features")
+    train = check_features(train_features, "train_features")
+    test = check_features(test_features, "test_features")
     if test.shape[1] != train.shape[1]:
         raise ValueError(
             f"test_features has dimension {test.shape[1]} but train_features has dimension "
@@ -336,8 +336,8 @@ def _ranked_classes(scores, first_rank):
 
 def _check_dataset(train_features, train_labels, test_features, num_classes, test_labels=None):
     """Validates the inputs; returns (train, int64 labels, test, num_classes)."""
-    train = _check_features(train_features, "train_features")
-    test = _check_features(test_features, "test_features")
+    train = check_features(train_features, "train_features")
+    test = check_features(test_features, "test_features")
     if test.shape[1] != train.shape[1]:
         raise ValueError(
             f"test_features has dimension {test.shape[1]} but train_features has dimension "
@@ -362,7 +362,9 @@ def _check_dataset(train_features, train_labels, test_features, num_classes, tes
     return train, named_labels[0][1].astype(np.int64, copy=False), test, num_classes
 
 
-def _check_features(x, name):
+def check_features(x, name):
+    """Validates a feature matrix [rows, dims] (2-D, non-empty, real, finite); returns it as an
+    array. Raises ValueError naming `name`."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [rows, dims], got shape {x.shape}")

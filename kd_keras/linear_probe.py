@@ -40,6 +40,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_keras.knn import check_features
+
 PATH_CACHED_FEATURES = "cached_features"
 
 
@@ -147,7 +149,7 @@ class FeatureStandardization(keras.layers.Layer):
         Args:
           features: finite real array [N, D], N >= 1 (the training set's features).
         """
-        x = _check_features(features, "features")
+        x = check_features(features, "features")
         if self.built:
             if self.mean.shape[0] != x.shape[1]:
                 raise ValueError(
@@ -326,7 +328,7 @@ def build_linear_probe(
     if standardize:
         if train_features is None:
             raise ValueError("train_features is required when standardize=True")
-        train = _check_features(train_features, "train_features")
+        train = check_features(train_features, "train_features")
         if train.shape[1] != feature_dim:
             raise ValueError(
                 f"train_features has {train.shape[1]} dims but feature_dim={feature_dim}"
@@ -411,8 +413,8 @@ def train_linear_probe(
       (mean loss of the last epoch, regularisation included).
     """
     preset = _get_preset(preset)
-    train = _check_features(train_features, "train_features")
-    test = _check_features(test_features, "test_features")
+    train = check_features(train_features, "train_features")
+    test = check_features(test_features, "test_features")
     if test.shape[1] != train.shape[1]:
         raise ValueError(f"test_features has {test.shape[1]} dims, train_features {train.shape[1]}")
     y_train = _check_labels(train_labels, "train_labels", train.shape[0], "train_features")
@@ -471,7 +473,7 @@ def fit_linear_probe(
                  "steps_per_epoch": int}).
     """
     preset = _get_preset(preset)
-    train = _check_features(train_features, "train_features")
+    train = check_features(train_features, "train_features")
     y_train = _check_labels(train_labels, "train_labels", train.shape[0], "train_features")
     if np.unique(y_train).size < 2:
         raise ValueError("train_labels must contain at least 2 distinct classes")
@@ -565,19 +567,6 @@ def _get_preset(preset):
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     return PRESETS[preset]
-
-
-def _check_features(x, name):
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [rows, dims], got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape})")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
 
 
 def _check_labels(labels, name, rows, features_name):
