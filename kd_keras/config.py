@@ -121,6 +121,18 @@ def define_flags():
         "Use at most this many training examples (every n-th, so all classes stay) as the "
         "k-NN memory (default: all).",
     )
+    flags.DEFINE_integer(
+        "knn_monitor_every",
+        0,
+        "During training, log k-NN accuracy of the student to TensorBoard every N epochs "
+        "(0 = off); the curve is also kept in <workdir>/knn_monitor.json.",
+    )
+    flags.DEFINE_integer(
+        "knn_monitor_max_train", 2000, "Training examples (every n-th) in the monitor's memory."
+    )
+    flags.DEFINE_integer(
+        "knn_monitor_max_test", 1000, "Evaluation examples (every n-th) the monitor classifies."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +187,9 @@ class EvalConfig:
     knn_k: tuple[int, ...] = (1, 20)
     eval_batch_size: int = 256
     knn_max_train: int | None = None
+    knn_monitor_every: int = 0
+    knn_monitor_max_train: int = 2000
+    knn_monitor_max_test: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +258,10 @@ def config_from_flags(flag_values=FLAGS):
         _positive(name, fv[name].value)
     for name in ("steps_per_epoch", "knn_max_train"):
         _positive(name, fv[name].value, allow_none=True)
+    if fv.knn_monitor_every < 0:
+        raise ValueError(f"--knn_monitor_every must be >= 0, got {fv.knn_monitor_every}.")
+    for name in ("knn_monitor_max_train", "knn_monitor_max_test"):
+        _positive(name, fv[name].value)
     if fv.lr <= 0:
         raise ValueError(f"--lr must be positive, got {fv.lr}.")
     if not 0.0 < fv.crop_scale_min <= 1.0:
@@ -317,7 +336,12 @@ def config_from_flags(flag_values=FLAGS):
             weight_decay=fv.weight_decay,
         ),
         eval=EvalConfig(
-            knn_k=knn_k, eval_batch_size=fv.eval_batch_size, knn_max_train=fv.knn_max_train
+            knn_k=knn_k,
+            eval_batch_size=fv.eval_batch_size,
+            knn_max_train=fv.knn_max_train,
+            knn_monitor_every=fv.knn_monitor_every,
+            knn_monitor_max_train=fv.knn_monitor_max_train,
+            knn_monitor_max_test=fv.knn_monitor_max_test,
         ),
     )
 
@@ -343,3 +367,168 @@ def config_from_json(path):
         else:
             kwargs[key] = value
     return Config(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation command line (python -m kd_keras.evaluate).
+
+EVAL_PROTOCOLS = ("knn", "linear", "finetune1", "finetune10", "mse_cos")
+KNN_VOTES = ("majority", "weighted")
+LINEAR_PRESETS = ("simreg", "swav")
+LINEAR_PATHS = ("cached", "augmented")
+
+
+def define_evaluate_flags():
+    """Defines the evaluation CLI's flags once, on top of `define_flags` (idempotent).
+
+    Flags that mean the same as in training (--dataset, --data_dir, --train_split,
+    --eval_split, --image_size, --knn_k, --eval_batch_size, --knn_max_train, --seed) are
+    reused, not redefined. For a run directory, --dataset, --data_dir, the splits and
+    --image_size default to the run's own values unless given on the command line.
+    """
+    if "protocols" in FLAGS:
+        return
+    define_flags()
+    flags.DEFINE_string(
+        "model",
+        None,
+        "What to evaluate: a kd_keras run directory (config.json; its export/ or, with "
+        "--from_checkpoint or when there is no export, its latest checkpoint), an export "
+        "directory (saved_model/ + backbone.keras), a SavedModel directory or a .keras file.",
+    )
+    flags.DEFINE_list(
+        "protocols", ["knn"], f"Comma-separated evaluation protocols from {EVAL_PROTOCOLS}."
+    )
+    flags.DEFINE_list("knn_votes", list(KNN_VOTES), f"k-NN voting rules from {KNN_VOTES}.")
+    flags.DEFINE_float("knn_temperature", 0.07, "Temperature of the weighted (DINO) k-NN vote.")
+    flags.DEFINE_string(
+        "eval_layer",
+        "backbone",
+        "Features to evaluate: 'backbone' (the pooled output), a backbone layer such as "
+        "'stem' or 'stage2' (spatially pooled to about the backbone's dimension), "
+        "'head_<teacher>' (a prediction head's output) or 'head_<teacher>/<layer>' (e.g. "
+        "head_t0/linear2).",
+    )
+    flags.DEFINE_enum("linear_preset", "simreg", LINEAR_PRESETS, "Linear-probe protocol.")
+    flags.DEFINE_enum(
+        "linear_path",
+        "cached",
+        LINEAR_PATHS,
+        "cached: train the probe on centre-crop features extracted once (fast); augmented: "
+        "random-resized-crop + flip images through the frozen network every epoch (faithful).",
+    )
+    flags.DEFINE_integer("linear_epochs", None, "Override the preset's linear-probe epochs.")
+    flags.DEFINE_integer("finetune_epochs", None, "Override the fine-tuning epochs (OSS: 20).")
+    flags.DEFINE_integer("finetune_batch_size", 256, "Fine-tuning batch size.")
+    flags.DEFINE_integer(
+        "eval_max_test", None, "Classify at most this many evaluation examples (every n-th)."
+    )
+    flags.DEFINE_string(
+        "eval_dir",
+        None,
+        "Where results.json, TensorBoard logs and plots go; default <run>/eval for a run "
+        "directory, otherwise <model>_eval next to the model.",
+    )
+    flags.DEFINE_bool(
+        "from_checkpoint", False, "For a run directory: use its latest checkpoint, not export/."
+    )
+    flags.DEFINE_integer(
+        "projector_examples", 256, "Labelled test examples for TensorBoard's projector (0 = off)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of one `python -m kd_keras.evaluate` invocation.
+
+    None for dataset / data_dir / train_split / eval_split / image_size means "the run's own
+    value" (run directories) or the training defaults (other models).
+    """
+
+    model: str
+    protocols: tuple[str, ...] = ("knn",)
+    dataset: str | None = None
+    data_dir: str | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+    image_size: int | None = None
+    knn_k: tuple[int, ...] = (1, 20)
+    knn_votes: tuple[str, ...] = KNN_VOTES
+    knn_temperature: float = 0.07
+    eval_layer: str = "backbone"
+    eval_batch_size: int = 256
+    knn_max_train: int | None = None
+    eval_max_test: int | None = None
+    linear_preset: str = "simreg"
+    linear_path: str = "cached"
+    linear_epochs: int | None = None
+    finetune_epochs: int | None = None
+    finetune_batch_size: int = 256
+    seed: int = 0
+    eval_dir: str | None = None
+    from_checkpoint: bool = False
+    projector_examples: int = 256
+
+
+def evaluate_config_from_flags(flag_values=FLAGS):
+    """Builds and validates an `EvaluateConfig` from parsed flags.
+
+    Raises:
+      ValueError: naming the flag, for missing or impossible values.
+    """
+    fv = flag_values
+    if not fv.model:
+        raise ValueError("--model is required: a run directory, export, SavedModel or .keras.")
+    protocols = tuple(p.strip() for p in fv.protocols if p.strip())
+    if not protocols:
+        raise ValueError(f"--protocols is empty; choose from {EVAL_PROTOCOLS}.")
+    unknown = [p for p in protocols if p not in EVAL_PROTOCOLS]
+    if unknown:
+        raise ValueError(f"--protocols: unknown {unknown}; choose from {EVAL_PROTOCOLS}.")
+    votes = tuple(v.strip() for v in fv.knn_votes if v.strip())
+    bad_votes = [v for v in votes if v not in KNN_VOTES]
+    if not votes or bad_votes:
+        raise ValueError(f"--knn_votes must be a list from {KNN_VOTES}, got {fv.knn_votes}.")
+    knn_k = _int_list("knn_k", fv.knn_k)
+    if not knn_k or any(k < 1 for k in knn_k):
+        raise ValueError(f"--knn_k values must be >= 1, got {knn_k}.")
+    if not fv.knn_temperature > 0:
+        raise ValueError(f"--knn_temperature must be positive, got {fv.knn_temperature}.")
+    for name in ("eval_batch_size", "finetune_batch_size"):
+        _positive(name, fv[name].value)
+    for name in ("knn_max_train", "eval_max_test", "linear_epochs", "finetune_epochs"):
+        _positive(name, fv[name].value, allow_none=True)
+    if fv.projector_examples < 0:
+        raise ValueError(f"--projector_examples must be >= 0, got {fv.projector_examples}.")
+
+    def given(name):
+        return fv[name].value if fv[name].present else None
+
+    image_size = given("image_size")
+    if image_size is not None:
+        _positive("image_size", image_size)
+    return EvaluateConfig(
+        model=os.path.abspath(os.path.expanduser(fv.model)),
+        protocols=protocols,
+        dataset=given("dataset"),
+        data_dir=given("data_dir"),
+        train_split=given("train_split"),
+        eval_split=given("eval_split"),
+        image_size=image_size,
+        knn_k=knn_k,
+        knn_votes=votes,
+        knn_temperature=fv.knn_temperature,
+        eval_layer=fv.eval_layer.strip(),
+        eval_batch_size=fv.eval_batch_size,
+        knn_max_train=fv.knn_max_train,
+        eval_max_test=fv.eval_max_test,
+        linear_preset=fv.linear_preset,
+        linear_path=fv.linear_path,
+        linear_epochs=fv.linear_epochs,
+        finetune_epochs=fv.finetune_epochs,
+        finetune_batch_size=fv.finetune_batch_size,
+        seed=fv.seed,
+        eval_dir=os.path.abspath(os.path.expanduser(fv.eval_dir)) if fv.eval_dir else None,
+        from_checkpoint=fv.from_checkpoint,
+        projector_examples=fv.projector_examples,
+    )
