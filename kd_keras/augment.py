@@ -622,3 +622,79 @@ def make_view_fn(kind, size, mode, scale=(0.2, 1.0)):
         return {"student": student, "teacher": view_op(image, seed_teacher, size, scale=scale)}
 
     return fn
+
+
+def swav_view(image, seed, size, scale, color_strength=1.0, blur_p=0.5):
+    """One SwAV multi-crop view: crop, flip, colour distortion, Gaussian blur.
+
+    SwAV's recipe (and OSS A.1, which uses it): RandomResizedCrop(size, scale), horizontal flip
+    (p 0.5), colour jitter with brightness/contrast/saturation 0.8 s and hue 0.2 s applied with
+    p 0.8, greyscale with p 0.2, then Gaussian blur with sigma in [0.1, 2] applied with p 0.5.
+
+    Args:
+        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
+        seed: integer ``[2]`` tensor.
+        size: output side (int).
+        scale: ``(lo, hi)`` area-fraction range of the crop.
+        color_strength: s above (1.0 in SwAV).
+        blur_p: probability of blurring.
+
+    Returns:
+        float32 ``[size, size, 3]`` in ``[0, 1]``.
+    """
+    seed_crop, seed_flip, seed_jitter, seed_grey, seed_blur = _split(_as_seed(seed), 5)
+    image = random_resized_crop(image, seed_crop, size, scale=scale)
+    image = random_flip(image, seed_flip)
+    s = float(color_strength)
+    image = color_jitter(image, seed_jitter, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
+    image = random_grayscale(image, seed_grey, p=0.2)
+    return gaussian_blur(image, seed_blur, sigma_range=(0.1, 2.0), p=blur_p)
+
+
+def make_multicrop_fn(
+    sizes=(224, 96), counts=(2, 6), scales=((0.14, 1.0), (0.05, 0.14)), color_strength=1.0
+):
+    """Builds ``fn(image, seed) -> {"large": [n0, S0, S0, 3], "small": [n1, S1, S1, 3]}``.
+
+    All V + 2 views of an image come from one call; view j of resolution group g gets its own
+    sub-seed, so every crop is replayable from (seed, image index, epoch). Defaults are SwAV's
+    and OSS's 2 x 224 + 6 x 96 with scales [0.14, 1] and [0.05, 0.14]. The "small" entry is
+    omitted when its count is 0.
+
+    Args:
+        sizes: (large side, small side) in pixels.
+        counts: (number of large crops (>= 1; 2 for SwAV/OSS), number of small crops (>= 0)).
+        scales: ((lo, hi) large, (lo, hi) small) area-fraction ranges.
+        color_strength: SwAV's colour-distortion strength s.
+    """
+    if len(sizes) != 2 or len(counts) != 2 or len(scales) != 2:
+        raise ValueError(
+            "multi-crop needs one size, count and scale range for each of the two resolution "
+            f"groups (large, small); got sizes={sizes}, counts={counts}, scales={scales} "
+            "(--image_size/--small_crop_size, --num_large_crops/--num_small_crops, "
+            "--large_crop_scale/--small_crop_scale)."
+        )
+    sizes = tuple(int(_check_size(s)[0]) for s in sizes)
+    counts = tuple(int(c) for c in counts)
+    if counts[0] < 1 or counts[1] < 0:
+        raise ValueError(f"crop counts must be >= 1 large and >= 0 small, got {counts}.")
+    scales = tuple(_check_range(s, "scale") for s in scales)
+    total = sum(counts)
+
+    def fn(image, seed):
+        image = to_float_image(image)
+        seeds = _split(_as_seed(seed), total)
+        out = {}
+        start = 0
+        for key, size, count, scale in zip(("large", "small"), sizes, counts, scales, strict=True):
+            if count == 0:
+                continue
+            views = [
+                swav_view(image, seeds[start + j], size, scale, color_strength)
+                for j in range(count)
+            ]
+            out[key] = tf.stack(views)
+            start += count
+        return out
+
+    return fn

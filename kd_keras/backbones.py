@@ -344,6 +344,7 @@ def build_backbone(
     bn_momentum=BN_MOMENTUM,
     bn_epsilon=BN_EPSILON,
     name_prefix=None,
+    any_input_size=False,
 ):
     """Builds a backbone: images float32 [B, S, S, 3] in [0, 1] -> features [B, FEATURE_DIMS[name]].
 
@@ -362,6 +363,9 @@ def build_backbone(
       name_prefix: optional string; the model is named f"{name_prefix}_{name}" (e.g. "student_"
         and "teacher_" copies of one architecture can then sit in the same functional graph).
         Layer names are not prefixed, so get_layer("stage3") works for every model.
+      any_input_size: accept images of any side (input shape [B, None, None, 3]), as SwAV's
+        multi-crop needs (224 and 96 px crops through one network); `image_size` then only
+        chooses the stem. ResNets and convnet_tiny only (the keras.applications nets fix it).
 
     Returns:
       A functional keras.Model with input "images" float32 [B, S, S, 3] and output "features"
@@ -373,7 +377,13 @@ def build_backbone(
     def bn(layer_name):
         return batch_norm(layer_name, sync_bn=sync_bn, momentum=bn_momentum, epsilon=bn_epsilon)
 
-    images = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
+    if any_input_size and name not in _RESNET_SPECS and name != "convnet_tiny":
+        raise ValueError(
+            f"{name} cannot take images of several sizes (multi-crop); use a ResNet or "
+            "convnet_tiny."
+        )
+    side = None if any_input_size else image_size
+    images = keras.Input(shape=(side, side, 3), dtype="float32", name="images")
     x = InputNormalization(mode, name="input_normalization")(images)
     if name in _RESNET_SPECS:
         if small_stem is None:

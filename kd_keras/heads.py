@@ -139,3 +139,124 @@ def _scale_gradient(x, alpha):
         return upstream * tf.cast(alpha, upstream.dtype), tf.zeros_like(alpha)
 
     return tf.identity(x), grad
+
+
+DROPOUT_POSITIONS = ("output", "input")
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class ProjectionHead(keras.layers.Layer):
+    """SwAV/OSS projection head: Linear1(hidden) -> BN -> ReLU -> Linear2(out), with an
+    optional dropout pass that OSS uses to make extra views (appendix A.1).
+
+    Dropout placement. OSS says dropout is applied "at (Linear1, Linear2)" with rates
+    (0.1, 0.05) and its pseudo-code writes normalize(Dropout(h(f(x)))). With
+    `dropout_position="output"` (default) dropout acts on each linear layer's output:
+
+      Linear1 -> Dropout(rate1) -> BN -> ReLU -> Linear2 -> Dropout(rate2)
+
+    so the last dropout sits exactly where the pseudo-code puts it (between the head and the
+    l2 normalisation). `dropout_position="input"` reads "at Linear_k" as on its input instead:
+    Dropout(rate1) -> Linear1 -> BN -> ReLU -> Dropout(rate2) -> Linear2. Without
+    `dropout_seed` the head is the plain SwAV head. The dropout is stateless: its mask is a
+    function of `dropout_seed` (the caller passes the step and replica), so runs replay
+    exactly and no random-generator state enters the checkpoints.
+
+    Args:
+      hidden_dim: Linear1 width (2048 in SwAV/OSS).
+      output_dim: embedding size E (128).
+      dropout_rates: (rate1, rate2), each in [0, 1).
+      dropout_position: "output" or "input" (see above).
+      sync_bn: synchronise the BN statistics across replicas.
+    Call: features float [B, m] -> embeddings [B, E] (not normalised).
+    """
+
+    def __init__(
+        self,
+        hidden_dim=2048,
+        output_dim=128,
+        dropout_rates=(0.1, 0.05),
+        dropout_position="output",
+        sync_bn=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        rates = tuple(float(r) for r in dropout_rates)
+        if len(rates) != 2 or not all(0.0 <= r < 1.0 for r in rates):
+            raise ValueError(
+                f"dropout_rates must be two rates in [0, 1) for (Linear1, Linear2), got "
+                f"{dropout_rates!r} (--proj_dropout)."
+            )
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(
+                f"dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}."
+            )
+        self.hidden_dim = int(hidden_dim)
+        self.output_dim = int(output_dim)
+        self.dropout_rates = rates
+        self.dropout_position = dropout_position
+        self.sync_bn = bool(sync_bn)
+        self.linear1 = keras.layers.Dense(self.hidden_dim, name="linear1")
+        self.bn = _bn("bn1", self.sync_bn)
+        self.linear2 = keras.layers.Dense(self.output_dim, name="linear2")
+
+    def build(self, input_shape):
+        self.linear1.build(input_shape)
+        self.bn.build((None, self.hidden_dim))
+        self.linear2.build((None, self.hidden_dim))
+        self.built = True
+
+    def _drop(self, x, k, dropout_seed):
+        rate = self.dropout_rates[k]
+        if dropout_seed is None or rate == 0.0:
+            return x
+        seed = tf.stack([tf.cast(dropout_seed[0], tf.int64), tf.cast(dropout_seed[1], tf.int64)])
+        seed = tf.random.experimental.stateless_fold_in(seed, k, alg="philox")
+        return tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
+
+    def call(self, features, training=False, dropout_seed=None):
+        """Embeddings [B, E]; `dropout_seed` (int [2]) switches the dropout pass on."""
+        x = features
+        if self.dropout_position == "input":
+            x = self._drop(x, 0, dropout_seed)
+        x = self.linear1(x)
+        if self.dropout_position == "output":
+            x = self._drop(x, 0, dropout_seed)
+        x = tf.nn.relu(self.bn(x, training=training))
+        if self.dropout_position == "input":
+            x = self._drop(x, 1, dropout_seed)
+        x = self.linear2(x)
+        if self.dropout_position == "output":
+            x = self._drop(x, 1, dropout_seed)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            dropout_rates=list(self.dropout_rates),
+            dropout_position=self.dropout_position,
+            sync_bn=self.sync_bn,
+        )
+        return config
+
+
+def feature_classifier(in_dim, hidden_dim=100, sync_bn=False, name="feature_classifier"):
+    """OSS feature classifier D: Linear(100) -> BN -> ReLU -> Linear(2) (teacher 0, student 1).
+
+    It is placed behind a `GradientReversal` layer by the OSS method, not here, so the same
+    classifier can be evaluated on its own.
+
+    Returns:
+      keras.Model float [N, in_dim] -> logits [N, 2].
+    """
+    inputs = keras.Input((in_dim,), name=f"{name}_input")
+    x = keras.layers.Dense(hidden_dim, name="linear1")(inputs)
+    x = _bn("bn1", sync_bn)(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Dense(2, name="linear2")(x)
+    return keras.Model(inputs, x, name=name)

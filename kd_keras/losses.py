@@ -7,6 +7,7 @@ because Keras 3's optimizer sums the replicas' gradients (see `methods/base.py`)
 
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -75,7 +76,7 @@ def _check_same_shape(prediction, target):
         )
 
 
-def sinkhorn(scores, epsilon=0.05, num_iters=3):
+def sinkhorn(scores, epsilon=0.05, num_iters=3, row_mask=None):
     """SwAV's Sinkhorn-Knopp codes (equal-partition soft assignments) for a batch of scores.
 
     Follows SwAV's `distributed_sinkhorn`: with Q = exp(scores / epsilon)^T ([K, N]), normalise
@@ -110,8 +111,12 @@ def sinkhorn(scores, epsilon=0.05, num_iters=3):
         rows may include queued embeddings); any float dtype, computed in float32.
       epsilon: entropic regularisation (> 0); SwAV/OSS use 0.05.
       num_iters: Sinkhorn iterations (>= 1); SwAV/OSS use 3.
+      row_mask: optional bool [N]; rows where it is False take no part (as if they were
+        absent) and get all-zero codes. This lets a queue enter the problem from a given step
+        on without changing tensor shapes (no control flow around the all-reduce, XLA-ready).
+        At least one row per replica must be valid.
     Returns:
-      float32 [N, K] codes, rows summing to 1, wrapped in `tf.stop_gradient`.
+      float32 [N, K] codes, valid rows summing to 1, wrapped in `tf.stop_gradient`.
     """
     if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or epsilon <= 0:
         raise ValueError(f"epsilon must be a positive number, got {epsilon!r}.")
@@ -140,10 +145,92 @@ def sinkhorn(scores, epsilon=0.05, num_iters=3):
         gathered = context.all_reduce(tf.distribute.ReduceOp.SUM, row[:, None] * local)
         return tf.reduce_logsumexp(gathered, axis=0, keepdims=True)
 
+    if row_mask is None:
+
+        def mask(x):
+            return x
+
+    else:
+        valid = tf.reshape(tf.cast(row_mask, tf.bool), [-1, 1])
+
+        def mask(x):
+            # log(0) = -inf: no mass, so the row drops out of every prototype sum. The
+            # per-sample step turns such rows into NaN (-inf minus -inf); re-masking after it
+            # resets them before they can reach the next prototype sum.
+            return tf.where(valid, x, tf.constant(-np.inf, tf.float32))
+
+    log_q = mask(log_q)
     for _ in range(int(num_iters)):
         # Prototype masses equal (SwAV's "/ sum_of_rows / K"; the constant 1/K cancels).
         log_q = log_q - prototype_log_mass(log_q)
         # Sample masses equal (SwAV's "/ sum over prototypes / N"; the constant cancels).
-        log_q = log_q - tf.reduce_logsumexp(log_q, axis=1, keepdims=True)
+        log_q = mask(log_q - tf.reduce_logsumexp(log_q, axis=1, keepdims=True))
     # Rows are now log-normalised: exp gives codes that sum to 1 (SwAV's final "* N").
     return tf.stop_gradient(tf.exp(log_q))
+
+
+def swapped_prediction_loss(codes, scores, temperature=0.1, denominator=None):
+    """SwAV's swapped prediction: predict each assignment crop's code from the other views.
+
+    With views v = 0..V-1 (scores[v] = embeddings of view v against the prototypes) and a code
+    q_i for some of them (SwAV and OSS: the two large crops, i = 0, 1):
+
+      loss = (1 / len(codes)) * sum_i [ sum_{v != i} CE(q_i, softmax(scores[v] / T)) ] / denom
+
+    where CE(q, p) = -mean_over_batch(sum_k q_k log p_k). Only the view the code came from is
+    left out. SwAV uses denom = V - 1 (the number of terms); OSS (appendix A.1) concatenates
+    the plain and dropout views (V = 2(2 + n_small)) and divides by 2(2 + n_small) - 2 although
+    2(2 + n_small) - 1 views enter the sum (the dropout twin of crop i is predicted too): pass
+    `denominator` to reproduce that exactly.
+
+    Args:
+      codes: dict {view index i: float [B, K] code of view i} (targets, no gradient).
+      scores: float [V, B, K] or a list of V tensors [B, K]: embedding . prototypes.
+      temperature: softmax temperature T (> 0); SwAV/OSS use 0.1.
+      denominator: divisor of each code's sum; default V - 1.
+    Returns:
+      float32 scalar.
+    """
+    if not codes:
+        raise ValueError("swapped_prediction_loss needs at least one code.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if isinstance(scores, (list, tuple)):
+        scores = tf.stack(scores)
+    scores = tf.cast(scores, tf.float32)
+    num_views = scores.shape[0]
+    if num_views is None or num_views < 2:
+        raise ValueError(f"scores must hold >= 2 views along axis 0, got shape {scores.shape}.")
+    denominator = float(num_views - 1 if denominator is None else denominator)
+    # [V, B, K] log-probabilities, computed once and shared by every code.
+    log_p = tf.nn.log_softmax(scores / temperature, axis=-1)
+    total = 0.0
+    for i, q in codes.items():
+        if not 0 <= i < num_views:
+            raise ValueError(f"code index {i} is not a view index in [0, {num_views}).")
+        q = tf.stop_gradient(tf.cast(q, tf.float32))
+        # [V, B]: cross-entropy of every view against q_i, then drop view i itself.
+        ce = -tf.reduce_sum(q[None] * log_p, axis=-1)
+        keep = tf.constant([v != i for v in range(num_views)], tf.float32)
+        total += tf.reduce_sum(tf.reduce_mean(ce, axis=1) * keep) / denominator
+    return total / len(codes)
+
+
+def domain_classification_loss(logits, label):
+    """Cross-entropy of the OSS feature classifier: every row of `logits` has class `label`.
+
+    Args:
+      logits: float [N, 2] classifier outputs (0 = teacher, 1 = student).
+      label: int, the true class of all rows.
+    Returns:
+      (loss float32 scalar: mean cross-entropy, accuracy float32 scalar).
+    """
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.fill(tf.shape(logits)[:1], int(label))
+    loss = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    )
+    accuracy = tf.reduce_mean(
+        tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32)
+    )
+    return loss, accuracy
