@@ -123,3 +123,33 @@ def test_sinkhorn_two_replicas_equal_one_device(use_tf_function, split):
         [losses.sinkhorn(s[:split]).numpy(), losses.sinkhorn(s[split:]).numpy()]
     )
     assert np.abs(local_only - want).max() > 1e-3
+
+
+def test_sinkhorn_row_mask_equals_dropping_the_rows():
+    s = _scores(n=14, k=6, seed=3)
+    mask = np.array([False, True, False, False, True] + [True] * 9)
+    got = losses.sinkhorn(s, 0.05, 3, row_mask=mask).numpy()
+    np.testing.assert_allclose(got[mask], _np_sinkhorn(s[mask], 0.05, 3), atol=2e-6)
+    np.testing.assert_array_equal(got[~mask], 0.0)
+    assert np.all(np.isfinite(got))
+
+
+def test_sinkhorn_row_mask_two_replicas_equal_one_device():
+    s = _scores(n=16, k=5, seed=4)
+    mask = np.arange(16) % 3 != 0
+    expected = _np_sinkhorn(s[mask], 0.05, 3)
+    strategy = two_cpu_strategy()
+
+    @tf.function
+    def step(x, m):
+        return losses.sinkhorn(x, 0.05, 3, row_mask=m)
+
+    halves = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            s[8 * ctx.replica_id_in_sync_group :][:8],
+            mask[8 * ctx.replica_id_in_sync_group :][:8],
+        )
+    )
+    out = strategy.run(step, args=halves)
+    got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
+    np.testing.assert_allclose(got[mask], expected, atol=2e-6)

@@ -206,8 +206,12 @@ class OSS(Method):
             )
             alpha = schedules.grl_alpha(step, self.total_steps)
             self.grl.set_alpha(alpha)
-            d_t = self.classifier(self.grl(tf.reshape(views_z, [-1, views_z.shape[-1]])), training=training)
-            d_s = self.classifier(self.grl(tf.reshape(views_w, [-1, views_w.shape[-1]])), training=training)
+            d_t = self.classifier(
+                self.grl(tf.reshape(views_z, [-1, views_z.shape[-1]])), training=training
+            )
+            d_s = self.classifier(
+                self.grl(tf.reshape(views_w, [-1, views_w.shape[-1]])), training=training
+            )
             ce_t, acc_t = losses.domain_classification_loss(d_t, TEACHER)
             ce_s, acc_s = losses.domain_classification_loss(d_s, STUDENT)
             out["loss_domain"] = ce_t + ce_s
@@ -231,6 +235,4 @@ class OSS(Method):
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         for name, value in terms.items():
             self.trackers[name].update_state(value)
-        return {
-            name: tracker.result() for name, tracker in self.trackers.items() if name in terms
-        }
+        return {name: tracker.result() for name, tracker in self.trackers.items() if name in terms}
