@@ -52,3 +52,22 @@ def _as_inference_fn(embed_fn):
         return call
     # Teachers, SavedModel signatures and plain functions: compile once per input shape.
     return tf.function(embed_fn, reduce_retracing=True)
+
+
+def select_examples(examples, predicate):
+    """`examples.filter(predicate)` that filters BEFORE decoding when `examples` is lazy.
+
+    `kd_keras.data.load_split` returns datasets that carry their undecoded records (file names
+    plus "label" and "index"); filtering those keeps `make_train_dataset`'s decode-after-shuffle
+    fast path and avoids decoding images that are thrown away.
+
+    Args:
+      examples: dataset from `load_split`.
+      predicate: fn(example dict with at least "label" and "index") -> bool tensor.
+    """
+    from kd_keras import data
+
+    lazy = getattr(examples, data._LAZY_ATTR, None)
+    if lazy is not None and {"label", "index"} <= set(lazy.records.element_spec):
+        return data._lazy_examples(lazy.records.filter(predicate), lazy.decode)
+    return examples.filter(predicate)

@@ -297,6 +297,10 @@ def run_and_return_model(cfg, extra_callbacks=()):
         first = next(iter(train_ds.take(1)))
         views = {k: v for k, v in first.items() if k in ("student", "teacher")}
         cbs.append(callbacks.ViewImageLogger(logdir, views, cfg.log_images))
+    if cfg.eval.knn_monitor_every:
+        monitor = _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_info)
+        if monitor is not None:
+            cbs.append(monitor)
 
     # Per-epoch validation: MSE/cosine to each teacher (distillation) or accuracy (supervised).
     validation = None
@@ -378,6 +382,38 @@ def run_and_return_model(cfg, extra_callbacks=()):
         f.write("done\n")
     _print_summary(results)
     return results, method
+
+
+def _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_info):
+    """The `KNNMonitor` of --knn_monitor_every, or None when the data has no labelled eval split.
+
+    Both sets are bounded by taking every n-th example (files are ordered by class, so the
+    first n would miss classes) and use the centre-crop evaluation transform.
+    """
+    from kd_keras import augment, callbacks, data, features
+
+    if eval_examples is None or not (train_info.has_labels and eval_info.has_labels):
+        log.warning("--knn_monitor_every needs labelled train and eval splits; monitor off.")
+        return None
+
+    def bounded(examples, num, cap):
+        stride = -(-num // cap)
+        if stride > 1:
+            examples = features.select_examples(examples, lambda ex: ex["index"] % stride == 0)
+        ds = data.make_eval_dataset(
+            examples, lambda im: augment.center_crop(im, cfg.data.image_size), 256
+        )
+        return ds.map(lambda b: {"image": b["image"], "label": b["label"]})
+
+    return callbacks.KNNMonitor(
+        student,
+        bounded(train_examples, train_info.num_examples, cfg.eval.knn_monitor_max_train),
+        bounded(eval_examples, eval_info.num_examples, cfg.eval.knn_monitor_max_test),
+        every=cfg.eval.knn_monitor_every,
+        ks=cfg.eval.knn_k,
+        logdir=os.path.join(cfg.workdir, LOG_DIR, "knn_monitor"),
+        history_path=os.path.join(cfg.workdir, callbacks.KNN_MONITOR_FILE),
+    )
 
 
 def _log_knn_to_tensorboard(logdir, knn_results, step):
