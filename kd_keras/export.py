@@ -11,15 +11,19 @@ import tensorflow as tf
 SAVED_MODEL_DIR = "saved_model"
 KERAS_FILE = "backbone.keras"
 MANIFEST = "manifest.json"
+HEADS_DIR = "heads"
 
 
-def export_backbone(backbone, export_dir, metadata=None):
+def export_backbone(backbone, export_dir, metadata=None, heads=None):
     """Writes `backbone` to `export_dir` atomically.
 
     Layout: `export_dir/saved_model/` (SavedModel; signature `serving_default` maps images
     float32 [B, H, W, 3] in [0, 1] to {"output_0": features float32 [B, m]}),
     `export_dir/backbone.keras` (the Keras model, for fine-tuning or as a later teacher) and
-    `export_dir/manifest.json` (input size, feature dim, metadata).
+    `export_dir/manifest.json` (input size, feature dim, metadata). When `heads` (keras Models
+    [B, m] -> [B, d], e.g. SimReg's prediction heads) are given, each is also saved as
+    `export_dir/heads/<head name>.keras` and listed in the manifest under "heads", so that
+    evaluation can read features from any head layer; the SavedModel stays heads-free.
 
     Everything is written to a temporary sibling directory first and renamed into place, so an
     interrupted or failed export never leaves a half-written `export_dir`; an existing export is
@@ -35,11 +39,17 @@ def export_backbone(backbone, export_dir, metadata=None):
     try:
         backbone.export(os.path.join(tmp, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
         backbone.save(os.path.join(tmp, KERAS_FILE))
+        head_names = []
+        for head in heads or ():
+            os.makedirs(os.path.join(tmp, HEADS_DIR), exist_ok=True)
+            head.save(os.path.join(tmp, HEADS_DIR, f"{head.name}.keras"))
+            head_names.append(head.name)
         manifest = {
             "input_shape": list(backbone.input_shape[1:]),
             "input_range": [0.0, 1.0],
             "feature_dim": int(backbone.output_shape[-1]),
             "signature": "serving_default",
+            "heads": head_names,
             **(metadata or {}),
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -78,3 +88,19 @@ def load_exported(export_dir):
 def load_exported_keras(export_dir):
     """Loads `backbone.keras` from an export directory (a trainable keras.Model)."""
     return keras.models.load_model(os.path.join(export_dir, KERAS_FILE), compile=False)
+
+
+def load_exported_heads(export_dir):
+    """Loads the prediction heads saved by `export_backbone`: {head name: keras.Model}."""
+    path = os.path.join(export_dir, HEADS_DIR)
+    if not os.path.isdir(path):
+        return {}
+    from kd_keras import heads as _heads  # noqa: F401  (registers the heads' custom layers)
+
+    return {
+        name.removesuffix(".keras"): keras.models.load_model(
+            os.path.join(path, name), compile=False
+        )
+        for name in sorted(os.listdir(path))
+        if name.endswith(".keras")
+    }

@@ -375,6 +375,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
             student,
             os.path.join(cfg.workdir, EXPORT_DIR),
             metadata={"backbone": cfg.model.student, "method": cfg.method, "image_size": size},
+            heads=getattr(method, "heads", None),
         )
         results["export"] = path
     _write_json(os.path.join(cfg.workdir, RESULTS), results)
