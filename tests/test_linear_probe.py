@@ -275,3 +275,52 @@ def test_bad_inputs_name_the_argument():
         lp.EpochStepDecay(0.1, 10, [30, 15])
     with pytest.raises(ValueError, match="momentum"):
         lp.TorchSGD(0.1, momentum=1.0)
+
+
+def test_augmented_path_trains_through_a_frozen_network():
+    # Class c is a noisy image of colour c; the frozen "network" is a 1x1 conv + average pool,
+    # so crops and flips keep every class linearly separable.
+    colours = np.array([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]], np.float32)
+
+    def split(n, seed):
+        labels = np.random.default_rng(seed).integers(0, 3, n)
+        noise = np.random.default_rng(seed + 1).uniform(-0.1, 0.1, (n, 12, 12, 3))
+        images = np.clip(colours[labels][:, None, None, :] + noise, 0, 1).astype(np.float32)
+        return images, labels
+
+    train_images, train_labels = split(120, 1)
+    test_images, test_labels = split(60, 3)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 1, kernel_initializer=keras.initializers.RandomNormal(seed=1))(
+        inputs
+    )
+    embed = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    before = [w.copy() for w in embed.get_weights()]
+    examples = tf.data.Dataset.from_tensor_slices(
+        {"image": train_images, "label": train_labels.astype(np.int32), "index": np.arange(120)}
+    )
+    centre = lambda im: tf.image.resize(im, (8, 8)).numpy()  # noqa: E731
+    train_feats = embed.predict(centre(train_images), verbose=0)
+    test_feats = embed.predict(centre(test_images), verbose=0)
+    result = lp.train_linear_probe_augmented(
+        embed,
+        examples,
+        120,
+        train_feats,
+        test_feats,
+        test_labels,
+        num_classes=3,
+        preset="swav",
+        epochs=8,
+        batch_size=16,
+    )
+    assert result["path"] == "augmented_images" and result["preset"] == "swav"
+    assert (result["num_train"], result["num_test"], result["epochs"]) == (120, 60, 8)
+    assert result["top1"] >= 0.95
+    for a, b in zip(before, embed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # the network stayed frozen
+    with pytest.raises(ValueError, match="train_features has 5 dims but the model gives 4"):
+        lp.train_linear_probe_augmented(
+            embed, examples, 120, np.ones((120, 5)), test_feats, test_labels, num_classes=3
+        )
