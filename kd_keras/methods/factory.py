@@ -1,0 +1,309 @@
+"""Builds SwAV / OSS runs from a `Config`: views, networks, optimizer, export and reload.
+
+train.py calls these for `--method` in `config.CLUSTERING_METHODS`; everything here takes the
+config dataclasses, never flags.
+"""
+
+import json
+import math
+import os
+import shutil
+
+import keras
+import numpy as np
+
+from kd_keras import augment, backbones, clustering, heads, schedules
+from kd_keras.methods.oss import OSS
+from kd_keras.methods.swav import SwAV
+from kd_keras.optimizers import LARS
+
+NETWORKS_DIR = "networks"
+NETWORK_MANIFEST = "manifest.json"
+NETWORK_KIND = "kd_keras_clustering_network"
+
+
+def multicrop_view_fn(cfg):
+    """`augment.make_multicrop_fn` for the run: 2 x --image_size + V x --small_crop_size."""
+    c = cfg.cluster
+    return augment.make_multicrop_fn(
+        sizes=(cfg.data.image_size, c.small_crop_size),
+        counts=(c.num_large_crops, c.num_small_crops),
+        scales=(c.large_crop_scale, c.small_crop_scale),
+    )
+
+
+def build_backbone(cfg, name):
+    """A backbone taking crops of any side (the stem is chosen by the large crop size)."""
+    return backbones.build_backbone(
+        name,
+        cfg.data.image_size,
+        small_stem=cfg.model.small_stem,
+        norm=cfg.model.student_norm,
+        sync_bn=cfg.sync_bn,
+        any_input_size=True,
+    )
+
+
+def _head(cfg, name, dropout=True):
+    c = cfg.cluster
+    return heads.ProjectionHead(
+        c.proj_hidden_dim,
+        c.proj_dim,
+        c.proj_dropout if dropout else (0.0, 0.0),
+        c.dropout_position,
+        sync_bn=cfg.sync_bn,
+        name=name,
+    )
+
+
+def queue_for(cfg):
+    c = cfg.cluster
+    if not c.queue_length:
+        return None
+    queue = clustering.EmbeddingQueue(2, c.queue_length, c.proj_dim, name="queue")
+    queue.check_batch(cfg.optim.batch_size)
+    return queue
+
+
+def build_clustering_method(cfg, student, steps_per_epoch, teacher_networks=None):
+    """The un-compiled `SwAV` or `OSS` model of `cfg.method`.
+
+    Args:
+      student: backbone from `build_backbone` (the network that is evaluated/exported).
+      steps_per_epoch: optimizer steps per epoch (queue start and GRL horizon).
+      teacher_networks: for "oss_offline", the dict from `load_clustering_networks`.
+    """
+    c = cfg.cluster
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    common = dict(
+        temperature=c.temperature,
+        epsilon=c.sinkhorn_epsilon,
+        sinkhorn_iters=c.sinkhorn_iters,
+        queue_start_step=c.queue_start_epoch * steps_per_epoch,
+        freeze_prototypes_steps=c.freeze_prototypes_steps,
+        weight_decay=method_weight_decay(cfg),
+    )
+    if cfg.method == "swav":
+        return SwAV(
+            student,
+            _head(cfg, "projection_head", dropout=False),
+            clustering.Prototypes(c.num_prototypes, c.proj_dim, name="prototypes"),
+            queue_for(cfg),
+            name="swav",
+            **common,
+        )
+    if cfg.method == "oss":
+        teacher = build_backbone(cfg, c.online_teacher)
+        return OSS(
+            teacher,
+            _head(cfg, "teacher_head"),
+            student,
+            _head(cfg, "student_head"),
+            clustering.Prototypes(c.num_prototypes, c.proj_dim, name="prototypes"),
+            queue_for(cfg),
+            heads.feature_classifier(c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn),
+            heads.GradientReversal(name="gradient_reversal"),
+            total_steps=total_steps,
+            online=True,
+            use_dropout_views=c.dropout_views,
+            name="oss",
+            **common,
+        )
+    if cfg.method == "oss_offline":
+        if teacher_networks is None:
+            raise ValueError("--method=oss_offline needs a frozen teacher (--teacher=RUN_DIR).")
+        return OSS(
+            teacher_networks["backbone"],
+            teacher_networks["head"],
+            student,
+            _head(cfg, "student_head"),
+            teacher_networks["prototypes"],
+            queue_for(cfg),
+            total_steps=total_steps,
+            online=False,
+            use_dropout_views=c.dropout_views,
+            name="oss_offline",
+            **common,
+        )
+    raise ValueError(f"--method={cfg.method} is not a clustering method.")
+
+
+def make_optimizer(cfg, steps_per_epoch):
+    """LARS (SwAV's flavour) or momentum SGD with warm-up + cosine to --final_lr.
+
+    Both rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+    """
+    o, c = cfg.optim, cfg.cluster
+    scale = o.scaled_lr() / o.lr
+    total = o.epochs * steps_per_epoch
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    schedule = schedules.WarmupCosine(
+        o.scaled_lr(), total, final_lr=c.final_lr * scale, warmup_steps=warmup
+    )
+    if c.optimizer == "lars":
+        exclude = ["bias", "bn", "batch_normalization"] if c.lars_exclude_bn_bias else None
+        return LARS(
+            schedule,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            trust_coefficient=c.lars_trust,
+            exclude_from_adaptation=exclude,
+        )
+    return keras.optimizers.SGD(schedule, momentum=o.momentum)
+
+
+def method_weight_decay(cfg):
+    """Coupled L2 added through the loss: 0 with LARS, which applies the decay itself."""
+    return 0.0 if cfg.cluster.optimizer == "lars" else cfg.optim.weight_decay
+
+
+def exported_backbone(cfg, method):
+    """The backbone to export: the student, or OSS's teacher with --export_network=teacher."""
+    if cfg.method == "oss" and cfg.cluster.export_network == "teacher":
+        return method.teacher_backbone, cfg.cluster.online_teacher
+    return method.student, cfg.model.student
+
+
+def export_clustering_networks(cfg, method, workdir):
+    """Saves backbone + projection head + prototypes of each network for later reuse.
+
+    Layout: `<workdir>/networks/<role>/{backbone.keras, head.keras, prototypes.npy,
+    manifest.json}`, role "network" (swav) or "teacher" and "student" (oss). An `oss_offline`
+    run loads a role as its frozen teacher. Written to a temporary directory and renamed.
+    """
+    if cfg.method == "swav":
+        roles = {"network": (method.backbone, method.head, cfg.model.student)}
+    else:
+        roles = {"student": (method.student_backbone, method.student_head, cfg.model.student)}
+        if cfg.method == "oss":
+            roles["teacher"] = (
+                method.teacher_backbone,
+                method.teacher_head,
+                cfg.cluster.online_teacher,
+            )
+    final = os.path.join(workdir, NETWORKS_DIR)
+    tmp = f"{final}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for role, (backbone, head, backbone_name) in roles.items():
+        out = os.path.join(tmp, role)
+        os.makedirs(out)
+        backbone.save(os.path.join(out, "backbone.keras"))
+        inputs = keras.Input((backbone.output_shape[-1],))
+        keras.Model(inputs, head(inputs), name=f"{role}_head").save(os.path.join(out, "head.keras"))
+        np.save(os.path.join(out, "prototypes.npy"), method.prototypes.kernel.numpy())
+        manifest = {
+            "kind": NETWORK_KIND,
+            "method": cfg.method,
+            "role": role,
+            "backbone": backbone_name,
+            "proj_dim": cfg.cluster.proj_dim,
+            "num_prototypes": cfg.cluster.num_prototypes,
+            "image_size": cfg.data.image_size,
+        }
+        with open(os.path.join(out, NETWORK_MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def find_network_dir(path):
+    """Resolves --teacher for oss_offline: a network dir, or a swav/oss run dir."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, NETWORK_MANIFEST)):
+        return path
+    for role in ("teacher", "network"):
+        candidate = os.path.join(path, NETWORKS_DIR, role)
+        if os.path.isfile(os.path.join(candidate, NETWORK_MANIFEST)):
+            return candidate
+    raise FileNotFoundError(
+        f"--teacher={path}: no SwAV/OSS network there (expected {NETWORKS_DIR}/teacher or "
+        f"{NETWORKS_DIR}/network with {NETWORK_MANIFEST}, written by a finished "
+        "--method=swav or --method=oss run)."
+    )
+
+
+def load_clustering_networks(path, cfg):
+    """Loads a frozen teacher for oss_offline: {"backbone", "head", "prototypes", "manifest"}.
+
+    Raises:
+      FileNotFoundError / ValueError naming --teacher, --proj_dim or --num_prototypes when the
+      files are missing or the saved E x K differs from this run's.
+    """
+    net_dir = find_network_dir(path)
+    with open(os.path.join(net_dir, NETWORK_MANIFEST)) as f:
+        manifest = json.load(f)
+    if manifest.get("kind") != NETWORK_KIND:
+        raise ValueError(f"--teacher={net_dir}: {NETWORK_MANIFEST} is not a kd_keras network.")
+    c = cfg.cluster
+    for key in ("proj_dim", "num_prototypes"):
+        if manifest[key] != getattr(c, key):
+            raise ValueError(
+                f"--teacher={net_dir} was trained with {key}={manifest[key]} but this run has "
+                f"--{key}={getattr(c, key)}; the frozen prototypes must match."
+            )
+    backbone = keras.saving.load_model(os.path.join(net_dir, "backbone.keras"), compile=False)
+    head_model = keras.saving.load_model(os.path.join(net_dir, "head.keras"), compile=False)
+    head = next(layer for layer in head_model.layers if isinstance(layer, heads.ProjectionHead))
+    kernel = np.load(os.path.join(net_dir, "prototypes.npy"))
+    if kernel.shape != (c.proj_dim, c.num_prototypes):
+        raise ValueError(
+            f"--teacher={net_dir}: prototypes.npy has shape {kernel.shape}, expected "
+            f"({c.proj_dim}, {c.num_prototypes}) from --proj_dim/--num_prototypes."
+        )
+    prototypes = clustering.Prototypes(c.num_prototypes, c.proj_dim, name="prototypes")
+    prototypes.build()
+    prototypes.kernel.assign(kernel)
+    return {"backbone": backbone, "head": head, "prototypes": prototypes, "manifest": manifest}
+
+
+def uniform_loss(cfg):
+    """The swapped-prediction loss of uniform predictions: ln K times the share of terms.
+
+    SwAV averages its n - 1 terms, giving ln K; OSS sums 2n - 1 terms over 2n - 2 (A.1).
+    """
+    c = cfg.cluster
+    n = c.num_large_crops + c.num_small_crops
+    log_k = math.log(c.num_prototypes)
+    if cfg.method != "swav" and c.dropout_views:
+        return log_k * (2 * n - 1) / (2 * n - 2)
+    return log_k
+
+
+class CollapseWarning(keras.callbacks.Callback):
+    """Warns when a swapped-prediction loss stays at its uniform value: collapse.
+
+    A cross-entropy against any code equals ln K exactly when the predicted distribution is
+    uniform, the usual symptom of a SwAV run that does not learn (lr, temperature or epsilon
+    off). After each epoch (from the second on) the monitored loss is compared with that
+    value (`uniform_loss`); within `tol` (relative) a warning goes to the log and the scalar
+    `collapse_warning` = 1 to the epoch logs (and hence TensorBoard).
+    """
+
+    def __init__(self, uniform, keys=("loss_student", "loss"), tol=0.02):
+        super().__init__()
+        self.log_k = float(uniform)
+        self.keys = keys
+        self.tol = tol
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        key = next((k for k in self.keys if k in logs), None)
+        if key is None:
+            return
+        value = float(np.asarray(logs[key]).reshape(-1)[0])
+        collapsed = epoch >= 1 and abs(value - self.log_k) <= self.tol * self.log_k
+        logs["collapse_warning"] = float(collapsed)
+        if collapsed:
+            import logging
+
+            logging.getLogger("kd_keras").warning(
+                "%s = %.4f is at its uniform-prediction value %.4f after epoch %d: "
+                "the predictions are uniform (collapse). Check --lr, --temperature and "
+                "--sinkhorn_epsilon.",
+                key,
+                value,
+                self.log_k,
+                epoch + 1,
+            )
