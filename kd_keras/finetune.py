@@ -102,7 +102,10 @@ def finetune(
     # A private copy: fine-tuning must not change the model other protocols evaluate.
     trunk = keras.models.clone_model(backbone)
     trunk.set_weights(backbone.get_weights())
-    trunk.trainable = True
+    # clone_model copies each layer's trainable flag but not the model's, so a frozen backbone
+    # gives a clone whose model-level `trainable = True` would be a no-op: unfreeze per layer.
+    for layer in trunk.layers:
+        layer.trainable = True
     dim = int(trunk.output_shape[-1])
     bound = 1.0 / math.sqrt(dim)  # torch.nn.Linear's initialisation
     classifier = keras.layers.Dense(
@@ -137,6 +140,8 @@ def finetune(
         return loss
 
     def view_fn(image, pair):
+        # to_float_image: training images may be cached as uint8 (kd_keras.evaluate does).
+        image = augment.to_float_image(image)
         return {"image": augment.weak_view(image, pair, size, scale=CROP_SCALE)}
 
     train_ds = data.make_train_dataset(

@@ -588,7 +588,8 @@ def train_linear_probe_augmented(
         weight_decay=preset.weight_decay,
         seed=seed,
     )
-    embed_model.trainable = False
+    was_trainable = embed_model.trainable
+    embed_model.trainable = False  # restored below: the caller's model must not change
     images = keras.Input(embed_model.input_shape[1:], name="images")
     model = keras.Model(images, probe(embed_model(images, training=False)))
     model.compile(
@@ -597,6 +598,8 @@ def train_linear_probe_augmented(
     )
 
     def view_fn(image, pair):
+        # to_float_image: training images may be cached as uint8 (kd_keras.evaluate does).
+        image = augment.to_float_image(image)
         return {"image": augment.weak_view(image, pair, size, scale=AUGMENTED_CROP_SCALE)}
 
     train_ds = data.make_train_dataset(
@@ -608,9 +611,12 @@ def train_linear_probe_augmented(
         drop_remainder=False,
         num_epochs=epochs,
     ).map(lambda b: (b["image"], tf.cast(b["label"], tf.int64)))
-    fit = model.fit(
-        train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
-    )
+    try:
+        fit = model.fit(
+            train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False
+        )
+    finally:
+        embed_model.trainable = was_trainable
     logits = probe.predict(test.astype(np.float32), batch_size=1024, verbose=0)
     top1, top5 = _topk_accuracy(logits, y_test)
     return {

@@ -20,6 +20,7 @@ def test_milestones_scale_with_epochs():
 def test_finetune_on_a_label_subset_learns_and_copies_the_backbone():
     keras.utils.set_random_seed(0)
     backbone = backbones.build_backbone("convnet_tiny", 8)
+    backbone.trainable = False  # e.g. frozen by a linear probe: the copy is still fine-tuned
     before = [w.copy() for w in backbone.get_weights()]
     examples, info = data.load_split("digits", "train", image_size_hint=8)
     labels = np.array([int(ex["label"]) for ex in examples])

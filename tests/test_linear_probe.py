@@ -320,6 +320,7 @@ def test_augmented_path_trains_through_a_frozen_network():
     assert result["top1"] >= 0.95
     for a, b in zip(before, embed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)  # the network stayed frozen
+    assert embed.trainable and len(embed.trainable_variables) == 2  # and is handed back as it was
     with pytest.raises(ValueError, match="train_features has 5 dims but the model gives 4"):
         lp.train_linear_probe_augmented(
             embed, examples, 120, np.ones((120, 5)), test_feats, test_labels, num_classes=3
