@@ -731,7 +731,10 @@ def _linear(
             seed=cfg.seed,
         )
     embed_model, _ = layer_embedding(_keras_only(loaded), cfg.eval_layer)
-    return linear_probe.train_linear_probe_augmented(
+    train_examples, cache_note = cached_training_images(
+        train_examples, train_info.num_examples, size
+    )
+    result = linear_probe.train_linear_probe_augmented(
         embed_model,
         train_examples,
         train_info.num_examples,
@@ -744,6 +747,49 @@ def _linear(
         epochs=cfg.linear_epochs,
         seed=cfg.seed,
     )
+    result["training_images"] = cache_note or "decoded from the dataset every epoch"
+    return result
+
+
+# Augmented protocols decode every training image once per epoch; for datasets that fit, the
+# decoded images are kept in memory instead, as uint8, downscaled (never upscaled) so that the
+# shorter side is at most CACHE_SIDE_FACTOR x the crop size. Random resized crops are then cut
+# from that copy: for crops of >= 1/16 of the area the crop still has at least the output
+# resolution, so the views are practically those of the full-size image.
+CACHE_SIDE_FACTOR = 4
+CACHE_MAX_BYTES = 3 * 2**30
+
+
+def cached_training_images(examples, num_examples, size):
+    """(examples with uint8 images cached in memory, note) or (examples, None) when too big.
+
+    Args:
+      examples: dataset of example dicts from `kd_keras.data.load_split`.
+      num_examples: its size.
+      size: crop side S of the protocol.
+    """
+    import tensorflow as tf
+
+    side = CACHE_SIDE_FACTOR * size
+    # Upper bound for images of aspect ratio up to 4:3.
+    if num_examples * side * (side * 4 // 3) * 3 > CACHE_MAX_BYTES:
+        return examples, None
+
+    def shrink(ex):
+        image = ex["image"]
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = tf.minimum(1.0, side / tf.reduce_min(shape))
+        new = tf.cast(tf.round(shape * scale), tf.int32)
+        image = tf.cond(
+            scale < 1.0,
+            lambda: tf.image.resize(image, new, method="bilinear", antialias=True),
+            lambda: image,
+        )
+        image = tf.image.convert_image_dtype(tf.clip_by_value(image, 0.0, 1.0), tf.uint8)
+        return {**ex, "image": image}
+
+    cached = examples.map(shrink, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    return cached, f"decoded once, kept as uint8 with shorter side <= {side} px"
 
 
 def _keras_only(loaded):
@@ -777,6 +823,7 @@ def _finetune(
     keep[indices] = True
     keep_t = tf.constant(keep)
     chosen = features.select_examples(train_examples, lambda ex: tf.gather(keep_t, ex["index"]))
+    chosen, cache_note = cached_training_images(chosen, len(indices), size)
     # The same test examples as the other protocols (every n-th with --eval_max_test).
     stride = len(test_rows) and -(-eval_info.num_examples // len(test_rows))
     test_examples = eval_examples
@@ -798,6 +845,7 @@ def _finetune(
         seed=cfg.seed,
     )
     details.update(fraction=preset.fraction, subset_file=subset_file, subset_seed=cfg.seed)
+    details["training_images"] = cache_note or "decoded from the dataset every epoch"
     return details
 
 

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd_keras import backbones, callbacks, config, data, evaluate, export, knn, train
+from kd_keras import backbones, callbacks, config, data, evaluate, export, knn, subsets, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -278,3 +278,30 @@ def test_cli_writes_results_table_plot_and_projector(run, tmp_path):
     assert "Traceback" not in bad.stderr
     layer = _cli(f"--model={run_dir}", "--eval_layer=stage7", f"--eval_dir={out}")
     assert layer.returncode == 2 and "kd_keras.evaluate: error: --eval_layer=stage7" in layer.stderr
+
+
+def test_augmented_linear_probe_and_finetune_record_their_path_and_subset(run, tmp_path):
+    run_dir, method = run
+    before = [w.copy() for w in method.student.get_weights()]
+    cfg = _eval_cfg(
+        run_dir,
+        tmp_path,
+        protocols=("linear", "finetune1"),
+        linear_path="augmented",
+        linear_preset="swav",
+        linear_epochs=1,
+        finetune_epochs=1,
+        eval_max_test=90,
+    )
+    results = evaluate.evaluate(evaluate.load_model(run_dir), cfg)
+    linear = next(r for r in results["results"] if r["protocol"] == "linear")
+    assert (linear["path"], linear["preset"], linear["epochs"]) == ("augmented_images", "swav", 1)
+    assert results["linear"]["training_images"].startswith("decoded once, kept as uint8")
+    tune = next(r for r in results["results"] if r["protocol"] == "finetune1")
+    assert tune["fraction"] == 0.01 and tune["num_test"] == linear["num_test"] == 90
+    labels = evaluate.label_array(data.load_split("digits", "train", image_size_hint=8)[0], 1437)
+    subset = subsets.load_subset(tune["subset_file"], labels=labels)  # checks class counts
+    assert tune["num_train"] == subset.num_examples == 10  # 1% of ~144 per class rounds to 1
+    np.testing.assert_array_equal(subset.indices, subsets.label_subset(labels, 0.01, seed=0))
+    for a, b in zip(before, method.student.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # evaluation never changes the model
