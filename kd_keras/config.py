@@ -22,6 +22,9 @@ AUG_MODES = ("same", "different")
 HEADS = ("linear", "mlp2", "mlp4")
 NORMS = ("imagenet", "unit", "minus_one_one", "native")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# Methods whose train step can take cached teacher features instead of running the teachers.
+CACHE_METHODS = ("simreg", "regress", "regress_bn")
 
 FLAGS = flags.FLAGS
 
@@ -78,6 +81,12 @@ def define_flags():
     flags.DEFINE_float("crop_scale_min", 0.2, "Lower bound of the random-resized-crop area.")
     flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer size (examples).")
     flags.DEFINE_bool("cache_decoded", False, "Cache decoded images in memory.")
+    flags.DEFINE_bool(
+        "deterministic",
+        True,
+        "Keep tf.data's parallel maps in order (batches identical run to run); false lets "
+        "them emit elements as they finish (faster; each view is still keyed by its example).",
+    )
     # Networks.
     flags.DEFINE_string("student", "resnet18", "Student backbone name.")
     flags.DEFINE_enum("student_norm", "imagenet", NORMS, "Input normalisation of the student.")
@@ -111,6 +120,28 @@ def define_flags():
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_float(
         "weight_decay", 1e-4, "L2 weight decay added to the gradient (PyTorch SGD semantics)."
+    )
+    # Speed: precision, XLA, cached teacher features.
+    flags.DEFINE_enum(
+        "precision",
+        "float32",
+        PRECISIONS,
+        "Compute dtype policy of the student and heads; losses, Sinkhorn and softmax stay "
+        "float32 and mixed_float16 uses dynamic loss scaling. Runs as asked on every device, "
+        "with a warning where the device has no native support (e.g. float16 on a CPU).",
+    )
+    flags.DEFINE_bool("jit_compile", False, "Compile the train/test steps with XLA.")
+    flags.DEFINE_bool(
+        "op_determinism",
+        False,
+        "tf.config.experimental.enable_op_determinism(): bit-reproducible kernels (slower).",
+    )
+    flags.DEFINE_multi_string(
+        "teacher_cache",
+        [],
+        "Directory written by `python -m kd_keras.cache_teacher` (repeat for several teachers, "
+        "or give the parent directory of per-teacher caches): the teachers are not run during "
+        "training; each view is replayed from (seed, example, epoch mod E).",
     )
     # Evaluation.
     flags.DEFINE_list("knn_k", ["1", "20"], "k values of the k-NN evaluation.")
@@ -148,6 +179,7 @@ class DataConfig:
     crop_scale_min: float = 0.2
     shuffle_buffer: int = 10000
     cache_decoded: bool = False
+    deterministic: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +193,7 @@ class ModelConfig:
     teacher_recipe_lr: float = 0.1
     head: str = "mlp4"
     head_hidden_dims: tuple[int, ...] | None = None
+    teacher_caches: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +237,9 @@ class Config:
     save_freq: str | int = "epoch"
     log_images: int = 4
     verbose: int = 1
+    precision: str = "float32"
+    jit_compile: bool = False
+    op_determinism: bool = False
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -288,6 +324,11 @@ def config_from_flags(flag_values=FLAGS):
             f"--method={fv.method} is a baseline with a linear head; set --head=linear "
             f"(got --head={fv.head})."
         )
+    teacher_caches = tuple(os.path.abspath(os.path.expanduser(p)) for p in fv.teacher_cache)
+    if teacher_caches and fv.method not in CACHE_METHODS:
+        raise ValueError(
+            f"--teacher_cache works with --method in {CACHE_METHODS}, got --method={fv.method}."
+        )
     small_stem = {"auto": None, "true": True, "false": False}[fv.small_stem]
     return Config(
         workdir=os.path.abspath(os.path.expanduser(fv.workdir)),
@@ -300,6 +341,9 @@ def config_from_flags(flag_values=FLAGS):
         save_freq=save_freq,
         log_images=fv.log_images,
         verbose=fv.verbose,
+        precision=fv.precision,
+        jit_compile=fv.jit_compile,
+        op_determinism=fv.op_determinism,
         data=DataConfig(
             dataset=fv.dataset,
             data_dir=fv.data_dir,
@@ -312,6 +356,7 @@ def config_from_flags(flag_values=FLAGS):
             crop_scale_min=fv.crop_scale_min,
             shuffle_buffer=fv.shuffle_buffer,
             cache_decoded=fv.cache_decoded,
+            deterministic=fv.deterministic,
         ),
         model=ModelConfig(
             student=fv.student,
@@ -323,6 +368,7 @@ def config_from_flags(flag_values=FLAGS):
             teacher_recipe_lr=fv.teacher_recipe_lr,
             head=fv.head,
             head_hidden_dims=hidden,
+            teacher_caches=teacher_caches,
         ),
         optim=OptimConfig(
             batch_size=fv.batch_size,
@@ -531,4 +577,74 @@ def evaluate_config_from_flags(flag_values=FLAGS):
         eval_dir=os.path.abspath(os.path.expanduser(fv.eval_dir)) if fv.eval_dir else None,
         from_checkpoint=fv.from_checkpoint,
         projector_examples=fv.projector_examples,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m kd_keras.cache_teacher`: the training flags that define the views (dataset, image
+# size, augmentation, seed, teachers) plus these.
+
+
+def define_cache_flags():
+    """Defines the flags of kd_keras.cache_teacher (idempotent); needs `define_flags` too."""
+    define_flags()
+    if "cache_dir" in FLAGS:
+        return
+    flags.DEFINE_string(
+        "cache_dir", None, "Output directory; one sub-directory per --teacher is written."
+    )
+    flags.DEFINE_integer(
+        "cache_epochs", 10, "Augmentation epochs E stored; training epoch e replays e mod E."
+    )
+    flags.DEFINE_integer("cache_shard_size", 65536, "Examples per feature shard file.")
+    flags.DEFINE_integer("cache_batch_size", 256, "Batch size of the teacher forward passes.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """What `kd_keras.cache_teacher` writes: the views of `data` and `seed` for `epochs`."""
+
+    cache_dir: str
+    teachers: tuple[str, ...]
+    epochs: int = 10
+    shard_size: int = 65536
+    batch_size: int = 256
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+
+def cache_config_from_flags(flag_values=FLAGS):
+    """Builds and validates a `CacheConfig` from parsed flags.
+
+    Raises:
+      ValueError: naming the flag, for missing or impossible values.
+    """
+    fv = flag_values
+    if not fv.cache_dir:
+        raise ValueError("--cache_dir is required: where the teacher features are written.")
+    if not fv.teacher:
+        raise ValueError("--teacher is required: the teacher(s) whose features are cached.")
+    for name in ("cache_epochs", "cache_shard_size", "cache_batch_size", "image_size"):
+        _positive(name, fv[name].value)
+    if not 0.0 < fv.crop_scale_min <= 1.0:
+        raise ValueError(f"--crop_scale_min must be in (0, 1], got {fv.crop_scale_min}.")
+    return CacheConfig(
+        cache_dir=os.path.abspath(os.path.expanduser(fv.cache_dir)),
+        teachers=tuple(fv.teacher),
+        epochs=fv.cache_epochs,
+        shard_size=fv.cache_shard_size,
+        batch_size=fv.cache_batch_size,
+        seed=fv.seed,
+        data=DataConfig(
+            dataset=fv.dataset,
+            data_dir=fv.data_dir,
+            download=fv.download,
+            train_split=fv.train_split,
+            image_size=fv.image_size,
+            augment=fv.augment,
+            aug_mode=fv.aug_mode,
+            crop_scale_min=fv.crop_scale_min,
+            cache_decoded=fv.cache_decoded,
+            deterministic=fv.deterministic,
+        ),
     )

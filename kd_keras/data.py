@@ -573,6 +573,7 @@ def make_train_dataset(
     num_epochs: int | None = None,
     start_epoch: int = 0,
     skip_batches: int = 0,
+    view_epochs: int | None = None,
 ):
     """Shuffled, augmented, batched training pipeline.
 
@@ -601,6 +602,10 @@ def make_train_dataset(
       skip_batches: batches of the first epoch already consumed by an interrupted run; they
         are skipped on the shuffled records, before decoding, so resuming mid-epoch is cheap
         and continues with exactly the batches an uninterrupted run would have seen.
+      view_epochs: when set (E), epoch ``e`` draws its views with the seeds of epoch
+        ``e mod E`` (the shuffle order still changes every epoch) and every element carries
+        ``"view_epoch"`` int64 = ``e mod E``: the key of a teacher-feature cache holding E
+        epochs of views (see ``kd_keras.teacher_cache``).
 
     Returns:
       Dataset of dicts: view_fn's keys with a leading batch dimension, plus "label" int32
@@ -611,6 +616,8 @@ def make_train_dataset(
         raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}.")
     if num_epochs is not None:
         _check_positive("num_epochs", num_epochs)
+    if view_epochs is not None:
+        _check_positive("view_epochs", view_epochs)
     lazy = getattr(examples, _LAZY_ATTR, None)
     if cache_decoded:
         source = examples.cache()
@@ -619,14 +626,18 @@ def make_train_dataset(
         source = lazy.records if lazy is not None else examples
 
     def _apply_view(example, epoch):
+        extra = {}
+        if view_epochs is not None:
+            epoch = epoch % view_epochs
+            extra["view_epoch"] = epoch
         pair = view_seed(seed, example["index"], epoch, epoch_seed)
         views = view_fn(example["image"], pair)
         if not isinstance(views, Mapping):
             raise ValueError(f"view_fn must return a dict of tensors, got {type(views).__name__}.")
-        clash = {"label", "index"} & set(views)
+        clash = {"label", "index", "view_epoch"} & set(views)
         if clash:
             raise ValueError(f"view_fn output uses reserved keys {sorted(clash)}.")
-        return {**views, "label": example["label"], "index": example["index"]}
+        return {**views, "label": example["label"], "index": example["index"], **extra}
 
     def _one_epoch(epoch):
         ds = source

@@ -145,6 +145,55 @@ def resolve_teachers(cfg, strategy):
     return loaded
 
 
+def open_teacher_caches(cfg, teachers, train_examples, train_info):
+    """The `TeacherCache` of each teacher from --teacher_cache, in teacher order ([] if none).
+
+    Every teacher needs exactly one cache, and each cache's manifest must match this run's
+    dataset, views, seed and teacher (see `teacher_cache.check_manifest`).
+    """
+    from kd_keras import teacher_cache
+
+    if not cfg.model.teacher_caches:
+        return []
+    paths = teacher_cache.expand_cache_dirs(cfg.model.teacher_caches)
+    by_name = {}
+    for path in paths:
+        cache = teacher_cache.TeacherCache(path)
+        if cache.name in by_name:
+            raise UsageError(
+                f"--teacher_cache: {by_name[cache.name].path} and {path} both cache teacher "
+                f"{cache.name!r}."
+            )
+        by_name[cache.name] = cache
+    names = [t.name for t in teachers]
+    missing = [n for n in names if n not in by_name]
+    extra = [n for n in by_name if n not in names]
+    if missing or extra:
+        raise UsageError(
+            f"--teacher_cache must give one cache per --teacher: teachers {names}, caches "
+            f"{sorted(by_name)} (no cache for {missing}, no teacher for {extra})."
+        )
+    caches = [by_name[n] for n in names]
+    if len({c.epochs for c in caches}) > 1:
+        raise UsageError(
+            "--teacher_cache: the caches hold different numbers of epochs "
+            f"{[c.epochs for c in caches]}; write them in one cache_teacher run."
+        )
+    dataset_id = teacher_cache.dataset_identity(train_examples, train_info)
+    views_id = teacher_cache.view_identity(cfg.data, cfg.seed)
+    for cache, teacher in zip(caches, teachers, strict=True):
+        expected = {
+            "teacher": teacher_cache.teacher_identity(teacher, cfg.data.image_size),
+            "dataset": dataset_id,
+            "views": views_id,
+        }
+        teacher_cache.check_manifest(cache.path, cache.manifest, expected)
+        log.info(
+            "teacher %s: features from cache %s (%d epochs)", cache.name, cache.path, cache.epochs
+        )
+    return caches
+
+
 RECIPES = ("supervised",)
 
 
@@ -193,7 +242,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
     """Like `run`, also returning the trained method (a keras.Model holding `.student`)."""
     import keras
 
-    from kd_keras import augment, callbacks, data, export, features, knn
+    from kd_keras import augment, callbacks, data, export, features, knn, precision, teacher_cache
 
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
@@ -224,12 +273,19 @@ def run_and_return_model(cfg, extra_callbacks=()):
     size = cfg.data.image_size
 
     teachers = resolve_teachers(cfg, strategy) if cfg.method != "supervised" else []
+    caches = open_teacher_caches(cfg, teachers, train_examples, train_info)
+    if cfg.op_determinism:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # process-wide, cannot be undone
+    precision.warn_if_unsupported(cfg.precision)
 
     view_fn = augment.make_view_fn(
         cfg.data.augment, size, cfg.data.aug_mode, scale=(cfg.data.crop_scale_min, 1.0)
     )
-    if cfg.data.aug_mode == "same":
-        # One augmented image feeds both networks; don't carry a duplicate through tf.data.
+    if cfg.data.aug_mode == "same" or caches:
+        # One augmented image feeds both networks (or the teachers' features come from a
+        # cache); don't carry a duplicate through tf.data.
         base_view_fn = view_fn
 
         def view_fn(image, seed):
@@ -250,7 +306,11 @@ def run_and_return_model(cfg, extra_callbacks=()):
         cache_decoded=cfg.data.cache_decoded,
         start_epoch=start_epoch,
         skip_batches=skip_batches,
+        deterministic=cfg.data.deterministic,
+        view_epochs=caches[0].epochs if caches else None,
     )
+    if caches:
+        train_ds = teacher_cache.attach_features(train_ds, caches)
 
     def eval_transform(image):
         return augment.center_crop(image, size)
@@ -271,14 +331,15 @@ def run_and_return_model(cfg, extra_callbacks=()):
     # Model. Re-seed here so the student's initialisation does not depend on whether a recipe
     # teacher was just trained in this process or reused from an earlier one.
     keras.utils.set_random_seed(cfg.seed)
-    with strategy.scope():
+    # Layers take the dtype policy they are built under; BN, losses and Sinkhorn stay float32.
+    with strategy.scope(), precision.policy_scope(cfg.precision):
         student = build_student(cfg, size)
         method = build_method(cfg, student, teachers, train_info.num_classes)
         optimizer = keras.optimizers.SGD(
             learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
             momentum=cfg.optim.momentum,
         )
-        method.compile(optimizer=optimizer)
+        method.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
         method.build((None, size, size, 3))
 
     logdir = os.path.join(cfg.workdir, LOG_DIR)

@@ -43,7 +43,9 @@ class SimReg(Method):
       sync_bn: synchronise the Regress-BN feature BNs across replicas.
       weight_decay: see `Method`.
 
-    Batches are dicts: "student" [B, H, W, 3] float32, optional "teacher" [B, H, W, 3].
+    Batches are dicts: "student" [B, H, W, 3] float32, optional "teacher" [B, H, W, 3], or
+    optional "teacher_features" {teacher name: [B, d_k]} (any float dtype) read from teacher
+    caches, in which case the teachers are not run.
     Logged: loss, loss_<teacher>; at evaluation also mse_<teacher> (the distance above
     per example, i.e. the SimReg loss for "simreg") and cos_<teacher>.
     """
@@ -118,6 +120,13 @@ class SimReg(Method):
         self.built = True
 
     def _teacher_targets(self, data):
+        cached = data.get("teacher_features")
+        if cached is not None:
+            # Features read from a teacher cache (kd_keras.teacher_cache): no teacher runs.
+            missing = [t.name for t in self.teachers if t.name not in cached]
+            if missing:
+                raise ValueError(f"The batch has no cached features of teachers {missing}.")
+            return [tf.stop_gradient(tf.cast(cached[t.name], tf.float32)) for t in self.teachers]
         images = data.get("teacher", data["student"])
         return [tf.stop_gradient(t(images)) for t in self.teachers]
 

@@ -1,0 +1,117 @@
+"""Mixed precision (--precision): the Keras dtype policy of the student, heads and method.
+
+Under "mixed_float16" / "mixed_bfloat16" layers compute in 16 bits and keep float32 variables.
+What stays float32, and where that is done:
+
+* BatchNorm statistics: Keras' BatchNormalization computes its moments in float32.
+* Losses, l2 normalisation, softmax / cross-entropy and Sinkhorn: the methods cast the network
+  outputs to float32 first (`losses.l2_normalize`, `losses.sinkhorn`, `Supervised._loss`).
+* Loss scaling (float16 only): `keras.Model.compile` wraps the optimizer in a
+  `LossScaleOptimizer` when the model's policy is mixed_float16; `Method.scale_loss` multiplies
+  by its dynamic scale and `apply_gradients` unscales and skips non-finite steps.
+
+The policy is set only while the networks are built (`policy_scope`): layers remember the
+policy they were created under, and the process-wide default is restored afterwards.
+
+Devices without native support: kd_keras runs the precision that was asked for (the results
+are correct, the arithmetic emulated) and logs a warning saying why it will probably be slower;
+see `support_warning`. It never switches precision silently.
+"""
+
+import contextlib
+import logging
+
+import keras
+import tensorflow as tf
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+log = logging.getLogger("kd_keras")
+
+
+@contextlib.contextmanager
+def policy_scope(precision):
+    """Sets the global Keras dtype policy to `precision` inside the block, restoring it after.
+
+    Args:
+      precision: one of PRECISIONS.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}.")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _gpu_capabilities():
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        caps.append(tuple(details.get("compute_capability", (0, 0))))
+    return caps
+
+
+def support_warning(precision, gpu_capabilities=None, cpu_flags=None):
+    """Why `precision` is likely to be slow on this machine, or None when it is supported.
+
+    float16 needs a GPU of compute capability >= 7.0 (tensor cores); bfloat16 a GPU of
+    capability >= 8.0, or a CPU with AVX512_BF16 or AMX-BF16 (oneDNN kernels).
+
+    Args:
+      precision: one of PRECISIONS.
+      gpu_capabilities: list of (major, minor); default: this machine's GPUs.
+      cpu_flags: set of /proc/cpuinfo flags; default: this machine's.
+    Returns:
+      str or None.
+    """
+    if precision == "float32":
+        return None
+    caps = _gpu_capabilities() if gpu_capabilities is None else list(gpu_capabilities)
+    flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
+    if precision == "mixed_float16":
+        if not caps:
+            return (
+                "--precision=mixed_float16 on a machine without a GPU: the CPU has no fast "
+                "float16 kernels, so training runs correctly but usually slower than float32."
+            )
+        if min(caps) < (7, 0):
+            return (
+                f"--precision=mixed_float16: GPU compute capability {min(caps)} < 7.0 has no "
+                "tensor cores; expect little or no speed-up."
+            )
+        return None
+    if caps:
+        if min(caps) < (8, 0):
+            return (
+                f"--precision=mixed_bfloat16: GPU compute capability {min(caps)} < 8.0 has no "
+                "bfloat16 tensor cores; expect it to be slower than float32."
+            )
+        return None
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return (
+            "--precision=mixed_bfloat16 on a CPU without AVX512_BF16 / AMX-BF16: bfloat16 is "
+            "emulated, so training runs correctly but usually slower than float32."
+        )
+    return None
+
+
+def warn_if_unsupported(precision):
+    """Logs `support_warning(precision)` when there is one; returns it."""
+    message = support_warning(precision)
+    if message:
+        log.warning(message)
+    return message
