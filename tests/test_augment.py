@@ -400,3 +400,33 @@ def test_to_float_image_conversions():
 
     with pytest.raises(ValueError, match="channels"):
         augment.to_float_image(np.zeros((3, 4, 5), np.uint8))
+
+
+def test_multicrop_shapes_determinism_and_dataset_replay():
+    fn = augment.make_multicrop_fn(sizes=(16, 8), counts=(2, 3), scales=((0.3, 1.0), (0.1, 0.3)))
+    image = _image()
+    out = fn(image, _seed(1))
+    assert out["large"].shape == (2, 16, 16, 3) and out["small"].shape == (3, 8, 8, 3)
+    for key in out:
+        again = fn(image, _seed(1))[key].numpy()
+        np.testing.assert_array_equal(out[key].numpy(), again)
+        assert out[key].dtype == tf.float32
+        assert 0.0 <= out[key].numpy().min() and out[key].numpy().max() <= 1.0
+    # Every crop differs from the others (own sub-seed) and from another seed's crops.
+    large = out["large"].numpy()
+    assert np.abs(large[0] - large[1]).max() > 1e-3
+    assert np.abs(fn(image, _seed(2))["large"].numpy() - large).max() > 1e-3
+    # Inside Dataset.map the same seed gives the same crops.
+    ds = tf.data.Dataset.from_tensors((image, _seed(1))).map(lambda im, s: fn(im, s))
+    mapped = next(iter(ds))
+    for key in out:
+        np.testing.assert_allclose(mapped[key].numpy(), out[key].numpy(), atol=1e-6)
+
+
+def test_multicrop_without_small_crops_and_bad_arguments():
+    fn = augment.make_multicrop_fn(sizes=(16, 8), counts=(2, 0))
+    assert set(fn(_image(), _seed(0))) == {"large"}
+    with pytest.raises(ValueError, match="crop counts"):
+        augment.make_multicrop_fn(counts=(0, 2))
+    with pytest.raises(ValueError, match="two resolution"):
+        augment.make_multicrop_fn(sizes=(16,), counts=(2,), scales=((0.1, 1.0),))
