@@ -15,7 +15,13 @@ import os
 
 from absl import flags
 
-METHODS = ("simreg", "regress", "regress_bn", "supervised")
+METHODS = ("simreg", "regress", "regress_bn", "supervised", "swav", "oss", "oss_offline")
+# Methods trained on multi-crop views with online clustering (SwAV and OSS).
+CLUSTERING_METHODS = ("swav", "oss", "oss_offline")
+# Methods that need --teacher.
+TEACHER_METHODS = ("simreg", "regress", "regress_bn", "oss_offline")
+OPTIMIZERS = ("sgd", "lars")
+DROPOUT_POSITIONS = ("output", "input")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 AUGMENTATIONS = ("weak", "strong", "none")
 AUG_MODES = ("same", "different")
@@ -143,6 +149,49 @@ def define_flags():
         "or give the parent directory of per-teacher caches): the teachers are not run during "
         "training; each view is replayed from (seed, example, epoch mod E).",
     )
+    # Optimiser choice (SwAV / OSS use LARS with a cosine to --final_lr).
+    flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "sgd: momentum SGD; lars: SwAV's LARS.")
+    flags.DEFINE_float(
+        "final_lr", 0.0, "Learning rate at the end of the cosine (batch 256, see --lr_scaling)."
+    )
+    flags.DEFINE_float("lars_trust", 0.001, "LARS trust coefficient (SwAV: 0.001).")
+    flags.DEFINE_bool(
+        "lars_exclude_bn_bias", False, "LARS: plain SGD (no adaptation, no decay) for BN/bias."
+    )
+    # Online clustering: SwAV and OSS (paper 000, appendix A.1 / A.8).
+    flags.DEFINE_string("online_teacher", "resnet50", "--method=oss: the teacher backbone.")
+    flags.DEFINE_enum(
+        "export_network", "student", ["student", "teacher"], "--method=oss: which one to export."
+    )
+    flags.DEFINE_integer("small_crop_size", 96, "Side of the small multi-crop views (pixels).")
+    flags.DEFINE_integer("num_large_crops", 2, "Large crops per image (--image_size side).")
+    flags.DEFINE_integer("num_small_crops", 6, "Small crops per image (--small_crop_size side).")
+    flags.DEFINE_list("large_crop_scale", ["0.14", "1.0"], "Area range of the large crops.")
+    flags.DEFINE_list("small_crop_scale", ["0.05", "0.14"], "Area range of the small crops.")
+    flags.DEFINE_integer("num_prototypes", 3000, "Number of prototypes K.")
+    flags.DEFINE_integer("proj_dim", 128, "Embedding size E of the projection heads.")
+    flags.DEFINE_integer("proj_hidden_dim", 2048, "Hidden width (Linear1) of the heads.")
+    flags.DEFINE_list(
+        "proj_dropout", ["0.1", "0.05"], "OSS dropout rates at (Linear1, Linear2) of the heads."
+    )
+    flags.DEFINE_enum(
+        "dropout_position",
+        "output",
+        DROPOUT_POSITIONS,
+        "Dropout on each linear layer's output (A.1 pseudo-code) or its input.",
+    )
+    flags.DEFINE_bool("dropout_views", True, "OSS: add the dropout-pass views (A.1).")
+    flags.DEFINE_float("temperature", 0.1, "Softmax temperature of the swapped prediction.")
+    flags.DEFINE_float("sinkhorn_epsilon", 0.05, "Entropic regularisation of Sinkhorn.")
+    flags.DEFINE_integer("sinkhorn_iters", 3, "Sinkhorn iterations.")
+    flags.DEFINE_integer(
+        "queue_length", 0, "Queued embeddings per large crop (0 = no queue; OSS: 3840)."
+    )
+    flags.DEFINE_integer("queue_start_epoch", 15, "Epoch from which the queue enters Sinkhorn.")
+    flags.DEFINE_integer(
+        "freeze_prototypes_steps", 0, "The prototypes get no update before this step."
+    )
+    flags.DEFINE_integer("classifier_hidden", 100, "OSS feature classifier hidden width.")
     # Evaluation.
     flags.DEFINE_list("knn_k", ["1", "20"], "k values of the k-NN evaluation.")
     flags.DEFINE_integer("eval_batch_size", 256, "Batch size of feature extraction.")
@@ -226,6 +275,36 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """SwAV / OSS settings (defaults: OSS appendix A.1)."""
+
+    optimizer: str = "sgd"
+    final_lr: float = 0.0
+    lars_trust: float = 0.001
+    lars_exclude_bn_bias: bool = False
+    online_teacher: str = "resnet50"
+    export_network: str = "student"
+    small_crop_size: int = 96
+    num_large_crops: int = 2
+    num_small_crops: int = 6
+    large_crop_scale: tuple[float, float] = (0.14, 1.0)
+    small_crop_scale: tuple[float, float] = (0.05, 0.14)
+    num_prototypes: int = 3000
+    proj_dim: int = 128
+    proj_hidden_dim: int = 2048
+    proj_dropout: tuple[float, float] = (0.1, 0.05)
+    dropout_position: str = "output"
+    dropout_views: bool = True
+    temperature: float = 0.1
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    queue_length: int = 0
+    queue_start_epoch: int = 15
+    freeze_prototypes_steps: int = 0
+    classifier_hidden: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str
     method: str = "simreg"
@@ -244,6 +323,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -317,7 +397,8 @@ def config_from_flags(flag_values=FLAGS):
     if fv.head_hidden_dims:
         hidden = _int_list("head_hidden_dims", fv.head_hidden_dims)
     teachers = tuple(fv.teacher)
-    if fv.method != "supervised" and not teachers:
+    cluster = _cluster_config(fv)
+    if fv.method in TEACHER_METHODS and not teachers:
         raise ValueError(f"--method={fv.method} distils a teacher: give at least one --teacher.")
     if fv.method in ("regress", "regress_bn") and fv.head != "linear":
         raise ValueError(
@@ -389,6 +470,87 @@ def config_from_flags(flag_values=FLAGS):
             knn_monitor_max_train=fv.knn_monitor_max_train,
             knn_monitor_max_test=fv.knn_monitor_max_test,
         ),
+        cluster=cluster,
+    )
+
+
+def _float_pair(name, values, lower=0.0, upper=None):
+    try:
+        pair = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--{name} must be two comma-separated numbers, got {values}.") from err
+    if len(pair) != 2 or pair[0] < lower or pair[0] > pair[1] or (upper and pair[1] > upper):
+        raise ValueError(f"--{name} must be 'lo,hi' with {lower} <= lo <= hi, got {values}.")
+    return pair
+
+
+def _cluster_config(fv):
+    """Validates the SwAV / OSS flags (checked for every method, so typos surface early)."""
+    for name in (
+        "small_crop_size",
+        "num_large_crops",
+        "num_prototypes",
+        "proj_dim",
+        "proj_hidden_dim",
+        "sinkhorn_iters",
+        "classifier_hidden",
+    ):
+        _positive(name, fv[name].value)
+    for name in ("num_small_crops", "queue_length", "queue_start_epoch", "freeze_prototypes_steps"):
+        if fv[name].value < 0:
+            raise ValueError(f"--{name} must be >= 0, got {fv[name].value}.")
+    if fv.method in CLUSTERING_METHODS and fv.num_large_crops != 2:
+        raise ValueError(
+            f"--num_large_crops must be 2 for --method={fv.method} (codes come from the two "
+            f"large crops), got {fv.num_large_crops}."
+        )
+    if fv.method in CLUSTERING_METHODS and fv.small_crop_size > fv.image_size:
+        raise ValueError(
+            f"--small_crop_size={fv.small_crop_size} is larger than the large crops "
+            f"(--image_size={fv.image_size})."
+        )
+    try:
+        dropout = tuple(float(v) for v in fv.proj_dropout)
+    except ValueError as err:
+        raise ValueError(f"--proj_dropout must be two rates, got {fv.proj_dropout}.") from err
+    if len(dropout) != 2 or min(dropout) < 0.0 or max(dropout) >= 1.0:
+        raise ValueError(f"--proj_dropout rates must be in [0, 1), got {fv.proj_dropout}.")
+    if fv.temperature <= 0 or fv.sinkhorn_epsilon <= 0:
+        raise ValueError("--temperature and --sinkhorn_epsilon must be positive.")
+    if fv.final_lr < 0 or fv.final_lr > fv.lr:
+        raise ValueError(f"--final_lr must be in [0, --lr={fv.lr}], got {fv.final_lr}.")
+    if fv.lars_trust <= 0:
+        raise ValueError(f"--lars_trust must be positive, got {fv.lars_trust}.")
+    if fv.queue_length and fv.method in CLUSTERING_METHODS and fv.queue_length % fv.batch_size:
+        raise ValueError(
+            f"--queue_length={fv.queue_length} must be a multiple of the global "
+            f"--batch_size={fv.batch_size} (OSS: 3840 = 15 x 256)."
+        )
+    return ClusterConfig(
+        optimizer=fv.optimizer,
+        final_lr=fv.final_lr,
+        lars_trust=fv.lars_trust,
+        lars_exclude_bn_bias=fv.lars_exclude_bn_bias,
+        online_teacher=fv.online_teacher,
+        export_network=fv.export_network,
+        small_crop_size=fv.small_crop_size,
+        num_large_crops=fv.num_large_crops,
+        num_small_crops=fv.num_small_crops,
+        large_crop_scale=_float_pair("large_crop_scale", fv.large_crop_scale, upper=1.0),
+        small_crop_scale=_float_pair("small_crop_scale", fv.small_crop_scale, upper=1.0),
+        num_prototypes=fv.num_prototypes,
+        proj_dim=fv.proj_dim,
+        proj_hidden_dim=fv.proj_hidden_dim,
+        proj_dropout=dropout,
+        dropout_position=fv.dropout_position,
+        dropout_views=fv.dropout_views,
+        temperature=fv.temperature,
+        sinkhorn_epsilon=fv.sinkhorn_epsilon,
+        sinkhorn_iters=fv.sinkhorn_iters,
+        queue_length=fv.queue_length,
+        queue_start_epoch=fv.queue_start_epoch,
+        freeze_prototypes_steps=fv.freeze_prototypes_steps,
+        classifier_hidden=fv.classifier_hidden,
     )
 
 
@@ -401,6 +563,7 @@ def config_from_json(path):
         "model": ModelConfig,
         "optim": OptimConfig,
         "eval": EvalConfig,
+        "cluster": ClusterConfig,
     }
     kwargs = {}
     for key, value in raw.items():

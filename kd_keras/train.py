@@ -89,13 +89,19 @@ def build_student(cfg, input_size):
         small_stem=cfg.model.small_stem,
         norm=cfg.model.student_norm,
         sync_bn=cfg.sync_bn,
+        # SwAV / OSS feed crops of two sizes through the same network.
+        any_input_size=cfg.method in config_lib.CLUSTERING_METHODS,
     )
 
 
-def build_method(cfg, student, teachers, num_classes):
+def build_method(cfg, student, teachers, num_classes, steps_per_epoch=1, teacher_networks=None):
     """The keras.Model of --method around `student` (un-compiled)."""
     from kd_keras import heads, methods
 
+    if cfg.method in config_lib.CLUSTERING_METHODS:
+        from kd_keras.methods import factory
+
+        return factory.build_clustering_method(cfg, student, steps_per_epoch, teacher_networks)
     if cfg.method == "supervised":
         return methods.Supervised(
             student, num_classes, weight_decay=cfg.optim.weight_decay, name="supervised"
@@ -272,7 +278,11 @@ def run_and_return_model(cfg, extra_callbacks=()):
     steps_per_epoch = cfg.optim.steps_per_epoch or train_info.num_examples // cfg.optim.batch_size
     size = cfg.data.image_size
 
-    teachers = resolve_teachers(cfg, strategy) if cfg.method != "supervised" else []
+    clustering = cfg.method in config_lib.CLUSTERING_METHODS
+    if clustering:
+        from kd_keras.methods import factory
+    distils = cfg.method not in ("supervised", *config_lib.CLUSTERING_METHODS)
+    teachers = resolve_teachers(cfg, strategy) if distils else []
     caches = open_teacher_caches(cfg, teachers, train_examples, train_info)
     if cfg.op_determinism:
         import tensorflow as tf
@@ -290,6 +300,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
 
         def view_fn(image, seed):
             return {"student": base_view_fn(image, seed)["student"]}
+
+    if clustering:
+        view_fn = factory.multicrop_view_fn(cfg)  # {"large": [2, S, S, 3], "small": [V, s, s, 3]}
 
     # Where a resumed run picks up: fit epochs done so far (from the checkpoint metadata) ->
     # optimizer steps -> (data epoch, batches into it). Fit epochs need not match data epochs
@@ -334,11 +347,19 @@ def run_and_return_model(cfg, extra_callbacks=()):
     # Layers take the dtype policy they are built under; BN, losses and Sinkhorn stay float32.
     with strategy.scope(), precision.policy_scope(cfg.precision):
         student = build_student(cfg, size)
-        method = build_method(cfg, student, teachers, train_info.num_classes)
-        optimizer = keras.optimizers.SGD(
-            learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
-            momentum=cfg.optim.momentum,
+        teacher_networks = None
+        if cfg.method == "oss_offline":
+            teacher_networks = factory.load_clustering_networks(cfg.model.teachers[0], cfg)
+        method = build_method(
+            cfg, student, teachers, train_info.num_classes, steps_per_epoch, teacher_networks
         )
+        if clustering:
+            optimizer = factory.make_optimizer(cfg, steps_per_epoch)
+        else:
+            optimizer = keras.optimizers.SGD(
+                learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
+                momentum=cfg.optim.momentum,
+            )
         method.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
         method.build((None, size, size, 3))
 
@@ -357,6 +378,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
     if cfg.log_images:
         first = next(iter(train_ds.take(1)))
         views = {k: v for k, v in first.items() if k in ("student", "teacher")}
+        # Multi-crop: the first crop of each resolution group.
+        views.update({k: v[:, 0] for k, v in first.items() if k in ("large", "small")})
         cbs.append(callbacks.ViewImageLogger(logdir, views, cfg.log_images))
     if cfg.eval.knn_monitor_every:
         monitor = _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_info)
@@ -365,7 +388,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
 
     # Per-epoch validation: MSE/cosine to each teacher (distillation) or accuracy (supervised).
     validation = None
-    if eval_examples is not None and (cfg.method != "supervised" or eval_info.has_labels):
+    if clustering:
+        cbs.append(factory.CollapseWarning(factory.uniform_loss(cfg)))
+    elif eval_examples is not None and (cfg.method != "supervised" or eval_info.has_labels):
         validation = eval_views(eval_examples)
 
     t0 = time.time()
@@ -419,6 +444,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
         }
         for t in teachers:
             knn_results[f"teacher_{t.name}"] = knn_of(t)
+        if cfg.method in ("oss", "oss_offline"):
+            knn_results["teacher"] = knn_of(method.teacher_backbone)
         if cfg.method != "supervised":
             with strategy.scope():
                 keras.utils.set_random_seed(cfg.seed + 1)
@@ -432,10 +459,14 @@ def run_and_return_model(cfg, extra_callbacks=()):
         results["num_eval"] = eval_info.num_examples
 
     if cfg.export:
+        exported, exported_name = student, cfg.model.student
+        if clustering:
+            exported, exported_name = factory.exported_backbone(cfg, method)
+            results["networks"] = factory.export_clustering_networks(cfg, method, cfg.workdir)
         path = export.export_backbone(
-            student,
+            exported,
             os.path.join(cfg.workdir, EXPORT_DIR),
-            metadata={"backbone": cfg.model.student, "method": cfg.method, "image_size": size},
+            metadata={"backbone": exported_name, "method": cfg.method, "image_size": size},
             heads=getattr(method, "heads", None),
         )
         results["export"] = path
