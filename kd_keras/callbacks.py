@@ -20,9 +20,10 @@ class NaNGuard(keras.callbacks.Callback):
     callbacks from saving the broken weights, so the last good checkpoint survives.
     """
 
-    def __init__(self, monitor="loss"):
+    def __init__(self, monitor="loss", hint="Try a lower --lr."):
         super().__init__()
         self.monitor = monitor
+        self.hint = hint
 
     def on_train_batch_end(self, batch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -31,7 +32,7 @@ class NaNGuard(keras.callbacks.Callback):
             raise NonFiniteLoss(
                 f"{self.monitor} became {float(np.asarray(value).reshape(-1)[0])} at step "
                 f"{int(self.model.optimizer.iterations.numpy())}; training stopped and the last "
-                "good checkpoint was kept. Try a lower --lr."
+                f"good checkpoint was kept. {self.hint}"
             )
 
 

@@ -201,6 +201,11 @@ def open_teacher_caches(cfg, teachers, train_examples, train_info):
 
 
 RECIPES = ("supervised",)
+NAN_HINTS = {
+    "default": "Try a lower --lr.",
+    "clustering": "The embeddings or the Sinkhorn codes became non-finite; try a lower --lr, "
+    "a larger --sinkhorn_epsilon or --freeze_prototypes_steps.",
+}
 
 
 def train_recipe_teacher(cfg, spec):
@@ -365,7 +370,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
 
     logdir = os.path.join(cfg.workdir, LOG_DIR)
     cbs = [
-        callbacks.NaNGuard(),
+        callbacks.NaNGuard(hint=NAN_HINTS["clustering" if clustering else "default"]),
         keras.callbacks.BackupAndRestore(
             os.path.join(cfg.workdir, CHECKPOINT_DIR),
             save_freq=cfg.save_freq,

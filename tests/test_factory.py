@@ -4,11 +4,13 @@ import dataclasses
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 
 from kd_keras import config as config_lib
 from kd_keras import export, train
+from kd_keras.callbacks import NonFiniteLoss
 from kd_keras.methods import factory
 
 config_lib.define_flags()
@@ -175,3 +177,40 @@ def test_flagfiles_parse(tmp_path):
         assert (c.num_small_crops, c.small_crop_size, c.proj_dropout) == (6, 96, (0.1, 0.05))
     finally:
         os.chdir(cwd)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated pre-emption")
+
+
+def test_interrupted_oss_run_resumes_queue_grl_and_weights(tmp_path):
+    def cfg(name):
+        c = _cfg(tmp_path / name, "oss")
+        return dataclasses.replace(
+            c, evaluate=False, export=False, optim=dataclasses.replace(c.optim, epochs=3)
+        )
+
+    _, straight = train.run_and_return_model(cfg("straight"))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg("resumed"), extra_callbacks=[_Interrupt()])
+    results, resumed = train.run_and_return_model(cfg("resumed"))
+    assert results["steps"] == 6
+    np.testing.assert_allclose(
+        float(resumed.optimizer.learning_rate), float(straight.optimizer.learning_rate)
+    )
+    np.testing.assert_allclose(resumed.grl.alpha.numpy(), straight.grl.alpha.numpy())
+    np.testing.assert_allclose(
+        resumed.queue.queue.numpy(), straight.queue.queue.numpy(), rtol=1e-4, atol=1e-5
+    )
+    for a, b in zip(straight.weights, resumed.weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_nan_in_an_oss_run_stops_with_the_sinkhorn_hint(tmp_path):
+    cfg = dataclasses.replace(_cfg(tmp_path / "nan", "oss"), evaluate=False, export=False)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30))
+    with pytest.raises(NonFiniteLoss, match="Sinkhorn"):
+        train.run(cfg)
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "latest.weights.h5")
