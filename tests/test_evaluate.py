@@ -305,3 +305,20 @@ def test_augmented_linear_probe_and_finetune_record_their_path_and_subset(run, t
     np.testing.assert_array_equal(subset.indices, subsets.label_subset(labels, 0.01, seed=0))
     for a, b in zip(before, method.student.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)  # evaluation never changes the model
+
+
+def test_bare_savedmodel_serves_the_backbone_layer_only(run, tmp_path):
+    run_dir, _ = run
+    bare = evaluate.load_model(os.path.join(run_dir, "export", export.SAVED_MODEL_DIR))
+    assert bare.backbone is None and bare.run_dir is None
+    assert (bare.image_size, bare.feature_dim) == (8, 64)
+    from_bare = evaluate.evaluate(bare, _eval_cfg("bare", tmp_path))
+    from_export = evaluate.evaluate(
+        evaluate.load_model(os.path.join(run_dir, "export")),
+        _eval_cfg("export", tmp_path, eval_dir=str(tmp_path / "eval2")),
+    )
+    assert from_bare["knn"] == from_export["knn"]
+    with pytest.raises(evaluate.EvaluationError, match="only 'backbone' is available"):
+        evaluate.layer_embedding(bare, "stage1")
+    with pytest.raises(evaluate.EvaluationError, match="need a Keras backbone"):
+        evaluate.evaluate(bare, _eval_cfg("bare", tmp_path, protocols=("finetune10",)))
