@@ -115,7 +115,7 @@ def load_model(path, from_checkpoint=False):
 
     * a run directory (has config.json): its export/ (backbone.keras, the SavedModel for the
       backbone output, heads/); with `from_checkpoint`, or when the run has no export yet, the
-      student and heads are rebuilt from config.json and read from checkpoints/latest.weights.h5
+      student and heads are rebuilt from config.json and read from the newest checkpoint
       (this needs the run's teachers, which fix the heads' output sizes);
     * an export directory (saved_model/ and backbone.keras, as `kd_keras.export` writes);
     * a SavedModel directory with a `serving_default` signature (images -> features);
@@ -271,15 +271,35 @@ def load_run_teachers(run_dir, image_size):
     ]
 
 
+def latest_checkpoint(directory):
+    """Newest complete weights file of a run's checkpoint directory, or None.
+
+    Two layouts exist: step checkpoints (checkpoint.json naming ckpt-<step>.weights.h5 files;
+    the newest listed file that exists wins) and Keras BackupAndRestore's latest.weights.h5
+    (runs from before step checkpoints).
+    """
+    state_path = os.path.join(directory, "checkpoint.json")
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            files = json.load(f).get("files", {})
+        for step in sorted(files, key=int, reverse=True):
+            path = os.path.join(directory, files[step])
+            if os.path.isfile(path):
+                return path
+    legacy = os.path.join(directory, "latest.weights.h5")
+    return legacy if os.path.isfile(legacy) else None
+
+
 def _load_run_checkpoint(run_dir):
 
     from kd_keras import train
 
     cfg = config_lib.config_from_json(os.path.join(run_dir, "config.json"))
-    weights = os.path.join(run_dir, train.CHECKPOINT_DIR, "latest.weights.h5")
-    if not os.path.isfile(weights):
+    weights = latest_checkpoint(os.path.join(run_dir, train.CHECKPOINT_DIR))
+    if weights is None:
         raise EvaluationError(
-            f"--model: run {run_dir} has neither an export/ nor a checkpoint ({weights})."
+            f"--model: run {run_dir} has neither an export/ nor a checkpoint in "
+            f"{os.path.join(run_dir, train.CHECKPOINT_DIR)}."
         )
     size = cfg.data.image_size
     # sync_bn only matters when training across replicas; plain BN loads the same weights.
@@ -566,13 +586,26 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
                 {"protocol": protocol, "metric": metric, "value": float(value), **common, **extra}
             )
 
-    test_ds = data.make_eval_dataset(eval_examples, transform, cfg.eval_batch_size)
+    def every_nth(examples, num, cap):
+        # Files are ordered by class: every n-th example (not the first `cap`) keeps every
+        # class, and selecting by index before decoding skips the unused images.
+        stride = 1 if not cap or cap >= num else -(-num // cap)
+        if stride == 1:
+            return examples
+        return features.select_examples(examples, lambda ex: ex["index"] % stride == 0)
+
+    # The test split is bounded once, for every protocol (--eval_max_test).
+    test_examples = every_nth(eval_examples, eval_info.num_examples, cfg.eval_max_test)
+    test_ds = data.make_eval_dataset(test_examples, transform, cfg.eval_batch_size)
+    # Only k-NN reads the training features when no linear probe runs: bound them up front.
+    train_cap = None if "linear" in protocols else cfg.knn_max_train
+    train_eval_examples = every_nth(train_examples, train_info.num_examples, train_cap)
     feature_cache = {}
 
     def split_features(which):
         if which not in feature_cache:
             ds = (
-                data.make_eval_dataset(train_examples, transform, cfg.eval_batch_size)
+                data.make_eval_dataset(train_eval_examples, transform, cfg.eval_batch_size)
                 if which == "train"
                 else test_ds
             )
@@ -585,11 +618,8 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
             feature_cache[which] = (x, y)
         return feature_cache[which]
 
-    test_rows = None
     if supervised:
-        x_test_all, y_test_all = split_features("test")
-        test_rows = _strided(len(y_test_all), cfg.eval_max_test)
-        x_test, y_test = x_test_all[test_rows], y_test_all[test_rows]
+        x_test, y_test = split_features("test")
 
     if "knn" in protocols:
         x_train, y_train = split_features("train")
@@ -619,7 +649,7 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
                     k=k,
                     vote=vote,
                     num_train=len(rows),
-                    num_test=len(test_rows),
+                    num_test=len(y_test),
                     similarity="cosine",
                 )
                 if vote == "weighted":
@@ -663,7 +693,7 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
                 train_info,
                 eval_examples,
                 eval_info,
-                test_rows,
+                test_ds,
                 transform,
                 eval_dir,
                 size,
@@ -804,7 +834,7 @@ def _finetune(
     train_info,
     eval_examples,
     eval_info,
-    test_rows,
+    test_ds,
     transform,
     eval_dir,
     size,
@@ -812,7 +842,7 @@ def _finetune(
     import numpy as np
     import tensorflow as tf
 
-    from kd_keras import data, features, finetune, subsets
+    from kd_keras import features, finetune, subsets
 
     preset = finetune.PRESETS[protocol]
     labels = label_array(train_examples, train_info.num_examples)
@@ -825,13 +855,6 @@ def _finetune(
     chosen = features.select_examples(train_examples, lambda ex: tf.gather(keep_t, ex["index"]))
     chosen, cache_note = cached_training_images(chosen, len(indices), size)
     # The same test examples as the other protocols (every n-th with --eval_max_test).
-    stride = len(test_rows) and -(-eval_info.num_examples // len(test_rows))
-    test_examples = eval_examples
-    if stride > 1:
-        test_examples = features.select_examples(
-            eval_examples, lambda ex: ex["index"] % stride == 0
-        )
-    test_ds = data.make_eval_dataset(test_examples, transform, cfg.eval_batch_size)
     details = finetune.finetune(
         loaded.backbone,
         chosen,

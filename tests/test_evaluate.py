@@ -163,6 +163,24 @@ def test_checkpoint_and_export_give_the_same_features(run):
         )
 
 
+def test_run_without_export_loads_a_backup_and_restore_checkpoint(run, tmp_path):
+    # Runs from before step checkpoints hold Keras BackupAndRestore's latest.weights.h5.
+    run_dir, method = run
+    copy = tmp_path / "old_run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export", "checkpoints"))
+    (copy / "checkpoints").mkdir()
+    method.save_weights(str(copy / "checkpoints" / "latest.weights.h5"))
+    loaded = evaluate.load_model(str(copy))
+    assert loaded.source.startswith("checkpoint ") and loaded.source.endswith("latest.weights.h5")
+    images = np.random.default_rng(4).uniform(size=(3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        loaded.backbone(images, training=False), method.student(images, training=False), atol=1e-5
+    )
+    shutil.rmtree(copy / "checkpoints")
+    with pytest.raises(evaluate.EvaluationError, match="has neither an export/ nor a checkpoint"):
+        evaluate.load_model(str(copy))
+
+
 def test_layers_backbone_stage_and_head(run):
     run_dir, method = run
     loaded = evaluate.load_model(run_dir)
