@@ -574,6 +574,9 @@ def make_train_dataset(
     start_epoch: int = 0,
     skip_batches: int = 0,
     view_epochs: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    shard_batch_size: int | None = None,
 ):
     """Shuffled, augmented, batched training pipeline.
 
@@ -606,6 +609,16 @@ def make_train_dataset(
         ``e mod E`` (the shuffle order still changes every epoch) and every element carries
         ``"view_epoch"`` int64 = ``e mod E``: the key of a teacher-feature cache holding E
         epochs of views (see ``kd_keras.teacher_cache``).
+      num_shards, shard_index: multi-worker input: this pipeline keeps only its share of every
+        global batch of ``batch_size`` records (records ``shard_index``, ``shard_index +
+        num_shards``, ... of it), so in each step the shards are disjoint and together are
+        exactly the global batch one pipeline would produce; every shard yields the same
+        number of batches per epoch. Sharding happens on the shuffled records, before
+        decoding and augmentation.
+      shard_batch_size: batch size of the output when sharded (default ``batch_size //
+        num_shards``); a worker with R local replicas passes the per-replica size
+        ``batch_size // (num_shards * R)`` and the strategy hands R consecutive batches to
+        its replicas.
 
     Returns:
       Dataset of dicts: view_fn's keys with a leading batch dimension, plus "label" int32
@@ -618,6 +631,14 @@ def make_train_dataset(
         _check_positive("num_epochs", num_epochs)
     if view_epochs is not None:
         _check_positive("view_epochs", view_epochs)
+    _check_positive("num_shards", num_shards)
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
+    if batch_size % num_shards:
+        raise ValueError(f"--batch_size {batch_size} is not divisible by {num_shards} workers.")
+    out_batch_size = batch_size
+    if num_shards > 1:
+        out_batch_size = shard_batch_size or batch_size // num_shards
     lazy = getattr(examples, _LAZY_ATTR, None)
     if cache_decoded:
         source = examples.cache()
@@ -666,6 +687,14 @@ def make_train_dataset(
                 tf.constant(0, tf.int64),
             )
             ds = ds.skip(skip)
+        if num_shards > 1:
+            # Cut the epoch into whole global batches first, then keep this shard's records of
+            # each: shards never overlap and all see the same number of batches.
+            ds = (
+                ds.batch(batch_size, drop_remainder=True)
+                .map(lambda recs: {k: v[shard_index::num_shards] for k, v in recs.items()})
+                .unbatch()
+            )
         if lazy is not None:
             ds = (
                 ds.map(
@@ -679,7 +708,7 @@ def make_train_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=deterministic,
         )
-        return ds.batch(batch_size, drop_remainder=drop_remainder)
+        return ds.batch(out_batch_size, drop_remainder=drop_remainder)
 
     if num_epochs is None:
         epochs = tf.data.Dataset.counter(start_epoch, dtype=tf.int64)

@@ -1,5 +1,7 @@
 """What every kd_keras method shares: the optimisation step and replica-aware loss scaling."""
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -7,6 +9,44 @@ import tensorflow as tf
 def num_replicas():
     """Replicas of the current tf.distribute strategy (1 outside any strategy)."""
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def in_multi_worker_mode(strategy=None):
+    """Whether `strategy` (default: the current one) spans several workers.
+
+    The same test Keras' TensorFlow trainer makes before it reduces step outputs across workers.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
+def multi_worker_safe_logs(logs):
+    """Returns step logs in a shape Keras can reduce across workers.
+
+    Under MultiWorkerMirroredStrategy Keras' `fit` reduces every value a `train_step` /
+    `test_step` returns with `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+    (tensorflow#72388). A [1] value is reduced over replicas and its single element, so the
+    logs that reach callbacks are scalars again. Elsewhere the logs are returned unchanged,
+    because a single-worker strategy keeps the [1] shape.
+
+    Args:
+      logs: dict name -> float tensor (scalars, or already batched values).
+    """
+    if not in_multi_worker_mode():
+        return logs
+    logs = {k: tf.convert_to_tensor(v) for k, v in logs.items()}
+    return {k: tf.reshape(v, [1]) if v.shape.rank == 0 else v for k, v in logs.items()}
+
+
+def _with_multi_worker_safe_logs(step_fn):
+    @functools.wraps(step_fn)
+    def step(self, data):
+        return multi_worker_safe_logs(step_fn(self, data))
+
+    step._multi_worker_safe = True
+    return step
 
 
 class Method(keras.Model):
@@ -19,9 +59,35 @@ class Method(keras.Model):
         decoupled (AdamW-style) and would not match.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        # Every method's train_step / test_step returns its logs through
+        # `multi_worker_safe_logs`, so methods written without multi-worker training in mind
+        # still run under --strategy=multi_worker.
+        super().__init_subclass__(**kwargs)
+        for name in ("train_step", "test_step"):
+            step_fn = cls.__dict__.get(name)
+            if step_fn is not None and not getattr(step_fn, "_multi_worker_safe", False):
+                setattr(cls, name, _with_multi_worker_safe_logs(step_fn))
+
     def __init__(self, weight_decay=0.0, **kwargs):
         super().__init__(**kwargs)
         self.weight_decay = float(weight_decay)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' TensorFlow trainer builds optimizer and metric variables from a first batch
+        # that it averages over replicas with `strategy.reduce`, which fails under
+        # MultiWorkerMirroredStrategy for a dict of batches. The first local replica's part of
+        # the batch has the same structure and is all the build needs.
+        strategy = self.distribute_strategy
+        if iterator is not None and in_multi_worker_mode(strategy):
+            for _, _, batches in iterator:
+                first = next(batches)
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], first
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def scale_loss(self, loss, variables):
         """Loss to differentiate; call it INSIDE the GradientTape.
