@@ -54,7 +54,22 @@ def define_flags():
     flags.DEFINE_bool("export", True, "Export the student backbone as a SavedModel at the end.")
     flags.DEFINE_bool("evaluate", True, "Run k-NN evaluation of the student (and teachers).")
     flags.DEFINE_string(
-        "save_freq", "epoch", "Checkpoint frequency for resuming: 'epoch' or a number of steps."
+        "save_freq",
+        "epoch",
+        "Checkpoint frequency for resuming: 'epoch', or N to also save every N optimizer steps "
+        "(a killed run then loses at most N steps and resumes at the exact step).",
+    )
+    flags.DEFINE_float(
+        "multi_worker_timeout",
+        600.0,
+        "--strategy=multi_worker: seconds to wait for every worker of TF_CONFIG to start "
+        "before giving up with an error.",
+    )
+    flags.DEFINE_integer(
+        "worker_restarts",
+        3,
+        "--strategy=multi_worker: times a worker restarts itself from its checkpoint after a "
+        "peer failed (it then waits --multi_worker_timeout for the peer to come back).",
     )
     flags.DEFINE_integer("log_images", 4, "Augmented views written to TensorBoard (0 = none).")
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0 silent, 1 progress bar, 2 line).")
@@ -314,6 +329,8 @@ class Config:
     export: bool = True
     evaluate: bool = True
     save_freq: str | int = "epoch"
+    multi_worker_timeout: float = 600.0
+    worker_restarts: int = 3
     log_images: int = 4
     verbose: int = 1
     precision: str = "float32"
@@ -370,6 +387,9 @@ def config_from_flags(flag_values=FLAGS):
                 f"--save_freq must be 'epoch' or an integer, got {save_freq!r}."
             ) from err
         _positive("save_freq", save_freq)
+    _positive("multi_worker_timeout", fv.multi_worker_timeout)
+    if fv.worker_restarts < 0:
+        raise ValueError(f"--worker_restarts must be >= 0, got {fv.worker_restarts}.")
     for name in ("batch_size", "epochs", "image_size", "eval_batch_size", "shuffle_buffer"):
         _positive(name, fv[name].value)
     for name in ("steps_per_epoch", "knn_max_train"):
@@ -420,6 +440,8 @@ def config_from_flags(flag_values=FLAGS):
         export=fv.export,
         evaluate=fv.evaluate,
         save_freq=save_freq,
+        multi_worker_timeout=fv.multi_worker_timeout,
+        worker_restarts=fv.worker_restarts,
         log_images=fv.log_images,
         verbose=fv.verbose,
         precision=fv.precision,
@@ -810,4 +832,58 @@ def cache_config_from_flags(flag_values=FLAGS):
             cache_decoded=fv.cache_decoded,
             deterministic=fv.deterministic,
         ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m kd_keras.launch`: starts the workers of a one-host multi-worker run. Its own flags
+# only; the training flags after `--` are handed to every worker unchanged.
+
+
+def define_launch_flags():
+    """Defines the flags of kd_keras.launch (idempotent)."""
+    if "num_workers" in FLAGS:
+        return
+    flags.DEFINE_integer("num_workers", 2, "Worker processes to start on this host.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address the workers listen on.")
+    flags.DEFINE_list(
+        "ports", None, "One port per worker (default: free ports chosen by the system)."
+    )
+    flags.DEFINE_integer(
+        "max_restarts",
+        3,
+        "Times a worker that died (killed, crashed) is started again with the same TF_CONFIG; "
+        "the others restart themselves and all resume from their checkpoints.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    num_workers: int = 2
+    host: str = "127.0.0.1"
+    ports: tuple[int, ...] | None = None
+    max_restarts: int = 3
+
+
+def launch_config_from_flags(flag_values=FLAGS):
+    """Builds and validates a `LaunchConfig`.
+
+    Raises:
+      ValueError: naming the flag, for impossible values.
+    """
+    fv = flag_values
+    _positive("num_workers", fv.num_workers)
+    if fv.max_restarts < 0:
+        raise ValueError(f"--max_restarts must be >= 0, got {fv.max_restarts}.")
+    ports = None
+    if fv.ports:
+        ports = _int_list("ports", fv.ports)
+        if len(ports) != fv.num_workers or len(set(ports)) != len(ports):
+            raise ValueError(
+                f"--ports must list {fv.num_workers} different ports (--num_workers), got {ports}."
+            )
+        if not all(0 < p < 65536 for p in ports):
+            raise ValueError(f"--ports must be in 1-65535, got {ports}.")
+    return LaunchConfig(
+        num_workers=fv.num_workers, host=fv.host, ports=ports, max_restarts=fv.max_restarts
     )

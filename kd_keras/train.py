@@ -6,6 +6,7 @@ Re-running the same command after an interruption resumes from the last checkpoi
 finished run re-evaluates and re-exports without training again.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,14 +33,18 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, without a traceback."""
 
 
-def select_strategy(name):
-    """Returns the tf.distribute strategy named by --strategy."""
+def select_strategy(name, multi_worker_timeout=600.0):
+    """Returns the tf.distribute strategy named by --strategy.
+
+    multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG (see kd_keras.distributed), made
+    once per process; it waits at most `multi_worker_timeout` seconds for the other workers.
+    """
     import tensorflow as tf
 
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable.")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        from kd_keras import distributed
+
+        return distributed.multi_worker_strategy(multi_worker_timeout)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -71,13 +76,45 @@ def default_eval_split(dataset):
     return "val"
 
 
-def _read_epoch(workdir):
-    """Completed fit epochs recorded by BackupAndRestore (0 for a new run)."""
-    path = os.path.join(workdir, CHECKPOINT_DIR, "training_metadata.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return int(json.load(f).get("epoch", 0))
-    return 0
+def fit_from_step(method, data_from, done_steps, steps_per_epoch, epochs, **fit_kwargs):
+    """Runs `method.fit` for the steps left after `done_steps`, exactly as an uninterrupted run.
+
+    Keras counts progress in epochs. When a run was stopped inside an epoch, a first `fit`
+    runs only the rest of that epoch (same fit epoch number, so logs, validation and epoch
+    callbacks line up); a second one runs the remaining whole epochs.
+
+    Args:
+      method: a compiled keras.Model whose optimizer step is `done_steps`.
+      data_from: function step -> the training data continuing at that optimizer step.
+      done_steps, steps_per_epoch, epochs: progress so far and the run's length.
+      **fit_kwargs: passed to every `fit` call (callbacks, validation_data, verbose, ...).
+
+    Returns:
+      dict name -> list of per-epoch values, as `History.history`, over both calls.
+    """
+    history = {}
+    epoch, into_epoch = divmod(done_steps, steps_per_epoch)
+    if into_epoch and epoch < epochs:
+        part = method.fit(
+            data_from(done_steps),
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            steps_per_epoch=steps_per_epoch - into_epoch,
+            **fit_kwargs,
+        )
+        history = dict(part.history)
+        epoch += 1
+    if epoch < epochs:
+        rest = method.fit(
+            data_from(epoch * steps_per_epoch),
+            initial_epoch=epoch,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            **fit_kwargs,
+        )
+        for key, values in rest.history.items():
+            history[key] = history.get(key, []) + list(values)
+    return history
 
 
 def build_student(cfg, input_size):
@@ -253,8 +290,23 @@ def run_and_return_model(cfg, extra_callbacks=()):
     """Like `run`, also returning the trained method (a keras.Model holding `.student`)."""
     import keras
 
-    from kd_keras import augment, callbacks, data, export, features, knn, precision, teacher_cache
+    from kd_keras import (
+        augment,
+        callbacks,
+        checkpointing,
+        data,
+        distributed,
+        export,
+        features,
+        knn,
+        precision,
+        teacher_cache,
+    )
 
+    # The strategy first: a multi-worker one must exist before TensorFlow runs any op.
+    strategy = select_strategy(cfg.strategy, cfg.multi_worker_timeout)
+    multi_worker = cfg.strategy == "multi_worker"
+    role = distributed.worker_role(cfg.workdir, multi_worker, CHECKPOINT_DIR, LOG_DIR)
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
     if os.path.isfile(config_path):
@@ -266,9 +318,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
                 "saved (resuming from the existing checkpoint).",
                 config_path,
             )
-    cfg.save(config_path)
+    if role.is_chief:
+        cfg.save(config_path)
     keras.utils.set_random_seed(cfg.seed)
-    strategy = select_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
 
     # Data.
@@ -309,26 +361,50 @@ def run_and_return_model(cfg, extra_callbacks=()):
     if clustering:
         view_fn = factory.multicrop_view_fn(cfg)  # {"large": [2, S, S, 3], "small": [V, s, s, 3]}
 
-    # Where a resumed run picks up: fit epochs done so far (from the checkpoint metadata) ->
-    # optimizer steps -> (data epoch, batches into it). Fit epochs need not match data epochs
-    # (--steps_per_epoch), so the data position is derived from the step count.
+    # Where a resumed run picks up: the optimizer step of the newest checkpoint (in a
+    # multi-worker run, the newest one every worker has) -> (data epoch, batches into it).
+    # Fit epochs need not match data epochs (--steps_per_epoch), so the data position is
+    # derived from the step count.
     data_steps = train_info.num_examples // cfg.optim.batch_size
-    done_steps = _read_epoch(cfg.workdir) * steps_per_epoch
-    start_epoch, skip_batches = divmod(done_steps, data_steps)
-    train_ds = data.make_train_dataset(
-        train_examples,
-        view_fn,
-        cfg.optim.batch_size,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        cache_decoded=cfg.data.cache_decoded,
-        start_epoch=start_epoch,
-        skip_batches=skip_batches,
-        deterministic=cfg.data.deterministic,
-        view_epochs=caches[0].epochs if caches else None,
-    )
-    if caches:
-        train_ds = teacher_cache.attach_features(train_ds, caches)
+    done_steps = distributed.resume_step(strategy, role.checkpoint_dirs)
+
+    def train_data(step, num_shards=1, shard_index=0, shard_batch_size=None):
+        """The training batches from optimizer step `step` on (one worker's share)."""
+        start_epoch, skip_batches = divmod(step, data_steps)
+        ds = data.make_train_dataset(
+            train_examples,
+            view_fn,
+            cfg.optim.batch_size,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            cache_decoded=cfg.data.cache_decoded,
+            start_epoch=start_epoch,
+            skip_batches=skip_batches,
+            deterministic=cfg.data.deterministic,
+            view_epochs=caches[0].epochs if caches else None,
+            num_shards=num_shards,
+            shard_index=shard_index,
+            shard_batch_size=shard_batch_size,
+        )
+        if caches:
+            ds = teacher_cache.attach_features(ds, caches)
+        return ds
+
+    def fit_data(step):
+        if not multi_worker:
+            return train_data(step)
+        # Each worker builds only its share of every global batch (kd_keras.data sharding),
+        # so no two workers see the same example in a step or an epoch.
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: train_data(
+                step,
+                ctx.num_input_pipelines,
+                ctx.input_pipeline_id,
+                ctx.get_per_replica_batch_size(cfg.optim.batch_size),
+            )
+        )
+
+    train_ds = train_data(done_steps)
 
     def eval_transform(image):
         return augment.center_crop(image, size)
@@ -367,26 +443,23 @@ def run_and_return_model(cfg, extra_callbacks=()):
             )
         method.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
         method.build((None, size, size, 3))
+        checkpointing.restore(method, role.checkpoint_dirs, done_steps)
 
-    logdir = os.path.join(cfg.workdir, LOG_DIR)
+    logdir = role.logdir
     cbs = [
         callbacks.NaNGuard(hint=NAN_HINTS["clustering" if clustering else "default"]),
-        keras.callbacks.BackupAndRestore(
-            os.path.join(cfg.workdir, CHECKPOINT_DIR),
-            save_freq=cfg.save_freq,
-            double_checkpoint=True,
-            delete_checkpoint=False,
-        ),
+        # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
+        checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
         keras.callbacks.TensorBoard(logdir, update_freq="epoch"),
         *extra_callbacks,
     ]
-    if cfg.log_images:
+    if cfg.log_images and role.is_chief:
         first = next(iter(train_ds.take(1)))
         views = {k: v for k, v in first.items() if k in ("student", "teacher")}
         # Multi-crop: the first crop of each resolution group.
         views.update({k: v[:, 0] for k, v in first.items() if k in ("large", "small")})
         cbs.append(callbacks.ViewImageLogger(logdir, views, cfg.log_images))
-    if cfg.eval.knn_monitor_every:
+    if cfg.eval.knn_monitor_every and role.is_chief:
         monitor = _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_info)
         if monitor is not None:
             cbs.append(monitor)
@@ -399,16 +472,18 @@ def run_and_return_model(cfg, extra_callbacks=()):
         validation = eval_views(eval_examples)
 
     t0 = time.time()
-    history = method.fit(
-        train_ds,
-        epochs=cfg.optim.epochs,
-        steps_per_epoch=steps_per_epoch,
+    history = fit_from_step(
+        method,
+        fit_data,
+        done_steps,
+        steps_per_epoch,
+        cfg.optim.epochs,
         validation_data=validation,
         callbacks=cbs,
         verbose=cfg.verbose,
     )
     train_seconds = time.time() - t0
-    last_logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+    last_logs = {k: float(v[-1]) for k, v in history.items() if v}
 
     results = {
         "method": cfg.method,
@@ -419,12 +494,15 @@ def run_and_return_model(cfg, extra_callbacks=()):
         "eval_split": eval_split if eval_info else None,
         "epochs": cfg.optim.epochs,
         "steps": int(method.optimizer.iterations.numpy()),
+        "final_learning_rate": float(method.optimizer.learning_rate.numpy()),
         "train_seconds_this_invocation": round(train_seconds, 1),
         "final_logs": last_logs,
     }
 
     # k-NN evaluation: backbone features, cosine, majority vote (SimReg protocol).
-    if cfg.evaluate and eval_info is not None and train_info.has_labels and eval_info.has_labels:
+    # Only the chief evaluates, exports and writes results; the others wait at the end.
+    evaluate = cfg.evaluate and role.is_chief and eval_info is not None
+    if evaluate and train_info.has_labels and eval_info.has_labels:
         memory = train_examples
         cap = cfg.eval.knn_max_train
         if cap and cap < train_info.num_examples:
@@ -452,7 +530,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
         if cfg.method in ("oss", "oss_offline"):
             knn_results["teacher"] = knn_of(method.teacher_backbone)
         if cfg.method != "supervised":
-            with strategy.scope():
+            # Only the chief gets here: under a multi-worker strategy, creating variables in
+            # its scope would start a broadcast that the other workers never join.
+            with strategy.scope() if not multi_worker else contextlib.nullcontext():
                 keras.utils.set_random_seed(cfg.seed + 1)
                 random_student = build_student(cfg, size)
             knn_results["random_init_student"] = knn_of(random_student)
@@ -463,7 +543,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
         results["num_train"] = train_info.num_examples
         results["num_eval"] = eval_info.num_examples
 
-    if cfg.export:
+    if cfg.export and role.is_chief:
         exported, exported_name = student, cfg.model.student
         if clustering:
             exported, exported_name = factory.exported_backbone(cfg, method)
@@ -475,10 +555,11 @@ def run_and_return_model(cfg, extra_callbacks=()):
             heads=getattr(method, "heads", None),
         )
         results["export"] = path
-    _write_json(os.path.join(cfg.workdir, RESULTS), results)
-    with open(os.path.join(cfg.workdir, DONE_MARKER), "w") as f:
-        f.write("done\n")
-    _print_summary(results)
+    if role.is_chief:
+        _write_json(os.path.join(cfg.workdir, RESULTS), results)
+        checkpointing.write_atomic(os.path.join(cfg.workdir, DONE_MARKER), "done\n")
+        _print_summary(results)
+    role.finish(strategy)
     return results, method
 
 
@@ -545,6 +626,20 @@ def _print_summary(results):
     sys.stdout.flush()
 
 
+def _run_worker(cfg):
+    """`run(cfg)`; in a multi-worker run a peer's failure restarts this process (see
+    kd_keras.distributed.restart_after_peer_failure) instead of ending it."""
+    try:
+        run(cfg)
+    except Exception as err:
+        if cfg.strategy == "multi_worker":
+            from kd_keras import distributed
+
+            if distributed.is_peer_failure(err):
+                distributed.restart_after_peer_failure(err, cfg.worker_restarts)
+        raise
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -555,7 +650,7 @@ def main(argv):
 
     try:
         cfg = config_lib.config_from_flags(flags.FLAGS)
-        run(cfg)
+        _run_worker(cfg)
     except (UsageError, ValueError, FileNotFoundError, NonFiniteLoss) as err:
         print(f"kd_keras.train: error: {err}", file=sys.stderr)
         if os.environ.get("KD_KERAS_DEBUG"):

@@ -110,7 +110,7 @@ def test_nan_loss_stops_with_a_message_and_writes_no_checkpoint(tmp_path):
     cfg = _cfg(tmp_path / "run", path, evaluate=False, export=False)
     with pytest.raises(NonFiniteLoss, match="loss became nan"):
         train.run(cfg)
-    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest.weights.h5")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "checkpoint.json")
 
 
 def test_batch_size_must_divide_over_replicas(tmp_path, teacher_file):
