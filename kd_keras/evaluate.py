@@ -560,6 +560,17 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
                 f"{dataset} has none."
             )
 
+    if "knn" in protocols:
+        # Checked before any feature is extracted: the memory is every n-th training example.
+        n, cap = train_info.num_examples, cfg.knn_max_train
+        memory_size = n if not cap or cap >= n else -(-n // -(-n // cap))
+        too_big = [k for k in cfg.knn_k if k > memory_size]
+        if too_big:
+            raise EvaluationError(
+                f"--knn_k={','.join(map(str, too_big))} exceeds the {memory_size} training "
+                "examples of the k-NN memory."
+            )
+
     def transform(image):
         return augment.center_crop(image, size)
 
