@@ -212,7 +212,10 @@ class ProjectionHead(keras.layers.Layer):
             return x
         seed = tf.stack([tf.cast(dropout_seed[0], tf.int64), tf.cast(dropout_seed[1], tf.int64)])
         seed = tf.random.experimental.stateless_fold_in(seed, k, alg="philox")
-        return tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
+        # Counter-based Philox keyed by the seed: the same seed gives the same mask on every
+        # run (XLA may still draw other masks than the TF kernels; both are valid dropout).
+        keep = tf.random.stateless_uniform(tf.shape(x), seed, alg="philox") >= rate
+        return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
 
     def call(self, features, training=False, dropout_seed=None):
         """Embeddings [B, E]; `dropout_seed` (int [2]) switches the dropout pass on."""
