@@ -467,7 +467,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
     # Per-epoch validation: MSE/cosine to each teacher (distillation) or accuracy (supervised).
     validation = None
     if clustering:
-        cbs.append(factory.CollapseWarning(factory.uniform_loss(cfg)))
+        # Before TensorBoard, so that the epoch logs it writes include collapse_warning.
+        cbs.insert(1, factory.CollapseWarning(factory.uniform_loss(cfg)))
     elif eval_examples is not None and (cfg.method != "supervised" or eval_info.has_labels):
         validation = eval_views(eval_examples)
 

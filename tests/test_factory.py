@@ -7,6 +7,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kd_keras import config as config_lib
 from kd_keras import export, train
@@ -72,6 +73,11 @@ def test_oss_run_trains_evaluates_and_exports(oss_run):
     for role in ("teacher", "student"):
         manifest = json.loads((workdir / "networks" / role / "manifest.json").read_text())
         assert manifest["num_prototypes"] == 10 and manifest["proj_dim"] == 8
+    acc = EventAccumulator(str(workdir / "logs" / "train"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"epoch_grl_alpha", "epoch_collapse_warning", "epoch_loss_teacher"} <= tags, tags
+    assert {"views/large", "views/small"} <= tags
 
 
 def test_oss_offline_loads_the_frozen_teacher_and_prototypes(oss_run, tmp_path):
