@@ -48,3 +48,17 @@ def two_cpu_strategy():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     tf.distribute.MirroredStrategy._collective_key_base += 100000
     return strategy
+
+
+def np_sinkhorn(scores, epsilon=0.05, num_iters=3):
+    """SwAV's exp-domain Sinkhorn-Knopp in float64, as written in the SwAV repository."""
+    s = np.asarray(scores, np.float64)
+    q = np.exp((s - s.max()) / epsilon).T  # [K, N]
+    k, n = q.shape
+    q /= q.sum()
+    for _ in range(num_iters):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= n
+    return (q * n).T

@@ -12,7 +12,7 @@ from kd_keras.methods import OSS, SwAV
 from kd_keras.methods.oss import STUDENT, TEACHER
 from kd_keras.methods.swav import crop_groups, dropout_seed
 from kd_keras.optimizers import LARS
-from tests.helpers import two_cpu_strategy
+from tests.helpers import np_sinkhorn, two_cpu_strategy
 
 SIZE, SMALL, N_LARGE, N_SMALL = 16, 8, 2, 2
 E, K, B = 8, 12, 8
@@ -69,18 +69,6 @@ def _swav(queue_length=16, queue_start=1, seed=0):
 # ---- an independent NumPy port of the A.1 pseudo-code (float64) ----
 
 
-def _np_sinkhorn(out, eps=0.05, iters=3):
-    q = np.exp(out / eps).T  # [K, B], SwAV's distributed_sinkhorn on one process
-    k, b = q.shape
-    q /= q.sum()
-    for _ in range(iters):
-        q /= q.sum(axis=1, keepdims=True)
-        q /= k
-        q /= q.sum(axis=0, keepdims=True)
-        q /= b
-    return (q * b).T
-
-
 def _np_log_softmax(x):
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -104,7 +92,7 @@ def _np_oss_step(z, zd, w, wd, c, queue, count, use_queue, d_t, d_s, tau=0.1):
             out = np.concatenate([queue[i, :count] @ c, out])
         queue[i, b:] = queue[i, :-b].copy()
         queue[i, :b] = z[i]
-        q = _np_sinkhorn(out)[-b:]
+        q = np_sinkhorn(out)[-b:]
         sub1 = sub2 = 0.0
         for v in range(2 * n_views):
             if v == i:

@@ -3,21 +3,7 @@ import pytest
 import tensorflow as tf
 
 from kd_keras import losses
-from tests.helpers import two_cpu_strategy
-
-
-def _np_sinkhorn(scores, epsilon, num_iters):
-    """SwAV's exp-domain algorithm in float64, written as in the SwAV repository."""
-    s = np.asarray(scores, np.float64)
-    q = np.exp((s - s.max()) / epsilon).T  # [K, N]
-    k, n = q.shape
-    q /= q.sum()
-    for _ in range(num_iters):
-        q /= q.sum(axis=1, keepdims=True)
-        q /= k
-        q /= q.sum(axis=0, keepdims=True)
-        q /= n
-    return (q * n).T
+from tests.helpers import np_sinkhorn, two_cpu_strategy
 
 
 def _scores(n=12, k=5, seed=0, scale=1.0):
@@ -35,7 +21,7 @@ def test_sinkhorn_matches_numpy_reference(epsilon, num_iters):
     s = _scores(seed=num_iters)
     got = losses.sinkhorn(s, epsilon=epsilon, num_iters=num_iters)
     assert got.dtype == tf.float32 and got.shape == (12, 5)
-    np.testing.assert_allclose(got.numpy(), _np_sinkhorn(s, epsilon, num_iters), atol=2e-6)
+    np.testing.assert_allclose(got.numpy(), np_sinkhorn(s, epsilon, num_iters), atol=2e-6)
 
 
 def test_sinkhorn_marginals():
@@ -79,7 +65,7 @@ def test_sinkhorn_small_epsilon_large_scores_is_finite():
     np.testing.assert_allclose(codes.sum(axis=1), np.ones(16), atol=1e-5)
     # SwAV's exp-domain version underflows here (0/0), which is why the log domain is used.
     with np.errstate(all="ignore"):
-        assert not np.isfinite(_np_sinkhorn(s, 0.01, 3)).all()
+        assert not np.isfinite(np_sinkhorn(s, 0.01, 3)).all()
 
 
 def test_sinkhorn_no_gradient_and_bad_arguments():
@@ -117,7 +103,7 @@ def test_sinkhorn_two_replicas_equal_one_device(use_tf_function, split):
     got = np.concatenate(local)
     want = losses.sinkhorn(s, epsilon=0.05, num_iters=3).numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
-    np.testing.assert_allclose(got, _np_sinkhorn(s, 0.05, 3), atol=2e-6)
+    np.testing.assert_allclose(got, np_sinkhorn(s, 0.05, 3), atol=2e-6)
     # Per-replica (local-only) normalisation would differ: the all-reduce matters.
     local_only = np.concatenate(
         [losses.sinkhorn(s[:split]).numpy(), losses.sinkhorn(s[split:]).numpy()]
@@ -129,7 +115,7 @@ def test_sinkhorn_row_mask_equals_dropping_the_rows():
     s = _scores(n=14, k=6, seed=3)
     mask = np.array([False, True, False, False, True] + [True] * 9)
     got = losses.sinkhorn(s, 0.05, 3, row_mask=mask).numpy()
-    np.testing.assert_allclose(got[mask], _np_sinkhorn(s[mask], 0.05, 3), atol=2e-6)
+    np.testing.assert_allclose(got[mask], np_sinkhorn(s[mask], 0.05, 3), atol=2e-6)
     np.testing.assert_array_equal(got[~mask], 0.0)
     assert np.all(np.isfinite(got))
 
@@ -137,7 +123,7 @@ def test_sinkhorn_row_mask_equals_dropping_the_rows():
 def test_sinkhorn_row_mask_two_replicas_equal_one_device():
     s = _scores(n=16, k=5, seed=4)
     mask = np.arange(16) % 3 != 0
-    expected = _np_sinkhorn(s[mask], 0.05, 3)
+    expected = np_sinkhorn(s[mask], 0.05, 3)
     strategy = two_cpu_strategy()
 
     @tf.function
