@@ -12,7 +12,7 @@ can resume on a host that shares no file system with the others.
 Failure handling:
 * a malformed TF_CONFIG is a ValueError naming what is wrong;
 * a cluster that does not form within `timeout_seconds` (a worker never started, a wrong
-  address) ends the process with one line naming the unreachable workers, exit code 2;
+  address) is a TimeoutError naming the unreachable workers (one line, exit code 2);
 * when a peer dies during training the others' collectives fail (TensorFlow aborts them);
   `restart_after_peer_failure` then re-executes the surviving process with its own command,
   so that every worker resumes from the same checkpoint once the dead one is started again.
@@ -25,7 +25,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 JOBS = ("chief", "worker")
@@ -140,25 +139,44 @@ def unreachable(info, timeout=1.0):
     return out
 
 
-def _give_up(info, timeout_seconds):
-    missing = unreachable(info)
-    if missing:
-        detail = "no answer from " + ", ".join(info.name(i) for i in missing)
-    else:
-        detail = (
-            "every peer accepts connections but the cluster did not form; do all workers run "
-            "the same command with the same TF_CONFIG cluster?"
-        )
-    print(
-        f"kd_keras.train: error: {info.name(info.worker_id)}: the TF_CONFIG cluster of "
-        f"{info.num_workers} workers did not form within --cluster_timeout={timeout_seconds:g} "
-        f"s: {detail}.",
-        file=sys.stderr,
-        flush=True,
-    )
-    sys.stdout.flush()
-    # The main thread is blocked inside TensorFlow and cannot be interrupted from Python.
-    os._exit(2)
+def wait_for_peers(info, timeout_seconds, poll_seconds=0.2):
+    """Returns once every other worker's address accepts TCP connections.
+
+    TensorFlow's own wait for the cluster holds the Python interpreter lock and ignores
+    signals, so a missing worker would hang it for good; this check runs first, in Python.
+    Meanwhile this process listens on its own address, so that peers doing the same check see
+    it (the listener is closed before TensorFlow's server takes the port).
+
+    Raises:
+      TimeoutError: naming the workers that did not answer within `timeout_seconds`.
+      ValueError: this worker's own port is taken by another program.
+    """
+    port = int(info.addresses[info.worker_id].rpartition(":")[2])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", port))
+        listener.listen(16)
+    except OSError as err:
+        listener.close()
+        raise ValueError(
+            f"TF_CONFIG: {info.name(info.worker_id)} cannot listen on port {port}: {err}."
+        ) from err
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        while True:
+            missing = unreachable(info, timeout=min(1.0, timeout_seconds))
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{info.name(info.worker_id)}: the TF_CONFIG cluster of {info.num_workers} "
+                    f"workers did not form within --multi_worker_timeout={timeout_seconds:g} s: "
+                    "no answer from " + ", ".join(info.name(i) for i in missing) + "."
+                )
+            time.sleep(poll_seconds)
+    finally:
+        listener.close()
 
 
 def cluster_info():
@@ -169,9 +187,12 @@ def cluster_info():
 def multi_worker_strategy(timeout_seconds):
     """The process' MultiWorkerMirroredStrategy, made once, after every worker is up.
 
-    Waits at most `timeout_seconds` for the cluster to form (a watchdog thread reports the
-    unreachable workers and ends the process: the waiting happens inside TensorFlow, which
-    ignores signals and cannot be interrupted from Python).
+    Waits at most `timeout_seconds` for the other workers (`wait_for_peers`), then builds the
+    strategy and passes a first collective, which every worker reaches.
+
+    Raises:
+      ValueError: a malformed TF_CONFIG.
+      TimeoutError: a worker did not start in time.
     """
     global _strategy, _info
     if _strategy is not None:
@@ -179,18 +200,13 @@ def multi_worker_strategy(timeout_seconds):
     import tensorflow as tf
 
     info = parse_tf_config(os.environ.get("TF_CONFIG"))
-    watchdog = threading.Timer(timeout_seconds, _give_up, args=(info, timeout_seconds))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
-            )
+    wait_for_peers(info, timeout_seconds)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
         )
-        gather_ints(strategy, info.worker_id)  # a barrier: every worker has started
-    finally:
-        watchdog.cancel()
+    )
+    gather_ints(strategy, info.worker_id)  # a barrier: every worker has started
     _strategy, _info = strategy, info
     return strategy
 

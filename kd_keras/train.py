@@ -652,7 +652,7 @@ def main(argv):
     try:
         cfg = config_lib.config_from_flags(flags.FLAGS)
         _run_worker(cfg)
-    except (UsageError, ValueError, FileNotFoundError, NonFiniteLoss) as err:
+    except (UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError) as err:
         print(f"kd_keras.train: error: {err}", file=sys.stderr)
         if os.environ.get("KD_KERAS_DEBUG"):
             raise
