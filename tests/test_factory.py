@@ -219,4 +219,4 @@ def test_nan_in_an_oss_run_stops_with_the_sinkhorn_hint(tmp_path):
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30))
     with pytest.raises(NonFiniteLoss, match="Sinkhorn"):
         train.run(cfg)
-    assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "latest.weights.h5")
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "checkpoint.json")
