@@ -197,6 +197,21 @@ def test_losses_decrease_on_tiny_data(method):
         assert hist[key][-1] < hist[key][0] - 0.05, (key, hist[key])
 
 
+def test_swav_predicts_codes_far_below_uniform_when_views_agree():
+    # With identical crops the codes are predictable, so the loss must fall well below ln K
+    # (uniform predictions); a mix-up of views, codes or prototypes would keep it near ln K.
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(64, SIZE, SIZE, 3)).astype(np.float32)
+    small = tf.image.resize(images, (SMALL, SMALL)).numpy()
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"large": np.stack([images, images], 1), "small": np.stack([small, small], 1)}
+    )
+    model = _swav(queue_length=0)
+    model.compile(optimizer=LARS(2.0, weight_decay=1e-6))
+    hist = model.fit(ds.batch(32).repeat(), epochs=10, steps_per_epoch=10, verbose=0).history
+    assert hist["loss"][-1] < 0.3 * np.log(K), hist["loss"]
+
+
 def test_queue_survives_checkpoint_round_trip(tmp_path):
     model = _oss(queue_length=16)
     ds = tf.data.Dataset.from_tensors(_batch()).repeat()
