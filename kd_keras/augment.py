@@ -652,7 +652,11 @@ def swav_view(image, seed, size, scale, color_strength=1.0, blur_p=0.5):
 
 
 def make_multicrop_fn(
-    sizes=(224, 96), counts=(2, 6), scales=((0.14, 1.0), (0.05, 0.14)), color_strength=1.0
+    sizes=(224, 96),
+    counts=(2, 6),
+    scales=((0.14, 1.0), (0.05, 0.14)),
+    color_strength=1.0,
+    blur_p=0.5,
 ):
     """Builds ``fn(image, seed) -> {"large": [n0, S0, S0, 3], "small": [n1, S1, S1, 3]}``.
 
@@ -666,6 +670,7 @@ def make_multicrop_fn(
         counts: (number of large crops (>= 1; 2 for SwAV/OSS), number of small crops (>= 0)).
         scales: ((lo, hi) large, (lo, hi) small) area-fraction ranges.
         color_strength: SwAV's colour-distortion strength s.
+        blur_p: probability of the Gaussian blur (SwAV: 0.5).
     """
     if len(sizes) != 2 or len(counts) != 2 or len(scales) != 2:
         raise ValueError(
@@ -690,7 +695,7 @@ def make_multicrop_fn(
             if count == 0:
                 continue
             views = [
-                swav_view(image, seeds[start + j], size, scale, color_strength)
+                swav_view(image, seeds[start + j], size, scale, color_strength, blur_p)
                 for j in range(count)
             ]
             out[key] = tf.stack(views)

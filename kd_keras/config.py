@@ -183,6 +183,8 @@ def define_flags():
     flags.DEFINE_integer("num_small_crops", 6, "Small crops per image (--small_crop_size side).")
     flags.DEFINE_list("large_crop_scale", ["0.14", "1.0"], "Area range of the large crops.")
     flags.DEFINE_list("small_crop_scale", ["0.05", "0.14"], "Area range of the small crops.")
+    flags.DEFINE_float("color_strength", 1.0, "SwAV colour-distortion strength s (0 = none).")
+    flags.DEFINE_float("blur_prob", 0.5, "Probability of the Gaussian blur of a crop.")
     flags.DEFINE_integer("num_prototypes", 3000, "Number of prototypes K.")
     flags.DEFINE_integer("proj_dim", 128, "Embedding size E of the projection heads.")
     flags.DEFINE_integer("proj_hidden_dim", 2048, "Hidden width (Linear1) of the heads.")
@@ -304,6 +306,8 @@ class ClusterConfig:
     num_small_crops: int = 6
     large_crop_scale: tuple[float, float] = (0.14, 1.0)
     small_crop_scale: tuple[float, float] = (0.05, 0.14)
+    color_strength: float = 1.0
+    blur_prob: float = 0.5
     num_prototypes: int = 3000
     proj_dim: int = 128
     proj_hidden_dim: int = 2048
@@ -537,6 +541,11 @@ def _cluster_config(fv):
         raise ValueError(f"--proj_dropout must be two rates, got {fv.proj_dropout}.") from err
     if len(dropout) != 2 or min(dropout) < 0.0 or max(dropout) >= 1.0:
         raise ValueError(f"--proj_dropout rates must be in [0, 1), got {fv.proj_dropout}.")
+    if fv.color_strength < 0 or not 0.0 <= fv.blur_prob <= 1.0:
+        raise ValueError(
+            f"--color_strength must be >= 0 and --blur_prob in [0, 1], got "
+            f"{fv.color_strength} and {fv.blur_prob}."
+        )
     if fv.temperature <= 0 or fv.sinkhorn_epsilon <= 0:
         raise ValueError("--temperature and --sinkhorn_epsilon must be positive.")
     if fv.final_lr < 0 or fv.final_lr > fv.lr:
@@ -560,6 +569,8 @@ def _cluster_config(fv):
         num_small_crops=fv.num_small_crops,
         large_crop_scale=_float_pair("large_crop_scale", fv.large_crop_scale, upper=1.0),
         small_crop_scale=_float_pair("small_crop_scale", fv.small_crop_scale, upper=1.0),
+        color_strength=fv.color_strength,
+        blur_prob=fv.blur_prob,
         num_prototypes=fv.num_prototypes,
         proj_dim=fv.proj_dim,
         proj_hidden_dim=fv.proj_hidden_dim,

@@ -29,6 +29,8 @@ def multicrop_view_fn(cfg):
         sizes=(cfg.data.image_size, c.small_crop_size),
         counts=(c.num_large_crops, c.num_small_crops),
         scales=(c.large_crop_scale, c.small_crop_scale),
+        color_strength=c.color_strength,
+        blur_p=c.blur_prob,
     )
 
 
