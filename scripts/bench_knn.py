@@ -123,6 +123,19 @@ def main(argv=None):
         help="test rows per matmul; the similarity block is chunk x num_train float32",
     )
     parser.add_argument("--num_threads", type=int, default=None, help="FAISS threads")
+    parser.add_argument(
+        "--faiss_database_block",
+        type=int,
+        default=None,
+        help="faiss.cvar.distance_compute_blas_database_bs: database rows per BLAS block of the "
+        "flat search (FAISS default 1024); larger blocks mean fewer, larger matrix products",
+    )
+    parser.add_argument(
+        "--faiss_query_block",
+        type=int,
+        default=None,
+        help="faiss.cvar.distance_compute_blas_query_bs (FAISS default 4096)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_knn.json", help="path of the JSON report")
@@ -150,11 +163,25 @@ def main(argv=None):
             train, train_labels, test_rows, args.k, args.num_classes, args.numpy_chunk_size
         )
 
+    faiss_defaults = {
+        "database_block": faiss.cvar.distance_compute_blas_database_bs,
+        "query_block": faiss.cvar.distance_compute_blas_query_bs,
+    }
+    if args.faiss_database_block:
+        faiss.cvar.distance_compute_blas_database_bs = args.faiss_database_block
+    if args.faiss_query_block:
+        faiss.cvar.distance_compute_blas_query_bs = args.faiss_query_block
     # Warm-up on a few rows so thread-pool start-up is not billed to the first timed run.
     run_faiss(test[:64])
     run_numpy(test[:64])
-    faiss_pred, faiss_times = timed(run_faiss, args.repeats)
-    (numpy_pred, numpy_nbrs), numpy_times = timed(run_numpy, args.repeats)
+    # The two alternate (NumPy, FAISS, NumPy, FAISS, ...) so that a change of machine load
+    # during the benchmark hits both alike.
+    faiss_times, numpy_times = [], []
+    for _ in range(args.repeats):
+        (numpy_pred, numpy_nbrs), t = timed(run_numpy, 1)
+        numpy_times += t
+        faiss_pred, t = timed(run_faiss, 1)
+        faiss_times += t
 
     differ = np.flatnonzero(faiss_pred != numpy_pred)
     _, faiss_nbrs = knn.search_neighbors(train, test, args.k, chunk_size=args.faiss_chunk_size)
@@ -178,6 +205,9 @@ def main(argv=None):
             "vote": "majority",
             "faiss_chunk_size": args.faiss_chunk_size,
             "numpy_chunk_size": args.numpy_chunk_size,
+            "faiss_database_block": faiss.cvar.distance_compute_blas_database_bs,
+            "faiss_query_block": faiss.cvar.distance_compute_blas_query_bs,
+            "faiss_block_defaults": faiss_defaults,
         },
         "threads": {
             "faiss_omp_max_threads": args.num_threads or faiss.omp_get_max_threads(),
@@ -194,6 +224,7 @@ def main(argv=None):
             ),
         },
         "repeats": args.repeats,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "seed": args.seed,
         "machine": machine_info(),
     }
