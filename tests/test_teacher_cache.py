@@ -14,7 +14,7 @@ import tensorflow as tf
 from kd_keras import augment, backbones, config, data, teacher_cache, train
 from kd_keras.methods import SimReg
 from kd_keras.teachers import load_teacher
-from tests.helpers import tiny_student
+from tests.helpers import tiny_student, tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -314,3 +314,27 @@ def test_cache_writer_refuses_to_overwrite_a_different_cache(tmp_path, teacher_f
             [out], [teacher], small, small_info, _data_cfg(), SEED + 1, **kwargs
         )
     assert tf.io.gfile.exists(os.path.join(out, "manifest.json"))
+
+
+def test_two_teachers_get_one_cache_each_and_both_features_reach_the_batch(tmp_path, digits):
+    examples, info = digits
+    small = examples.take(48)
+    small_info = dataclasses.replace(info, num_examples=48)
+    teachers = [tiny_teacher("a", size=SIZE, dim=5, seed=1), tiny_teacher("b", size=SIZE, dim=7)]
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    teacher_cache.write_caches(
+        dirs, teachers, small, small_info, _data_cfg(), SEED, epochs=1, batch_size=16,
+        log=lambda _: None,
+    )  # fmt: skip
+    # The parent directory stands for both caches.
+    assert teacher_cache.expand_cache_dirs([str(tmp_path)]) == dirs
+    caches = [teacher_cache.TeacherCache(d) for d in dirs]
+    ds = data.make_train_dataset(
+        small, _student_view_fn(_data_cfg()), 16, seed=SEED, shuffle_buffer=48, view_epochs=1
+    )
+    batch = next(iter(teacher_cache.attach_features(ds, caches)))
+    for teacher in teachers:
+        got = batch["teacher_features"][teacher.name].numpy().astype(np.float32)
+        want = teacher(batch["student"]).numpy()
+        assert got.shape == (16, teacher.feature_dim)
+        np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max(), rtol=2e-3)
