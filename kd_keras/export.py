@@ -37,7 +37,9 @@ def export_backbone(backbone, export_dir, metadata=None, heads=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        backbone.export(os.path.join(tmp, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+        _float32_outputs(backbone).export(
+            os.path.join(tmp, SAVED_MODEL_DIR), format="tf_saved_model", verbose=False
+        )
         backbone.save(os.path.join(tmp, KERAS_FILE))
         head_names = []
         for head in heads or ():
@@ -65,6 +67,17 @@ def export_backbone(backbone, export_dir, metadata=None, heads=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return export_dir
+
+
+def _float32_outputs(backbone):
+    """`backbone`, or a wrapper casting its features to float32 when it was built under a
+    mixed-precision policy (the SavedModel promises float32 features)."""
+    if keras.backend.standardize_dtype(backbone.output.dtype) == "float32":
+        return backbone
+    inputs = keras.Input(backbone.input_shape[1:], dtype="float32", name="images")
+    # A float32 layer casts its floating inputs to its compute dtype.
+    features = keras.layers.Identity(dtype="float32", name="features_float32")(backbone(inputs))
+    return keras.Model(inputs, features, name=backbone.name)
 
 
 def load_exported(export_dir):

@@ -41,3 +41,18 @@ def test_failed_export_leaves_nothing_half_written(tmp_path, backbone, monkeypat
 def test_loading_a_directory_without_export_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No exported SavedModel"):
         export.load_exported(str(tmp_path))
+
+
+def test_mixed_precision_backbone_exports_float32_features(tmp_path):
+    from kd_keras.precision import policy_scope
+
+    keras.utils.set_random_seed(0)
+    with policy_scope("mixed_bfloat16"):
+        model = backbones.build_backbone("convnet_tiny", 8)
+    assert keras.backend.standardize_dtype(model.output.dtype) == "bfloat16"
+    out = export.export_backbone(model, str(tmp_path / "export"))
+    images = np.random.default_rng(0).uniform(size=(3, 8, 8, 3)).astype(np.float32)
+    got = export.load_exported(out)(images)
+    assert got.dtype == "float32"
+    expected = np.asarray(model(images, training=False), np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
