@@ -278,14 +278,11 @@ def latest_checkpoint(directory):
     the newest listed file that exists wins) and Keras BackupAndRestore's latest.weights.h5
     (runs from before step checkpoints).
     """
-    state_path = os.path.join(directory, "checkpoint.json")
-    if os.path.isfile(state_path):
-        with open(state_path) as f:
-            files = json.load(f).get("files", {})
-        for step in sorted(files, key=int, reverse=True):
-            path = os.path.join(directory, files[step])
-            if os.path.isfile(path):
-                return path
+    from kd_keras import checkpointing
+
+    steps = checkpointing.available_steps(directory)
+    if steps:
+        return checkpointing.read_state(directory)["files"][steps[0]]
     legacy = os.path.join(directory, "latest.weights.h5")
     return legacy if os.path.isfile(legacy) else None
 
