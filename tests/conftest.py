@@ -29,3 +29,17 @@ def _fresh_collective_keys():
     """
     tf.distribute.MirroredStrategy._collective_key_base += 100000
     yield
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A small saved `.keras` teacher (convnet_tiny at 8 px) shared by the end-to-end tests."""
+    import keras
+
+    from kd_keras import backbones
+
+    keras.utils.set_random_seed(11)
+    model = backbones.build_backbone("convnet_tiny", 8)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
+    model.save(path)
+    return path

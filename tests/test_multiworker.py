@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import h5py
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import backbones, data, distributed
+from kd_keras import data, distributed
 from kd_keras.launch import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,15 +106,6 @@ def test_bad_tf_config_and_a_missing_worker_end_with_one_line(tmp_path):
     assert "did not form within --multi_worker_timeout=3 s" in alone.stderr
     assert f"no answer from worker 1 ({workers[1]})" in alone.stderr
     assert "Traceback" not in alone.stderr
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    keras.utils.set_random_seed(11)
-    model = backbones.build_backbone("convnet_tiny", 8)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
-    model.save(path)
-    return path
 
 
 def _h5_arrays(path):

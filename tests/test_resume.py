@@ -13,18 +13,9 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import backbones, checkpointing, config, train
+from kd_keras import checkpointing, config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    keras.utils.set_random_seed(11)
-    model = backbones.build_backbone("convnet_tiny", 8)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
-    model.save(path)
-    return path
 
 
 def _cfg(workdir, teacher, **overrides):

@@ -12,20 +12,11 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd_keras import backbones, config, export, train
+from kd_keras import config, export, train
 from kd_keras.callbacks import NonFiniteLoss
 from kd_keras.teachers import load_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    keras.utils.set_random_seed(11)
-    model = backbones.build_backbone("convnet_tiny", 8)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
-    model.save(path)
-    return path
 
 
 def _cfg(workdir, teacher, **overrides):
