@@ -16,7 +16,6 @@ training once first, or pass the run directory as --teacher with name=recipe_<re
 import dataclasses
 import logging
 import os
-import sys
 
 from absl import app, flags
 
@@ -92,16 +91,11 @@ def run(cache_cfg, workdir=None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)
-    try:
-        cache_cfg = config_lib.cache_config_from_flags(flags.FLAGS)
-        run(cache_cfg, workdir=flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kd_keras.cache_teacher: error: {err}", file=sys.stderr)
-        if os.environ.get("KD_KERAS_DEBUG"):
-            raise
-        sys.exit(2)
+    from kd_keras import cli
+
+    cli.quiet_logging()
+    with cli.one_line_errors("kd_keras.cache_teacher", (ValueError, FileNotFoundError)):
+        run(config_lib.cache_config_from_flags(flags.FLAGS), workdir=flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1058,18 +1058,14 @@ def _write_json(path, obj):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)
-    try:
+    from kd_keras import cli
+
+    cli.quiet_logging()
+    errors = (EvaluationError, ValueError, FileNotFoundError)
+    with cli.one_line_errors(PROG, errors, first_line=True):
         cfg = config_lib.evaluate_config_from_flags(flags.FLAGS)
         loaded = load_model(cfg.model, from_checkpoint=cfg.from_checkpoint)
         results = evaluate(loaded, cfg)
-    except (EvaluationError, ValueError, FileNotFoundError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        if os.environ.get("KD_KERAS_DEBUG"):
-            raise
-        sys.exit(2)
     print(format_table(results))
     print(f"results: {os.path.join(results['eval_dir'], RESULTS)}")
     if "knn_monitor_plot" in results:

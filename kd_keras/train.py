@@ -644,19 +644,13 @@ def _run_worker(cfg):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # Our own progress at INFO; TensorFlow's, FAISS' and absl's chatter only from WARNING up.
-    logging.getLogger().setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)
+    from kd_keras import cli
     from kd_keras.callbacks import NonFiniteLoss
 
-    try:
-        cfg = config_lib.config_from_flags(flags.FLAGS)
-        _run_worker(cfg)
-    except (UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError) as err:
-        print(f"kd_keras.train: error: {err}", file=sys.stderr)
-        if os.environ.get("KD_KERAS_DEBUG"):
-            raise
-        sys.exit(2)
+    cli.quiet_logging()
+    errors = (UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError)
+    with cli.one_line_errors("kd_keras.train", errors):
+        _run_worker(config_lib.config_from_flags(flags.FLAGS))
 
 
 if __name__ == "__main__":
