@@ -557,33 +557,17 @@ def _cluster_config(fv):
             f"--queue_length={fv.queue_length} must be a multiple of the global "
             f"--batch_size={fv.batch_size} (OSS: 3840 = 15 x 256)."
         )
+    # Every field has a flag of the same name; these are parsed from strings first.
+    parsed = {
+        "large_crop_scale": _float_pair("large_crop_scale", fv.large_crop_scale, upper=1.0),
+        "small_crop_scale": _float_pair("small_crop_scale", fv.small_crop_scale, upper=1.0),
+        "proj_dropout": dropout,
+    }
     return ClusterConfig(
-        optimizer=fv.optimizer,
-        final_lr=fv.final_lr,
-        lars_trust=fv.lars_trust,
-        lars_exclude_bn_bias=fv.lars_exclude_bn_bias,
-        online_teacher=fv.online_teacher,
-        export_network=fv.export_network,
-        small_crop_size=fv.small_crop_size,
-        num_large_crops=fv.num_large_crops,
-        num_small_crops=fv.num_small_crops,
-        large_crop_scale=_float_pair("large_crop_scale", fv.large_crop_scale, upper=1.0),
-        small_crop_scale=_float_pair("small_crop_scale", fv.small_crop_scale, upper=1.0),
-        color_strength=fv.color_strength,
-        blur_prob=fv.blur_prob,
-        num_prototypes=fv.num_prototypes,
-        proj_dim=fv.proj_dim,
-        proj_hidden_dim=fv.proj_hidden_dim,
-        proj_dropout=dropout,
-        dropout_position=fv.dropout_position,
-        dropout_views=fv.dropout_views,
-        temperature=fv.temperature,
-        sinkhorn_epsilon=fv.sinkhorn_epsilon,
-        sinkhorn_iters=fv.sinkhorn_iters,
-        queue_length=fv.queue_length,
-        queue_start_epoch=fv.queue_start_epoch,
-        freeze_prototypes_steps=fv.freeze_prototypes_steps,
-        classifier_hidden=fv.classifier_hidden,
+        **{
+            f.name: parsed[f.name] if f.name in parsed else fv[f.name].value
+            for f in dataclasses.fields(ClusterConfig)
+        }
     )
 
 

@@ -6,6 +6,5 @@ from kd_keras.methods.supervised import Supervised
 from kd_keras.methods.swav import SwAV
 
 DISTILLATION_VARIANTS = ("simreg", "regress", "regress_bn")
-CLUSTERING_METHODS = ("swav", "oss", "oss_offline")
 
-__all__ = ["OSS", "SimReg", "Supervised", "SwAV", "DISTILLATION_VARIANTS", "CLUSTERING_METHODS"]
+__all__ = ["OSS", "SimReg", "Supervised", "SwAV", "DISTILLATION_VARIANTS"]

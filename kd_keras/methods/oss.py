@@ -143,10 +143,6 @@ class OSS(Method):
         return self.student_backbone
 
     @property
-    def teacher(self):
-        return self.teacher_backbone
-
-    @property
     def metrics(self):
         return list(self.trackers.values())
 
