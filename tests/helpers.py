@@ -62,3 +62,17 @@ def np_sinkhorn(scores, epsilon=0.05, num_iters=3):
         q /= q.sum(axis=0, keepdims=True)
         q /= n
     return (q * n).T
+
+
+def h5_arrays(path):
+    """Every dataset of an HDF5 file (e.g. a .weights.h5 checkpoint): {path in file: array}."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out

@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from kd_keras import data, distributed
 from kd_keras.launch import free_ports
+from tests.helpers import h5_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,17 +108,6 @@ def test_bad_tf_config_and_a_missing_worker_end_with_one_line(tmp_path):
     assert "Traceback" not in alone.stderr
 
 
-def _h5_arrays(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, obj: (
-                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    return out
-
-
 def test_two_local_workers_train_simreg_to_identical_weights(tmp_path, teacher_file):
     workdir = tmp_path / "run"
     launch = subprocess.run(
@@ -174,8 +163,8 @@ def test_two_local_workers_train_simreg_to_identical_weights(tmp_path, teacher_f
         "worker_1",
     ]
     assert os.listdir(workdir / "worker_1") == ["checkpoints"]
-    chief = _h5_arrays(workdir / "checkpoints" / "ckpt-000000006.weights.h5")
-    other = _h5_arrays(workdir / "worker_1" / "checkpoints" / "ckpt-000000006.weights.h5")
+    chief = h5_arrays(workdir / "checkpoints" / "ckpt-000000006.weights.h5")
+    other = h5_arrays(workdir / "worker_1" / "checkpoints" / "ckpt-000000006.weights.h5")
     assert chief.keys() == other.keys()
     trained = [k for k in chief if "student" in k or "head" in k]
     assert trained

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
 from kd_keras import checkpointing, config, train
+from tests.helpers import h5_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,17 +79,6 @@ def test_checkpoints_are_replaced_atomically_and_two_are_kept(tmp_path, teacher_
     ]
 
 
-def _h5_arrays(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, obj: (
-                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    return out
-
-
 def _train_cmd(workdir, teacher):
     return [
         sys.executable,
@@ -148,8 +137,8 @@ def test_sigkill_mid_run_then_same_command_ends_like_an_uninterrupted_run(tmp_pa
     b = json.loads((killed_dir / "results.json").read_text())
     assert a["steps"] == b["steps"] == 18
     assert b["final_learning_rate"] == pytest.approx(a["final_learning_rate"], abs=1e-9)
-    wa = _h5_arrays(straight_dir / "checkpoints" / "ckpt-000000018.weights.h5")
-    wb = _h5_arrays(killed_dir / "checkpoints" / "ckpt-000000018.weights.h5")
+    wa = h5_arrays(straight_dir / "checkpoints" / "ckpt-000000018.weights.h5")
+    wb = h5_arrays(killed_dir / "checkpoints" / "ckpt-000000018.weights.h5")
     assert wa.keys() == wb.keys() and wa
     for key in wa:
         np.testing.assert_allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5, err_msg=key)
