@@ -22,6 +22,9 @@ Stable layer names, for `model.get_layer(name).output`:
 The keras.applications backbones keep their own inner layer names (no "stageN" layers).
 """
 
+import dataclasses
+import re
+
 import keras
 from keras import layers, ops
 
@@ -236,8 +239,10 @@ def _basic_block(x, filters, stride, name, out_name, bn):
     return layers.ReLU(name=out_name)(y)
 
 
-def _bottleneck_block(x, filters, stride, name, out_name, bn):
-    out_filters = 4 * filters
+def _bottleneck_block(x, filters, stride, name, out_name, bn, out_filters=None):
+    # out_filters differs from 4 * filters only in wide ResNets (torchvision's wide_resnet*_2
+    # widen the two inner convs, not the block output).
+    out_filters = 4 * filters if out_filters is None else out_filters
     shortcut = x
     y = _conv(x, filters, 1, 1, f"{name}_conv1")
     y = bn(f"{name}_bn1")(y)
@@ -258,23 +263,45 @@ def _bottleneck_block(x, filters, stride, name, out_name, bn):
 
 def _resnet_features(x, name, small_stem, bn):
     kind, blocks, widths = _RESNET_SPECS[name]
+    return _resnet_spec_features(x, ResNetSpec(kind, blocks, widths), small_stem, bn)
+
+
+def _resnet_spec_features(x, spec, small_stem, bn, max_pool="torch"):
+    """The ResNet trunk of `spec` grown on `x`; max_pool "torch" or "tf_same" (see build_resnet)."""
     if small_stem:
-        x = _conv(x, widths[0], 3, 1, "stem_conv")
+        x = _conv(x, spec.stem_width, 3, 1, "stem_conv")
         x = bn("stem_bn")(x)
         x = layers.ReLU(name="stem")(x)
     else:
-        x = _conv(x, widths[0], 7, 2, "stem_conv")
+        x = _conv(x, spec.stem_width, 7, 2, "stem_conv")
         x = bn("stem_bn")(x)
         x = layers.ReLU(name="stem_relu")(x)
-        # Zero padding equals torch's -inf padding here because the inputs are post-ReLU (>= 0).
-        x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
-        x = layers.MaxPooling2D(3, strides=2, name="stem")(x)
-    block_fn = _basic_block if kind == "basic" else _bottleneck_block
-    for s, (num_blocks, filters) in enumerate(zip(blocks, widths, strict=True), start=1):
+        if max_pool == "tf_same":
+            # TF's SAME pooling: the window grid starts at row/column 0 and any padding goes to
+            # the bottom/right (none for odd sides, one row/column for even sides).
+            x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem")(x)
+        else:
+            # Zero padding equals torch's -inf padding here because the inputs are post-ReLU
+            # (>= 0).
+            x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+            x = layers.MaxPooling2D(3, strides=2, name="stem")(x)
+    for s, num_blocks in enumerate(spec.blocks, start=1):
         for b in range(num_blocks):
             stride = 2 if (s > 1 and b == 0) else 1
             out_name = f"stage{s}" if b == num_blocks - 1 else f"stage{s}_block{b}_out"
-            x = block_fn(x, filters, stride, f"stage{s}_block{b}", out_name, bn)
+            block_name = f"stage{s}_block{b}"
+            if spec.block == "basic":
+                x = _basic_block(x, spec.widths[s - 1], stride, block_name, out_name, bn)
+            else:
+                x = _bottleneck_block(
+                    x,
+                    spec.inner_widths[s - 1],
+                    stride,
+                    block_name,
+                    out_name,
+                    bn,
+                    out_filters=spec.out_widths[s - 1],
+                )
     return x
 
 
@@ -430,3 +457,142 @@ def freeze(model):
     """
     model.trainable = False
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNets by architecture string, for teachers converted from other frameworks (kd_keras.convert).
+# They are kept apart from BACKBONE_NAMES (the students): same layer names and padding, more
+# depths and widths.
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+    """The shape of a torchvision-style ResNet.
+
+    Attributes:
+      block: "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3 with the stride, 1x1).
+      blocks: blocks per stage, 4 ints.
+      widths: base width of each stage (torchvision's `planes`), 4 ints; the stem has widths[0]
+        channels unless `stem` is given.
+      width_factor: bottleneck only; the two inner convs have widths * width_factor channels
+        (torchvision's wide_resnet*_2: 2), the block output stays 4 * widths.
+      stem: stem width (default widths[0]).
+    """
+
+    block: str
+    blocks: tuple
+    widths: tuple
+    width_factor: int = 1
+    stem: int | None = None
+
+    def __post_init__(self):
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"ResNet block must be 'basic' or 'bottleneck', got {self.block!r}.")
+        if len(self.blocks) != 4 or len(self.widths) != 4:
+            raise ValueError(f"a ResNet has 4 stages, got blocks {self.blocks} widths {self.widths}.")
+        if min(self.blocks) < 1 or min(self.widths) < 1 or self.width_factor < 1:
+            raise ValueError(f"ResNet sizes must be positive, got {self}.")
+        if self.block == "basic" and self.width_factor != 1:
+            raise ValueError("width_factor applies to bottleneck ResNets only.")
+
+    @property
+    def stem_width(self):
+        return self.widths[0] if self.stem is None else self.stem
+
+    @property
+    def inner_widths(self):
+        return tuple(w * self.width_factor for w in self.widths)
+
+    @property
+    def out_widths(self):
+        return tuple(w * 4 for w in self.widths) if self.block == "bottleneck" else self.widths
+
+    @property
+    def feature_dim(self):
+        return self.out_widths[-1]
+
+
+_BASE_WIDTHS = (64, 128, 256, 512)
+RESNET_ARCHS = {
+    "resnet18": ResNetSpec("basic", (2, 2, 2, 2), _BASE_WIDTHS),
+    "resnet34": ResNetSpec("basic", (3, 4, 6, 3), _BASE_WIDTHS),
+    "resnet50": ResNetSpec("bottleneck", (3, 4, 6, 3), _BASE_WIDTHS),
+    "resnet101": ResNetSpec("bottleneck", (3, 4, 23, 3), _BASE_WIDTHS),
+    "resnet152": ResNetSpec("bottleneck", (3, 8, 36, 3), _BASE_WIDTHS),
+    "wide_resnet50_2": ResNetSpec("bottleneck", (3, 4, 6, 3), _BASE_WIDTHS, width_factor=2),
+    "wide_resnet101_2": ResNetSpec("bottleneck", (3, 4, 23, 3), _BASE_WIDTHS, width_factor=2),
+    # SimCLR's width multiplier scales every width, the stem included (its r50 2x / 4x).
+    "resnet50_x2": ResNetSpec("bottleneck", (3, 4, 6, 3), tuple(2 * w for w in _BASE_WIDTHS)),
+    "resnet50_x4": ResNetSpec("bottleneck", (3, 4, 6, 3), tuple(4 * w for w in _BASE_WIDTHS)),
+}
+_ARCH_PATTERN = re.compile(
+    r"resnet-(basic|bottleneck)-(\d+)\.(\d+)\.(\d+)\.(\d+)-(\d+)(?:-wide(\d+))?$"
+)
+ARCH_HELP = (
+    f"one of {tuple(RESNET_ARCHS)} or resnet-<basic|bottleneck>-<b1>.<b2>.<b3>.<b4>-<width>"
+    "[-wide<f>] (blocks per stage; stage widths width, 2x, 4x, 8x; wide: inner factor f)"
+)
+
+
+def parse_resnet_arch(arch):
+    """The `ResNetSpec` of an architecture string (a name of `RESNET_ARCHS` or the pattern
+    resnet-<block>-<b1>.<b2>.<b3>.<b4>-<w>[-wide<f>], e.g. "resnet-basic-1.1.1.1-8").
+
+    Raises:
+      ValueError naming the string and what is accepted.
+    """
+    if arch in RESNET_ARCHS:
+        return RESNET_ARCHS[arch]
+    match = _ARCH_PATTERN.match(arch or "")
+    if not match:
+        raise ValueError(f"unknown architecture {arch!r}; use {ARCH_HELP}.")
+    block, *numbers = match.groups()
+    blocks = tuple(int(n) for n in numbers[:4])
+    width = int(numbers[4])
+    factor = int(numbers[5]) if numbers[5] else 1
+    return ResNetSpec(block, blocks, tuple(width * 2**i for i in range(4)), width_factor=factor)
+
+
+MAX_POOLS = ("torch", "tf_same")
+
+
+def build_resnet(
+    arch,
+    image_size=224,
+    norm="imagenet",
+    max_pool="torch",
+    small_stem=False,
+    any_input_size=False,
+    name=None,
+):
+    """A ResNet of any depth/width: images [B, S, S, 3] in [0, 1] -> features [B, m].
+
+    Same layer names and padding as `build_backbone`'s ResNets (torchvision's symmetric
+    padding), so a model converted from torchvision weights computes what torch computes.
+
+    Args:
+      arch: `ResNetSpec` or architecture string (see `parse_resnet_arch`).
+      image_size: side S (ignored with any_input_size except for the input signature).
+      norm: one of `NORM_MODES`, applied by the first layer.
+      max_pool: "torch" (pad 1 on every side, torchvision) or "tf_same" (TF's SAME pooling,
+        as SimCLR's TF ResNets: no padding at the top/left, one row/column at the bottom/right
+        for even sides).
+      small_stem: CIFAR stem (conv3x3/1, no max-pool) instead of the ImageNet stem.
+      any_input_size: input shape [B, None, None, 3].
+      name: model name (default: the arch string).
+
+    Returns:
+      keras.Model "images" -> "features" [B, spec.feature_dim], BN momentum/eps = torch's.
+    """
+    spec = parse_resnet_arch(arch) if isinstance(arch, str) else arch
+    if norm not in NORM_MODES:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORM_MODES}.")
+    if max_pool not in MAX_POOLS:
+        raise ValueError(f"max_pool must be one of {MAX_POOLS}, got {max_pool!r}.")
+    side = None if any_input_size else int(image_size)
+    images = keras.Input(shape=(side, side, 3), dtype="float32", name="images")
+    x = InputNormalization(norm, name="input_normalization")(images)
+    x = _resnet_spec_features(x, spec, bool(small_stem), batch_norm, max_pool=max_pool)
+    features = layers.GlobalAveragePooling2D(name="features")(x)
+    model_name = name or (arch if isinstance(arch, str) else "resnet")
+    return keras.Model(images, features, name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))

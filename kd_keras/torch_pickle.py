@@ -1,0 +1,321 @@
+"""Reads PyTorch checkpoints (`torch.save` files) into NumPy without torch and without running
+code from the file.
+
+Both of torch's formats are read:
+
+  zip (torch >= 1.6)   a zip archive `<name>/data.pkl` + one raw file `<name>/data/<key>` per
+                       storage (little-endian, the storage's dtype).
+  legacy (< 1.6)       five concatenated pickles: magic number, protocol version, system info,
+                       the object (storages as persistent ids), the sorted storage keys; then
+                       each storage as an int64 element count followed by its raw bytes.
+
+The object pickle is loaded by `RestrictedUnpickler`, whose `find_class` resolves only the
+globals a checkpoint legitimately needs (tensor/parameter rebuild functions, storage types,
+OrderedDict, argparse.Namespace, NumPy scalars) to local, side-effect-free stand-ins; any
+other global (e.g. `os.system` smuggled in through `__reduce__`) raises `UnsafeCheckpointError`
+naming it, before anything is called. Tensors come back as NumPy arrays (C-contiguous copies).
+"""
+
+import argparse
+import collections
+import io
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+# torch storage class name -> NumPy dtype. bfloat16 has no NumPy dtype: read as uint16 and
+# widened to float32 (exact) in `_bfloat16_to_float32`.
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    """The checkpoint's pickle references a global outside the allow-list."""
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a PyTorch checkpoint this reader understands."""
+
+
+class _StorageType:
+    """Stand-in for torch.<X>Storage: only carries the dtype."""
+
+    def __init__(self, name):
+        self.name = name
+        self.dtype = _STORAGE_DTYPES[name]
+
+
+class _Storage:
+    """A storage's elements as a flat NumPy array (the dtype torch wrote)."""
+
+    def __init__(self, array):
+        self.array = array
+
+
+class _TensorType:
+    """Stand-in for torch.Tensor / torch.nn.Parameter in `_rebuild_from_type_v2`."""
+
+
+def _bfloat16_to_float32(raw):
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+class _LazyTensor:
+    """A tensor whose storage bytes are read later (legacy files store them last)."""
+
+    def __init__(self, storage, storage_offset, size, stride):
+        self.args = (storage, storage_offset, size, stride)
+
+    def array(self):
+        return _strided_copy(*self.args)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    """torch._utils._rebuild_tensor(_v2): the tensor's array (or a `_LazyTensor`)."""
+    if isinstance(storage, _Storage) and storage.array is None:
+        return _LazyTensor(storage, storage_offset, size, stride)
+    return _strided_copy(storage, storage_offset, size, stride)
+
+
+def _strided_copy(storage, storage_offset, size, stride):
+    """A C-contiguous copy of the strided view (offset, size, stride) of `storage`."""
+    if not isinstance(storage, _Storage):
+        raise CheckpointFormatError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    flat = storage.array
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if any(s < 0 for s in stride):
+        raise CheckpointFormatError("negative tensor stride")
+    if size and min(size) == 0:
+        return np.zeros(size, flat.dtype)
+    last = int(storage_offset) + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+    if last >= flat.size:
+        raise CheckpointFormatError(
+            f"tensor of size {size} at offset {storage_offset} runs past its storage "
+            f"({flat.size} elements)"
+        )
+    base = flat[int(storage_offset) :]
+    view = np.lib.stride_tricks.as_strided(
+        base, shape=size, strides=tuple(st * flat.itemsize for st in stride), writeable=False
+    )
+    return np.array(view, order="C", copy=True)  # ascontiguousarray would make 0-d arrays 1-d
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    # `func` went through find_class too, so it is one of our rebuild functions.
+    return func(*args)
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafeCheckpointError("numpy scalar of a non-numeric dtype")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    dtype = np.dtype(spec)
+    if dtype.hasobject:
+        raise UnsafeCheckpointError(f"numpy dtype {spec!r} holds Python objects")
+    return dtype
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    # Protocol-2 pickles of bytes made by Python 3 go through _codecs.encode(str, "latin1").
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _reconstructor(cls, base, state):
+    # copyreg._reconstructor, used by protocol 0/1 pickles of plain objects (a Namespace).
+    if cls is not argparse.Namespace or base is not object:
+        raise UnsafeCheckpointError(f"copyreg._reconstructor of {cls!r}")
+    return argparse.Namespace()
+
+
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TensorType,
+    ("torch.nn.parameter", "Parameter"): _TensorType,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("builtins", "object"): object,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("_codecs", "encode"): _codecs_encode,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): _numpy_dtype,
+}
+_SAFE_GLOBALS.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only `_SAFE_GLOBALS` and loads storages from `load_storage`.
+
+    Args:
+      file: binary file positioned at the object pickle.
+      load_storage: callable(persistent id tuple) -> `_Storage` (its array may be None and
+        filled later; tensors on it are then `_LazyTensor`s until `_materialise`).
+    """
+
+    def __init__(self, file, load_storage):
+        super().__init__(file)
+        self._load_storage = load_storage
+
+    def find_class(self, module, name):
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"refusing to load global {module}.{name}: not a tensor, container or number "
+                "(kd_keras never runs code from a checkpoint)"
+            ) from None
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise CheckpointFormatError(f"unknown persistent id {str(pid)[:80]}")
+        return self._load_storage(pid)
+
+
+def _storage_array(raw, storage_type):
+    if not isinstance(storage_type, _StorageType):
+        raise CheckpointFormatError(f"storage of unknown type {storage_type!r}")
+    if storage_type.dtype == "bfloat16":
+        return _bfloat16_to_float32(np.frombuffer(raw, dtype="<u2"))
+    return np.frombuffer(raw, dtype=np.dtype(storage_type.dtype).newbyteorder("<"))
+
+
+def _load_zip(path):
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointFormatError("zip file without exactly one <name>/data.pkl")
+        root = pickles[0][: -len("data.pkl")]
+        byteorder = root + "byteorder"
+        if byteorder in names and archive.read(byteorder).strip() != b"little":
+            raise CheckpointFormatError("big-endian checkpoints are not supported")
+        cache = {}
+
+        def load_storage(pid):
+            # ("storage", storage_type, key, location, numel)
+            _, storage_type, key, _location, _numel = pid
+            if key not in cache:
+                try:
+                    raw = archive.read(f"{root}data/{key}")
+                except KeyError:
+                    raise CheckpointFormatError(f"storage data/{key} missing") from None
+                cache[key] = _Storage(_storage_array(raw, storage_type))
+            return cache[key]
+
+        with archive.open(pickles[0]) as f:
+            return RestrictedUnpickler(io.BytesIO(f.read()), load_storage).load()
+
+
+def _load_legacy(path):
+    with open(path, "rb") as f:
+        if _load_plain(f) != LEGACY_MAGIC:
+            raise CheckpointFormatError("not a PyTorch checkpoint (wrong magic number)")
+        if _load_plain(f) != LEGACY_PROTOCOL:
+            raise CheckpointFormatError("unsupported legacy PyTorch protocol version")
+        sys_info = _load_plain(f)
+        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+            raise CheckpointFormatError("big-endian checkpoints are not supported")
+        # The storages' bytes follow the object pickle, so tensors are rebuilt lazily: the
+        # object is loaded with empty storages, which are filled afterwards.
+        storages = {}
+
+        def load_storage(pid):
+            # ("storage", storage_type, key, location, numel, view_metadata)
+            if len(pid) != 6:
+                raise CheckpointFormatError(f"unknown legacy storage id {str(pid)[:80]}")
+            _, storage_type, key, _location, _numel, view = pid
+            if view is not None:
+                raise CheckpointFormatError("storage views (pre-1.0 files) are not supported")
+            if key not in storages:
+                storages[key] = (_Storage(None), storage_type)
+            return storages[key][0]
+
+        obj = RestrictedUnpickler(f, load_storage).load()
+        keys = _load_plain(f)
+        for key in keys:
+            if key not in storages:
+                raise CheckpointFormatError(f"storage {key} is not referenced by the object")
+            storage, storage_type = storages[key]
+            (count,) = struct.unpack("<q", f.read(8))
+            nbytes = count * np.dtype(_raw_dtype(storage_type)).itemsize
+            raw = f.read(nbytes)
+            if count < 0 or len(raw) != nbytes:
+                raise CheckpointFormatError(f"storage {key} is truncated")
+            storage.array = _storage_array(raw, storage_type)
+        missing = sorted(set(storages) - set(keys))
+        if missing:
+            raise CheckpointFormatError(f"storages {missing[:5]} have no data")
+    return _materialise(obj)
+
+
+def _load_plain(f):
+    return RestrictedUnpickler(f, _no_storage).load()
+
+
+def _no_storage(pid):
+    raise CheckpointFormatError("storage reference outside the object pickle")
+
+
+def _raw_dtype(storage_type):
+    if not isinstance(storage_type, _StorageType):
+        raise CheckpointFormatError(f"storage of unknown type {storage_type!r}")
+    return np.uint16 if storage_type.dtype == "bfloat16" else storage_type.dtype
+
+
+def _materialise(obj):
+    """Replaces every `_LazyTensor` in nested containers by its array (in place, returns obj)."""
+    if isinstance(obj, _LazyTensor):
+        return obj.array()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _materialise(value)
+    elif isinstance(obj, list):
+        obj[:] = [_materialise(v) for v in obj]
+    elif isinstance(obj, tuple):
+        return tuple(_materialise(v) for v in obj)
+    elif isinstance(obj, argparse.Namespace):
+        _materialise(vars(obj))
+    return obj
+
+
+def load(path):
+    """The object saved by `torch.save` at `path`, tensors as NumPy arrays.
+
+    Raises:
+      UnsafeCheckpointError: the pickle references a global outside the allow-list.
+      CheckpointFormatError: not a (supported) PyTorch checkpoint.
+    """
+    if zipfile.is_zipfile(path):
+        return _load_zip(path)
+    return _load_legacy(path)
