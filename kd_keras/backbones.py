@@ -489,7 +489,9 @@ class ResNetSpec:
         if self.block not in ("basic", "bottleneck"):
             raise ValueError(f"ResNet block must be 'basic' or 'bottleneck', got {self.block!r}.")
         if len(self.blocks) != 4 or len(self.widths) != 4:
-            raise ValueError(f"a ResNet has 4 stages, got blocks {self.blocks} widths {self.widths}.")
+            raise ValueError(
+                f"a ResNet has 4 stages, got blocks {self.blocks} widths {self.widths}."
+            )
         if min(self.blocks) < 1 or min(self.widths) < 1 or self.width_factor < 1:
             raise ValueError(f"ResNet sizes must be positive, got {self}.")
         if self.block == "basic" and self.width_factor != 1:

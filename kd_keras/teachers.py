@@ -6,6 +6,10 @@ A teacher spec is a string, either a bare location or comma-separated `key=value
   /models/moco                      a SavedModel directory (signature `serving_default`)
   /models/swav.keras                a Keras 3 model file
   app:ResNet50=/weights/r50.h5      a `keras.applications` architecture + a local weights file
+  torch:resnet50=/ckpt/moco.pth.tar a published checkpoint (torch .pth, .safetensors or a TF
+                                    checkpoint), converted by kd_keras.convert on first use and
+                                    cached under <workdir>/converted_teachers/<sha256>/
+  /teachers/moco_v2                 a directory written by `python -m kd_keras.convert`
   path=/models/m.keras,norm=imagenet,name=moco,size=224
 
 Options:
@@ -17,6 +21,9 @@ Options:
   size   resize views to size x size before the teacher (default: no resize).
   pool   "avg" to global-average-pool a 4-D [B, h, w, d] output into features.
   output key of a dict-valued output (SavedModel signatures return dicts).
+  layout torch: only, the checkpoint layout (default: detected; see kd_keras.layouts).
+  For torch: teachers `norm` is the normalisation built into the converted model (default:
+  the layout's, ImageNet mean/std or none for SimCLR); the teacher then takes [0, 1] images.
 
 Nothing here downloads: `app:` requires a weights file that exists. A path that does not exist
 is an error (FileNotFoundError naming --teacher), never a silent fallback.
@@ -33,6 +40,9 @@ from kd_keras import backbones
 
 RUN_CONFIG = "config.json"
 RUN_BACKBONE = os.path.join("export", "backbone.keras")
+CONVERTED_MANIFEST = "manifest.json"
+CONVERTED_BACKBONE = "backbone.keras"
+CONVERTED_CACHE = "converted_teachers"
 
 # keras.applications constructors -> module holding their preprocess_input.
 _APP_PREPROCESS = {
@@ -62,14 +72,14 @@ _APP_PREPROCESS = {
     "InceptionV3": "inception_v3",
 }
 _NORMS = ("unit", "imagenet", "minus_one_one", "native")
-_OPTIONS = ("path", "name", "norm", "size", "pool", "output")
+_OPTIONS = ("path", "name", "norm", "size", "pool", "output", "layout")
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     """A parsed --teacher value."""
 
-    kind: str  # "run", "savedmodel", "keras", "app" or "recipe"
+    kind: str  # "run", "savedmodel", "keras", "app", "recipe", "converted" or "torch"
     path: str
     name: str
     norm: str = "unit"
@@ -78,6 +88,8 @@ class TeacherSpec:
     output: str | None = None
     app: str | None = None  # keras.applications constructor for kind "app"
     recipe: str | None = None  # recipe name for kind "recipe"
+    arch: str | None = None  # ResNet architecture for kind "torch"
+    layout: str | None = None  # checkpoint layout for kind "torch" (None: detect)
 
 
 def parse_teacher_spec(spec, index=0):
@@ -93,7 +105,7 @@ def parse_teacher_spec(spec, index=0):
     options = {}
     for i, part in enumerate(parts):
         key, sep, value = part.partition("=")
-        if i == 0 and (not sep or key.startswith("app:") or key not in _OPTIONS):
+        if i == 0 and (not sep or key.startswith(("app:", "torch:")) or key not in _OPTIONS):
             options["path"] = part
             continue
         if not sep or key not in _OPTIONS:
@@ -119,6 +131,11 @@ def parse_teacher_spec(spec, index=0):
     if pool not in (None, "avg"):
         raise ValueError(f"--teacher={spec!r}: pool must be 'avg'.")
     common = dict(size=size, pool=pool, output=options.get("output"))
+    if options.get("layout") is not None and not location.startswith("torch:"):
+        raise ValueError(f"--teacher={spec!r}: layout= applies to torch: teachers only.")
+
+    if location.startswith("torch:"):
+        return _parse_torch_spec(spec, location, options, norm, common)
 
     if location.startswith("recipe:"):
         recipe = location.split(":", 1)[1]
@@ -152,16 +169,100 @@ def parse_teacher_spec(spec, index=0):
         kind = "savedmodel"
     elif os.path.isfile(path) and path.endswith(".keras"):
         kind = "keras"
+    elif _is_converted_dir(path):
+        kind = "converted"
     else:
         raise ValueError(
             f"--teacher: {path} is neither a kd_keras run directory (with {RUN_CONFIG}), a "
-            "SavedModel directory (with saved_model.pb) nor a .keras file."
+            "SavedModel directory (with saved_model.pb), a .keras file nor a directory written "
+            "by kd_keras.convert (with manifest.json and backbone.keras); for a .pth/.safetensors/"
+            "TF checkpoint use torch:ARCH=PATH."
         )
     if norm == "native":
         raise ValueError(f"--teacher={spec!r}: norm=native applies to app: teachers only.")
     default_name = os.path.basename(path.rstrip("/")).removesuffix(".keras") or f"t{index}"
     name = options.get("name", default_name)
     return TeacherSpec(kind, path, _safe_name(name), norm or "unit", **common)
+
+
+def _is_converted_dir(path):
+    return os.path.isfile(os.path.join(path, CONVERTED_MANIFEST)) and os.path.isfile(
+        os.path.join(path, CONVERTED_BACKBONE)
+    )
+
+
+def _parse_torch_spec(spec, location, options, norm, common):
+    from kd_keras import backbones, checkpoint_io, layouts
+
+    arch, sep, checkpoint = location[len("torch:") :].partition("=")
+    if not sep or not arch or not checkpoint:
+        raise ValueError(
+            f"--teacher={spec!r}: use torch:ARCH=/path/to/checkpoint (e.g. "
+            "torch:resnet50=/ckpt/swav_800ep_pretrain.pth.tar)."
+        )
+    try:
+        backbones.parse_resnet_arch(arch)
+    except ValueError as err:
+        raise ValueError(f"--teacher={spec!r}: {err}") from err
+    layout = options.get("layout")
+    if layout is not None and layout not in layouts.LAYOUT_NAMES:
+        raise ValueError(
+            f"--teacher={spec!r}: layout must be one of {layouts.LAYOUT_NAMES}, got {layout!r}."
+        )
+    if norm is not None and norm not in backbones.NORM_MODES:
+        raise ValueError(
+            f"--teacher={spec!r}: norm for a torch: teacher is the normalisation built into the "
+            f"converted model, one of {backbones.NORM_MODES}."
+        )
+    checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
+    if not checkpoint_io.checkpoint_exists(checkpoint):
+        raise FileNotFoundError(f"--teacher: checkpoint {checkpoint} does not exist.")
+    base = os.path.basename(checkpoint.rstrip("/"))
+    for suffix in (".tar", ".pth", ".pt", ".safetensors", ".ckpt"):
+        base = base.removesuffix(suffix)
+    name = _safe_name(options.get("name", base or arch))
+    # `norm` travels in the spec as the converted model's own normalisation; the teacher
+    # itself is fed [0, 1] images ("unit").
+    return TeacherSpec(
+        "torch", checkpoint, name, norm or "layout", arch=arch, layout=layout, **common
+    )
+
+
+def converted_dir(spec, workdir=None):
+    """Converts a torch: teacher on first use; returns the converted directory.
+
+    The directory is `<workdir>/converted_teachers/<sha256 of the file>-<arch>[-<layout>]
+    [-<norm>]`, reused when its manifest records the same sha256 (a file changed in place
+    gets a new directory). Without a workdir the cache is
+    $KD_KERAS_CACHE (default ~/.cache/kd_keras)/converted_teachers.
+    """
+    from kd_keras import checkpoint_io, convert
+
+    root = workdir or os.environ.get(
+        "KD_KERAS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kd_keras")
+    )
+    sha = checkpoint_io.file_sha256(checkpoint_io.source_files(spec.path))
+    parts = [sha, _safe_name(spec.arch)]
+    if spec.layout:
+        parts.append(spec.layout)
+    if spec.norm != "layout":
+        parts.append(spec.norm)
+    out = os.path.join(root, CONVERTED_CACHE, "-".join(parts))
+    manifest = convert.read_manifest(out) if os.path.isdir(out) else None
+    if manifest is not None and manifest["source"]["sha256"] == sha:
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    convert.convert(
+        convert.ConvertConfig(
+            checkpoint=spec.path,
+            out=out,
+            arch=spec.arch,
+            layout=spec.layout,
+            norm=None if spec.norm == "layout" else spec.norm,
+            overwrite=True,
+        )
+    )
+    return out
 
 
 def _safe_name(name):
@@ -200,6 +301,8 @@ class Teacher:
         images = tf.cast(images, tf.float32)
         if self.spec.size is not None:
             images = tf.image.resize(images, [self.spec.size, self.spec.size], antialias=True)
+        if self.spec.kind == "torch":
+            return images  # the converted model normalises inside
         if self.spec.norm == "native":
             module = getattr(keras.applications, _APP_PREPROCESS[self.spec.app])
             return module.preprocess_input(images * 255.0)
@@ -228,12 +331,15 @@ class Teacher:
         return tf.stop_gradient(out)
 
 
-def load_teacher(spec, image_size, index=0):
+def load_teacher(spec, image_size, index=0, workdir=None):
     """Loads a frozen `Teacher` from a spec string or `TeacherSpec`.
 
     Args:
       spec: str or TeacherSpec (kind "recipe" must be resolved to a run directory first).
       image_size: side of the views the teacher will receive (used to probe its output).
+      index: position of the teacher among --teacher (default names).
+      workdir: run directory under which torch: teachers are converted and cached (see
+        `converted_dir`).
     Raises:
       FileNotFoundError / ValueError naming --teacher and the file.
     """
@@ -248,6 +354,12 @@ def load_teacher(spec, image_size, index=0):
             model = _load_keras_file(os.path.join(spec.path, RUN_BACKBONE), spec)
         elif spec.kind == "keras":
             model = _load_keras_file(spec.path, spec)
+        elif spec.kind == "converted":
+            model = _load_keras_file(os.path.join(spec.path, CONVERTED_BACKBONE), spec)
+        elif spec.kind == "torch":
+            model = _load_keras_file(
+                os.path.join(converted_dir(spec, workdir), CONVERTED_BACKBONE), spec
+            )
         elif spec.kind == "savedmodel":
             model = keras.layers.TFSMLayer(spec.path, call_endpoint="serving_default")
         else:
@@ -257,7 +369,7 @@ def load_teacher(spec, image_size, index=0):
                 include_top=False, weights=spec.path, pooling="avg", input_shape=(size, size, 3)
             )
     except (OSError, ValueError, TypeError, KeyError, tf.errors.OpError) as err:
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        reason = str(err).strip().splitlines()[0][:800] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"--teacher: could not load {spec.path} as a {spec.kind}: {reason}"
         ) from err

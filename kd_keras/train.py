@@ -177,7 +177,7 @@ def resolve_teachers(cfg, strategy):
             run_dir = train_recipe_teacher(cfg, spec)
             spec = dataclasses.replace(spec, kind="run", path=run_dir)
         with strategy.scope():
-            loaded.append(teachers_lib.load_teacher(spec, cfg.data.image_size, i))
+            loaded.append(teachers_lib.load_teacher(spec, cfg.data.image_size, i, cfg.workdir))
         log.info(
             "teacher %s: %s (%s), %d-d features",
             spec.name,
