@@ -344,7 +344,9 @@ def _manifest(cfg, source, layout, container, spec, norm, plan, skipped):
         "layout": layout.name,
         "layout_description": layout.description,
         "arch": cfg.arch,
-        "resnet": dataclasses.asdict(spec),
+        "resnet": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()
+        },
         "feature_dim": spec.feature_dim,
         "normalization": {
             "mode": norm,
