@@ -44,7 +44,7 @@ def resolve_teacher_specs(specs, workdir, image_size):
                     f"name={spec.name}."
                 )
             spec = dataclasses.replace(spec, kind="run", path=run_dir)
-        loaded.append(teachers_lib.load_teacher(spec, image_size, i))
+        loaded.append(teachers_lib.load_teacher(spec, image_size, i, workdir))
     return loaded
 
 

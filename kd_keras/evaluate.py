@@ -266,7 +266,7 @@ def load_run_teachers(run_dir, image_size):
     from kd_keras import teachers as teachers_lib
 
     return [
-        teachers_lib.load_teacher(spec, image_size, i)
+        teachers_lib.load_teacher(spec, image_size, i, run_dir)
         for i, spec in enumerate(run_teacher_specs(run_dir))
     ]
 
