@@ -95,6 +95,8 @@ def read_checkpoint(path):
       ValueError: the file is in none of FORMATS or is corrupt.
     """
     path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path) and tf_checkpoint_prefix(path) is None:
+        raise ValueError(f"{path} is a directory without a TF checkpoint (no 'checkpoint' file).")
     if not checkpoint_exists(path):
         raise FileNotFoundError(f"{path} does not exist (nor is it a TF checkpoint prefix).")
     files = source_files(path)

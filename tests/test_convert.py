@@ -253,6 +253,25 @@ def test_bad_input_names_the_flag(tmp_path, kwargs, message):
     assert not os.path.exists(tmp_path / "torchvision_basic_zip")
 
 
+def test_files_that_are_no_checkpoint_are_named(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pth: cannot read it as a PyTorch checkpoint"):
+        checkpoint_io.read_checkpoint(str(text))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        checkpoint_io.read_checkpoint(str(broken))
+    with pytest.raises(ValueError, match="directory without a TF checkpoint"):
+        checkpoint_io.read_checkpoint(str(tmp_path))
+    bare = tmp_path / "list.pth"
+    with open(bare, "wb") as f:
+        for header in (torch_pickle.LEGACY_MAGIC, torch_pickle.LEGACY_PROTOCOL, {}, [1, 2], []):
+            pickle.dump(header, f, protocol=2)
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        checkpoint_io.read_checkpoint(str(bare))
+
+
 def test_config_from_flags_requires_checkpoint_and_out():
     fv = types.SimpleNamespace(
         checkpoint=None, out="/x", arch="resnet50", layout=None, norm="layout", overwrite=False
