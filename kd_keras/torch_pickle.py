@@ -53,11 +53,17 @@ class CheckpointFormatError(ValueError):
 
 
 class _StorageType:
-    """Stand-in for torch.<X>Storage: only carries the dtype."""
+    """Stand-in for torch.<X>Storage: only carries the dtype (immutable: these instances are
+    shared by every load, and a pickle's BUILD opcode must not be able to alter them)."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name):
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name])
+
+    def __setattr__(self, key, value):
+        raise UnsafeCheckpointError("a checkpoint tried to modify a storage type")
 
 
 class _Storage:
@@ -146,9 +152,9 @@ def _codecs_encode(text, encoding="utf-8"):
 
 def _reconstructor(cls, base, state):
     # copyreg._reconstructor, used by protocol 0/1 pickles of plain objects (a Namespace).
-    if cls is not argparse.Namespace or base is not object:
+    if not (isinstance(cls, type) and issubclass(cls, argparse.Namespace)) or base is not object:
         raise UnsafeCheckpointError(f"copyreg._reconstructor of {cls!r}")
-    return argparse.Namespace()
+    return cls()
 
 
 _SAFE_GLOBALS = {
@@ -160,7 +166,6 @@ _SAFE_GLOBALS = {
     ("torch", "Tensor"): _TensorType,
     ("torch.nn.parameter", "Parameter"): _TensorType,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("argparse", "Namespace"): argparse.Namespace,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): object,
     ("builtins", "set"): set,
@@ -186,8 +191,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, load_storage):
         super().__init__(file)
         self._load_storage = load_storage
+        # A class of this load only: a BUILD opcode applied to the class object itself would
+        # otherwise set attributes on argparse.Namespace for the whole process.
+        self._namespace = type("Namespace", (argparse.Namespace,), {"__module__": "argparse"})
 
     def find_class(self, module, name):
+        if (module, name) == ("argparse", "Namespace"):
+            return self._namespace
         try:
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:

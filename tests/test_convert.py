@@ -5,6 +5,7 @@ No torch here: the fixtures hold torch-written checkpoints (zip and legacy pickl
 fixed images at an even and an odd side.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -200,6 +201,8 @@ def test_reader_rebuilds_strided_and_scalar_tensors_of_both_formats():
         assert int(state["bn1.num_batches_tracked"]) == 7
         assert state["conv1.weight"].shape == (3, 3, 7, 7)
         assert state["conv1.weight"].flags.c_contiguous
+    dino = torch_pickle.load(os.path.join(DATA, "dino_full.pth"))
+    assert isinstance(dino["args"], argparse.Namespace) and dino["args"].arch == "resnet50"
     safetensors = checkpoint_io.read_checkpoint(os.path.join(DATA, "torchvision_basic.safetensors"))
     zipped = _state("torchvision_basic_zip")
     for key, value in safetensors.containers[""].items():
