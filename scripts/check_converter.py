@@ -14,6 +14,9 @@
    scores.
 4. `kd_keras.train --method=oss_offline --teacher=<converted SwAV dir>` runs a few steps on
    digits (32 px large crops, 16 px small crops).
+5. With --archs (default: the other torchvision depths and wide variants), each torchvision
+   architecture (weights=None, random BN statistics) is saved as a plain state dict, converted
+   with --arch=<name> and compared at --arch_side px.
 Results go to <work>/check_converter.json and stdout.
 """
 
@@ -22,6 +25,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -135,7 +139,7 @@ def write_checkpoints(work, query):
     return paths, head, prototypes
 
 
-def timed_convert(kd_python, checkpoint, out):
+def timed_convert(kd_python, checkpoint, out, arch="resnet50"):
     cmd = [
         "/usr/bin/time",
         "-v",
@@ -143,7 +147,7 @@ def timed_convert(kd_python, checkpoint, out):
         "-m",
         "kd_keras.convert",
         f"--checkpoint={checkpoint}",
-        "--arch=resnet50",
+        f"--arch={arch}",
         f"--out={out}",
         "--overwrite",
     ]
@@ -210,6 +214,7 @@ def oss_offline(kd_python, teacher_dir, workdir, steps):
         f"--workdir={workdir}",
     ]
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, not a resumed finished one
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     results = os.path.join(workdir, "results.json")
@@ -229,11 +234,35 @@ def oss_offline(kd_python, teacher_dir, workdir, steps):
     return summary
 
 
+def check_archs(args):
+    """torchvision architectures saved as plain state dicts, converted, compared."""
+    results = {}
+    images = np.random.default_rng(1).random((2, args.arch_side, args.arch_side, 3), np.float32)
+    for arch in filter(None, args.archs.split(",")):
+        torch.manual_seed(0)
+        model = randomise_bn(getattr(torchvision.models, arch)(weights=None), 7)
+        path = os.path.join(args.work, f"{arch}.pth")
+        torch.save(model.state_dict(), path)
+        out = os.path.join(args.work, f"converted_{arch}")
+        entry = timed_convert(args.kd_python, path, out, arch=arch)
+        entry.update(compare(out, images, torch_features(model, images)))
+        results[arch] = entry
+        print(arch, json.dumps(entry), flush=True)
+        os.remove(path)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/convert_check")
     parser.add_argument("--kd_python", default="/work/main/.venv/bin/python")
     parser.add_argument("--train_steps", type=int, default=3)
+    parser.add_argument(
+        "--archs",
+        default="resnet18,resnet34,resnet101,resnet152,wide_resnet50_2,wide_resnet101_2",
+        help="torchvision architectures to check as plain state dicts ('' to skip).",
+    )
+    parser.add_argument("--arch_side", type=int, default=64)
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -259,6 +288,7 @@ def main():
         args.kd_python, swav_dir, os.path.join(args.work, "oss_offline_run"), args.train_steps
     )
     print("oss_offline", json.dumps(report["oss_offline"]), flush=True)
+    report["archs"] = check_archs(args)
     with open(os.path.join(args.work, "check_converter.json"), "w") as f:
         json.dump(report, f, indent=2)
 
