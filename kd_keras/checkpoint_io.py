@@ -25,6 +25,8 @@ import numpy as np
 from kd_keras import torch_pickle
 
 FORMATS = ("torch_zip", "torch_legacy", "safetensors", "tf")
+# What a container's values are: arrays, or torch tensors read on demand (np.asarray reads).
+_TENSORS = (np.ndarray, torch_pickle.LazyTensor)
 _SAFETENSORS_SUFFIX = ".safetensors"
 
 
@@ -36,7 +38,8 @@ class SourceCheckpoint:
       path: the file (or TF checkpoint prefix) read.
       format: one of FORMATS.
       sha256: hex digest of the file's bytes (TF: of its .index and .data files in name order).
-      containers: {container name: {key: np.ndarray}}; "" is the top level.
+      containers: {container name: {key: np.ndarray or torch_pickle.LazyTensor}}; "" is the
+        top level. Both have .shape; np.asarray gives the array (reading a LazyTensor's bytes).
       other: {top-level entry: short description} of what is not a tensor container.
     """
 
@@ -108,7 +111,7 @@ def read_checkpoint(path):
         return SourceCheckpoint(path, "safetensors", sha, {"": _read_safetensors(path)}, {})
     fmt = "torch_zip" if zipfile.is_zipfile(path) else "torch_legacy"
     try:
-        obj = torch_pickle.load(path)
+        obj = torch_pickle.load(path, lazy=True)
     except torch_pickle.UnsafeCheckpointError:
         raise
     except (torch_pickle.CheckpointFormatError, EOFError, OSError) as err:
@@ -125,7 +128,7 @@ def _is_state_dict(value):
     return (
         isinstance(value, dict)
         and bool(value)
-        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
+        and all(isinstance(k, str) and isinstance(v, _TENSORS) for k, v in value.items())
     )
 
 
@@ -133,13 +136,13 @@ def _describe(value):
     if isinstance(value, dict):
         tensors = _count_arrays(value)
         return f"{type(value).__name__} with {len(value)} entries, {tensors} tensors"
-    if isinstance(value, np.ndarray):
+    if isinstance(value, _TENSORS):
         return f"tensor {list(value.shape)}"
     return type(value).__name__
 
 
 def _count_arrays(value):
-    if isinstance(value, np.ndarray):
+    if isinstance(value, _TENSORS):
         return 1
     if isinstance(value, dict):
         return sum(_count_arrays(v) for v in value.values())

@@ -13,12 +13,14 @@ The object pickle is loaded by `RestrictedUnpickler`, whose `find_class` resolve
 globals a checkpoint legitimately needs (tensor/parameter rebuild functions, storage types,
 OrderedDict, argparse.Namespace, NumPy scalars) to local, side-effect-free stand-ins; any
 other global (e.g. `os.system` smuggled in through `__reduce__`) raises `UnsafeCheckpointError`
-naming it, before anything is called. Tensors come back as NumPy arrays (C-contiguous copies).
+naming it, before anything is called. Tensors come back as NumPy arrays (C-contiguous copies), or with `lazy=True` as `LazyTensor`s
+whose bytes are read only when converted to an array.
 """
 
 import argparse
 import collections
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -67,10 +69,22 @@ class _StorageType:
 
 
 class _Storage:
-    """A storage's elements as a flat NumPy array (the dtype torch wrote)."""
+    """A storage: its element type and a function reading its elements as a flat array.
 
-    def __init__(self, array):
-        self.array = array
+    The bytes are read only when a tensor on it is materialised, so tensors a conversion skips
+    (a key encoder, optimizer state) never occupy memory.
+    """
+
+    def __init__(self, storage_type, read=None):
+        if not isinstance(storage_type, _StorageType):
+            raise CheckpointFormatError(f"storage of unknown type {storage_type!r}")
+        self.storage_type = storage_type
+        self.read = read  # set later for legacy files, whose bytes follow the object pickle
+
+    def elements(self):
+        if self.read is None:
+            raise CheckpointFormatError("a storage has no data")
+        return self.read()
 
 
 class _TensorType:
@@ -81,42 +95,54 @@ def _bfloat16_to_float32(raw):
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-class _LazyTensor:
-    """A tensor whose storage bytes are read later (legacy files store them last)."""
+class LazyTensor:
+    """A tensor of a checkpoint whose data is read on demand.
+
+    `shape`, `ndim` and `dtype` are known without reading; `np.asarray(t)` reads the storage
+    and returns a C-contiguous copy of the tensor (every call reads again: nothing is cached).
+    """
 
     def __init__(self, storage, storage_offset, size, stride):
-        self.args = (storage, storage_offset, size, stride)
+        if not isinstance(storage, _Storage):
+            raise CheckpointFormatError(f"tensor rebuilt from {type(storage).__name__}")
+        self.storage = storage
+        self.offset = int(storage_offset)
+        self.shape = tuple(int(n) for n in size)
+        self.stride = tuple(int(n) for n in stride)
+        if len(self.stride) != len(self.shape) or any(n < 0 for n in self.shape + self.stride):
+            raise CheckpointFormatError(f"tensor with size {size} and stride {stride}")
+        kind = storage.storage_type.dtype
+        self.dtype = np.dtype(np.float32 if kind == "bfloat16" else kind)
 
-    def array(self):
-        return _strided_copy(*self.args)
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        array = _strided_copy(self.storage.elements(), self.offset, self.shape, self.stride)
+        return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor(_v2): the tensor's array (or a `_LazyTensor`)."""
-    if isinstance(storage, _Storage) and storage.array is None:
-        return _LazyTensor(storage, storage_offset, size, stride)
-    return _strided_copy(storage, storage_offset, size, stride)
+    """torch._utils._rebuild_tensor(_v2): a `LazyTensor` (materialised by `load`)."""
+    return LazyTensor(storage, storage_offset, size, stride)
 
 
-def _strided_copy(storage, storage_offset, size, stride):
-    """A C-contiguous copy of the strided view (offset, size, stride) of `storage`."""
-    if not isinstance(storage, _Storage):
-        raise CheckpointFormatError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    flat = storage.array
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if any(s < 0 for s in stride):
-        raise CheckpointFormatError("negative tensor stride")
-    if size and min(size) == 0:
-        return np.zeros(size, flat.dtype)
-    last = int(storage_offset) + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+def _strided_copy(flat, offset, shape, stride):
+    """A C-contiguous copy of the strided view (offset, shape, stride) of the flat array."""
+    if shape and min(shape) == 0:
+        return np.zeros(shape, flat.dtype)
+    last = offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
     if last >= flat.size:
         raise CheckpointFormatError(
-            f"tensor of size {size} at offset {storage_offset} runs past its storage "
+            f"tensor of size {list(shape)} at offset {offset} runs past its storage "
             f"({flat.size} elements)"
         )
-    base = flat[int(storage_offset) :]
     view = np.lib.stride_tricks.as_strided(
-        base, shape=size, strides=tuple(st * flat.itemsize for st in stride), writeable=False
+        flat[offset:],
+        shape=shape,
+        strides=tuple(st * flat.itemsize for st in stride),
+        writeable=False,
     )
     return np.array(view, order="C", copy=True)  # ascontiguousarray would make 0-d arrays 1-d
 
@@ -184,8 +210,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     Args:
       file: binary file positioned at the object pickle.
-      load_storage: callable(persistent id tuple) -> `_Storage` (its array may be None and
-        filled later; tensors on it are then `_LazyTensor`s until `_materialise`).
+      load_storage: callable(persistent id tuple) -> `_Storage`.
     """
 
     def __init__(self, file, load_storage):
@@ -213,41 +238,44 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def _storage_array(raw, storage_type):
-    if not isinstance(storage_type, _StorageType):
-        raise CheckpointFormatError(f"storage of unknown type {storage_type!r}")
     if storage_type.dtype == "bfloat16":
         return _bfloat16_to_float32(np.frombuffer(raw, dtype="<u2"))
     return np.frombuffer(raw, dtype=np.dtype(storage_type.dtype).newbyteorder("<"))
 
 
 def _load_zip(path):
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise CheckpointFormatError("zip file without exactly one <name>/data.pkl")
-        root = pickles[0][: -len("data.pkl")]
-        byteorder = root + "byteorder"
-        if byteorder in names and archive.read(byteorder).strip() != b"little":
-            raise CheckpointFormatError("big-endian checkpoints are not supported")
-        cache = {}
+    # The archive stays open while tensors may still be materialised (closed when the last
+    # LazyTensor referring to it is garbage collected).
+    archive = zipfile.ZipFile(path)
+    names = set(archive.namelist())
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise CheckpointFormatError("zip file without exactly one <name>/data.pkl")
+    root = pickles[0][: -len("data.pkl")]
+    byteorder = root + "byteorder"
+    if byteorder in names and archive.read(byteorder).strip() != b"little":
+        raise CheckpointFormatError("big-endian checkpoints are not supported")
+    storages = {}
 
-        def load_storage(pid):
-            # ("storage", storage_type, key, location, numel)
-            _, storage_type, key, _location, _numel = pid
-            if key not in cache:
-                try:
-                    raw = archive.read(f"{root}data/{key}")
-                except KeyError:
-                    raise CheckpointFormatError(f"storage data/{key} missing") from None
-                cache[key] = _Storage(_storage_array(raw, storage_type))
-            return cache[key]
+    def load_storage(pid):
+        # ("storage", storage_type, key, location, numel)
+        if len(pid) != 5:
+            raise CheckpointFormatError(f"unknown storage id {str(pid)[:80]}")
+        _, storage_type, key, _location, _numel = pid
+        member = f"{root}data/{key}"
+        if member not in names:
+            raise CheckpointFormatError(f"storage data/{key} missing")
+        if key not in storages:
+            storages[key] = _Storage(
+                storage_type, lambda: _storage_array(archive.read(member), storage_type)
+            )
+        return storages[key]
 
-        with archive.open(pickles[0]) as f:
-            return RestrictedUnpickler(io.BytesIO(f.read()), load_storage).load()
+    return RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage).load()
 
 
 def _load_legacy(path):
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         if _load_plain(f) != LEGACY_MAGIC:
             raise CheckpointFormatError("not a PyTorch checkpoint (wrong magic number)")
@@ -256,8 +284,8 @@ def _load_legacy(path):
         sys_info = _load_plain(f)
         if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
             raise CheckpointFormatError("big-endian checkpoints are not supported")
-        # The storages' bytes follow the object pickle, so tensors are rebuilt lazily: the
-        # object is loaded with empty storages, which are filled afterwards.
+        # The storages' bytes follow the object pickle: the object is loaded first, then each
+        # storage's position in the file is recorded for reading on demand.
         storages = {}
 
         def load_storage(pid):
@@ -268,25 +296,35 @@ def _load_legacy(path):
             if view is not None:
                 raise CheckpointFormatError("storage views (pre-1.0 files) are not supported")
             if key not in storages:
-                storages[key] = (_Storage(None), storage_type)
-            return storages[key][0]
+                storages[key] = _Storage(storage_type)
+            return storages[key]
 
         obj = RestrictedUnpickler(f, load_storage).load()
         keys = _load_plain(f)
         for key in keys:
             if key not in storages:
                 raise CheckpointFormatError(f"storage {key} is not referenced by the object")
-            storage, storage_type = storages[key]
+            storage = storages[key]
             (count,) = struct.unpack("<q", f.read(8))
-            nbytes = count * np.dtype(_raw_dtype(storage_type)).itemsize
-            raw = f.read(nbytes)
-            if count < 0 or len(raw) != nbytes:
+            nbytes = count * np.dtype(_raw_dtype(storage.storage_type)).itemsize
+            offset = f.tell()
+            if count < 0 or offset + nbytes > size:
                 raise CheckpointFormatError(f"storage {key} is truncated")
-            storage.array = _storage_array(raw, storage_type)
+            storage.read = _file_reader(path, offset, nbytes, storage.storage_type)
+            f.seek(nbytes, io.SEEK_CUR)
         missing = sorted(set(storages) - set(keys))
         if missing:
             raise CheckpointFormatError(f"storages {missing[:5]} have no data")
-    return _materialise(obj)
+    return obj
+
+
+def _file_reader(path, offset, nbytes, storage_type):
+    def read():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return _storage_array(f.read(nbytes), storage_type)
+
+    return read
 
 
 def _load_plain(f):
@@ -304,9 +342,9 @@ def _raw_dtype(storage_type):
 
 
 def _materialise(obj):
-    """Replaces every `_LazyTensor` in nested containers by its array (in place, returns obj)."""
-    if isinstance(obj, _LazyTensor):
-        return obj.array()
+    """Replaces every `LazyTensor` in nested containers by its array (in place, returns obj)."""
+    if isinstance(obj, LazyTensor):
+        return np.asarray(obj)
     if isinstance(obj, dict):
         for key, value in obj.items():
             obj[key] = _materialise(value)
@@ -319,13 +357,16 @@ def _materialise(obj):
     return obj
 
 
-def load(path):
-    """The object saved by `torch.save` at `path`, tensors as NumPy arrays.
+def load(path, lazy=False):
+    """The object saved by `torch.save` at `path`.
+
+    Args:
+      lazy: False: tensors as NumPy arrays; True: tensors as `LazyTensor`s (shape and dtype
+        known, data read by `np.asarray(t)`), so skipped tensors are never read.
 
     Raises:
       UnsafeCheckpointError: the pickle references a global outside the allow-list.
       CheckpointFormatError: not a (supported) PyTorch checkpoint.
     """
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    return _load_legacy(path)
+    obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    return obj if lazy else _materialise(obj)

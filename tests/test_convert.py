@@ -281,3 +281,17 @@ def test_config_from_flags_requires_checkpoint_and_out():
     )
     with pytest.raises(ValueError, match="--checkpoint is required"):
         convert.config_from_flags(fv)
+
+
+def test_skipped_tensors_are_never_read(tmp_path, monkeypatch):
+    reads = []
+    real = torch_pickle._storage_array
+
+    def counting(raw, storage_type):
+        reads.append(len(raw))
+        return real(raw, storage_type)
+
+    monkeypatch.setattr(torch_pickle, "_storage_array", counting)
+    _, manifest = _convert(tmp_path, "moco_v2")
+    # One read per mapped tensor; the key encoder, queue, MLP and optimizer state stay on disk.
+    assert len(reads) == len(manifest["mapping"]) < len(manifest["skipped"])
