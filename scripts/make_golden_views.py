@@ -13,7 +13,8 @@ Writes under tests/data/golden_views/:
                               multi-crop 2 x 20 + 3 x 12, centre crop) for two
                               (seed, index, epoch) triples per image, keyed "<kind>/<image>/<s>_<i>_<e>";
   pipeline.npz                two epochs of make_train_dataset batches over the folder (weak
-                              "different" views and multi-crop), keyed "<pipe>/<step>/<key>".
+                              "same" and "different", strong "same", multi-crop), keyed
+                              "<pipe>/<step>/<key>".
 """
 
 import argparse
@@ -84,7 +85,9 @@ def view_fns():
 def image_paths():
     root = os.path.join(OUT, "folder", "train")
     return sorted(
-        os.path.join(root, c, f) for c in sorted(os.listdir(root)) for f in os.listdir(f"{root}/{c}")
+        os.path.join(root, c, f)
+        for c in sorted(os.listdir(root))
+        for f in os.listdir(f"{root}/{c}")
     )
 
 
@@ -111,12 +114,38 @@ def pipelines():
     examples, _ = data.load_split(f"folder:{os.path.join(OUT, 'folder')}", "train")
     return {
         "weak_different": data.make_train_dataset(
-            examples, augment.make_view_fn("weak", VIEW_SIZE, "different"), 2, seed=3,
-            num_epochs=2, deterministic=True,
+            examples,
+            augment.make_view_fn("weak", VIEW_SIZE, "different"),
+            2,
+            seed=3,
+            num_epochs=2,
+            deterministic=True,
+        ),
+        # Single-crop views: the fast pipeline decodes only the crop window of a JPEG.
+        "weak_same": data.make_train_dataset(
+            examples,
+            augment.make_view_fn("weak", VIEW_SIZE, "same"),
+            2,
+            seed=11,
+            num_epochs=2,
+            deterministic=True,
+        ),
+        "strong_same": data.make_train_dataset(
+            examples,
+            augment.make_view_fn("strong", VIEW_SIZE, "same"),
+            2,
+            seed=13,
+            num_epochs=2,
+            deterministic=True,
         ),
         "multicrop": data.make_train_dataset(
-            examples, augment.make_multicrop_fn(**MULTICROP), 2, seed=5, num_epochs=2,
-            deterministic=True, view_epochs=3,
+            examples,
+            augment.make_multicrop_fn(**MULTICROP),
+            2,
+            seed=5,
+            num_epochs=2,
+            deterministic=True,
+            view_epochs=3,
         ),
     }
 
@@ -136,9 +165,7 @@ def main():
     write_images()
     np.savez_compressed(os.path.join(OUT, "views.npz"), **per_image_views())
     np.savez_compressed(os.path.join(OUT, "pipeline.npz"), **pipeline_batches())
-    total = sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs
-    )
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
     print(f"wrote {OUT} ({total / 1024:.0f} KiB)")
 
 
