@@ -115,3 +115,30 @@ def warn_if_unsupported(precision):
     if message:
         log.warning(message)
     return message
+
+
+def choose_jit_compile(requested=None, gpu_capabilities=None, cpu_flags=None):
+    """Whether the train step is XLA-compiled (--jit_compile), and why, for the log.
+
+    Unset (None) picks what was measured fastest where the run happens: on a GPU, XLA (it
+    fuses the many small ops of BatchNorm, the heads and the losses); on a CPU with AVX-512,
+    no XLA (its CPU code generator fell behind TF's oneDNN kernels there: 0.90x on the AVX-512
+    EPYC of docs/benchmarks.md); on other CPUs (AVX2), XLA (1.33x there). An explicit
+    ``--jit_compile`` / ``--nojit_compile`` always wins.
+
+    Args:
+      requested: the flag's value, True / False / None.
+      gpu_capabilities, cpu_flags: for tests; default the visible GPUs and /proc/cpuinfo.
+
+    Returns:
+      ``(jit_compile: bool, reason: str)``.
+    """
+    if requested is not None:
+        return bool(requested), "as asked by --jit_compile" if requested else "--nojit_compile"
+    gpus = _gpu_capabilities() if gpu_capabilities is None else gpu_capabilities
+    if gpus:
+        return True, "auto: GPU found"
+    flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
+    if "avx512f" in flags:
+        return False, "auto: CPU with AVX-512, where TF's own kernels beat XLA"
+    return True, "auto: CPU without AVX-512, where XLA is faster"
