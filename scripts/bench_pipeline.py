@@ -16,8 +16,10 @@ each child warms up for `--warmup` batches and then counts batches for `--second
 kd_keras / torchvision per round, median over rounds. The machine (CPU model, flags, cores) and
 the load average before every child go into the JSON.
 
-  python scripts/bench_pipeline.py --out_json=docs/bench/pipeline.json
-  # torch: --torch_python=/work/venv-bench/bin/python (default: this interpreter)
+  python scripts/bench_pipeline.py --torch_python=/work/venv-bench/bin/python \
+      --before_repo=/tmp/before --out_json=docs/bench/pipeline.json
+  (--torch_python: an interpreter with torch + torchvision, default this one; --before_repo:
+  optional, an older checkout measured alongside)
 """
 
 import argparse
@@ -89,7 +91,13 @@ def run_kd_keras(args):
     else:
         examples, _ = data.load_split(f"folder:{args.data}", "train")
         if args.workload == "weak":
-            views = augment.make_view_fn("weak", 224, "same", keys=("student",))
+            try:
+                views = augment.make_view_fn("weak", 224, "same", keys=("student",))
+            except TypeError:  # kd_keras before the staged views (--before_repo)
+                base = augment.make_view_fn("weak", 224, "same")
+
+                def views(image, seed):
+                    return {"student": base(image, seed)["student"]}
         else:
             views = augment.make_multicrop_fn(sizes=(224, 96), counts=(2, 6))
         ds = data.make_train_dataset(examples, views, args.batch_size, seed=0)
@@ -154,7 +162,7 @@ def run_torchvision(args):
 
 
 def child_main(args):
-    run = run_kd_keras if args.side == "kd_keras" else run_torchvision
+    run = run_torchvision if args.side == "torchvision" else run_kd_keras
     print(json.dumps({"images_per_s": run(args)}))
 
 
@@ -168,6 +176,7 @@ def _load():
 
 def _child(args, side, workload):
     python = args.torch_python if side == "torchvision" else sys.executable
+    repo = args.before_repo if side == "kd_keras_before" else REPO
     cmd = [
         python,
         os.path.abspath(__file__),
@@ -178,7 +187,7 @@ def _child(args, side, workload):
         f"--warmup={args.warmup}",
         f"--seconds={args.seconds}",
     ]
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": repo, "TF_CPP_MIN_LOG_LEVEL": "2"}
     load = _load()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -197,6 +206,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="batches not timed")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per child")
     parser.add_argument("--torch_python", default=sys.executable)
+    parser.add_argument(
+        "--before_repo",
+        default=None,
+        help="a checkout of older kd_keras (e.g. `git worktree add /tmp/before e707edf`): "
+        "measured too, as side kd_keras_before, interleaved with the others",
+    )
     parser.add_argument("--out_json", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,12 +220,15 @@ def main():
         return child_main(args)
 
     workloads = [w for w in args.workloads.split(",") if w]
+    sides = SIDES + (("kd_keras_before",) if args.before_repo else ())
     report = {"machine": machine(), "command": " ".join(sys.argv), "args": vars(args)}
     print(json.dumps(report["machine"]))
     runs = []
     for r in range(args.rounds):
         for workload in workloads:
-            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                if side == "kd_keras_before" and workload == "decode":
+                    continue  # the same tf.io decode on both
                 result = {**_child(args, side, workload), "round": r}
                 runs.append(result)
                 print(json.dumps(result), flush=True)
@@ -218,13 +236,21 @@ def main():
     for workload in workloads:
         per_side = {
             s: [x["images_per_s"] for x in runs if x["side"] == s and x["workload"] == workload]
-            for s in SIDES
+            for s in sides
         }
-        ratios = [k / t for k, t in zip(per_side["kd_keras"], per_side["torchvision"], strict=True)]
-        summary[workload] = {
-            **{f"{s}_images_per_s": statistics.median(v) for s, v in per_side.items()},
-            "ratio_kd_keras_over_torchvision": statistics.median(ratios),
-        }
+        per_side = {s: v for s, v in per_side.items() if v}
+        row = {f"{s}_images_per_s": statistics.median(v) for s, v in per_side.items()}
+        for s in per_side:
+            if s != "torchvision":
+                ratios = [a / b for a, b in zip(per_side[s], per_side["torchvision"], strict=True)]
+                row[f"ratio_{s}_over_torchvision"] = statistics.median(ratios)
+        if "kd_keras_before" in per_side:
+            ratios = [
+                a / b
+                for a, b in zip(per_side["kd_keras"], per_side["kd_keras_before"], strict=True)
+            ]
+            row["ratio_kd_keras_over_before"] = statistics.median(ratios)
+        summary[workload] = row
     if "decode" in summary:
         floor = summary["decode"]["kd_keras_images_per_s"]
         for workload in ("weak", "multicrop"):
