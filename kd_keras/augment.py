@@ -768,6 +768,11 @@ def batch_blur(images, kernels):
 # Staged views: geometry per example (uint8, before decoding where possible), colour per batch
 # --------------------------------------------------------------------------------------------
 
+# Where colour jitter, greyscale and blur run: "example" (per crop, inside the example map: on
+# CPU the cheapest, as tf.cond skips the ops an image does not get) or "batch" (after `batch`,
+# vectorised over the crops: for accelerators, or a first step on device).
+COLOUR_STAGES = ("example", "batch")
+
 # Prefix of the per-image random draws that travel from the example stage to the batch stage.
 _PARAM = "_aug/"
 
@@ -853,6 +858,16 @@ class CropRecipe:
             params["blur_kernel"] = tf.where(_draw(seed_apply, self.blur_p), kernel, impulse)
         return params
 
+    def colour_one(self, image, seed_jitter, seed_grey, seed_blur):
+        """The per-image colour ops on one crop, with the same draws as ``colour_params``."""
+        if self.jitter_ops and self.jitter_p > 0:
+            image = color_jitter(image, seed_jitter, *self.jitter, p=self.jitter_p)
+        if self.grey_p > 0:
+            image = random_grayscale(image, seed_grey, p=self.grey_p)
+        if self.blur_p > 0:
+            image = gaussian_blur(image, seed_blur, sigma_range=self.blur_sigma, p=self.blur_p)
+        return image
+
     def colour(self, images, params):
         """Applies the drawn jitter, greyscale and blur to float32 ``[N, H, W, 3]``."""
         if "jitter_apply" in params:
@@ -897,8 +912,10 @@ class StagedViews:
 
     ``per_example`` (inside ``Dataset.map``) draws every random number from the example's seed,
     cuts the crops from the undecoded or uint8 image, converts only the crop to float, resizes
-    and flips it; ``per_batch`` (after ``batch``) applies colour jitter, greyscale and blur to
-    the whole batch of small crops at once. Calling the object on one image runs both stages
+    and flips it; colour jitter, greyscale and blur then run on the small crop, either right
+    there (``colour_stage="example"``, the default: cheapest on CPU, where ``tf.cond`` skips
+    the ops a crop does not get) or in ``per_batch`` (after ``batch``, vectorised over all
+    crops of the batch: ``colour_stage="batch"``, for accelerators). Calling the object on one image runs both stages
     and is the per-image view function of old: ``fn(image, seed) -> {key: view}``.
 
     Both stages perform the very float operations of ``weak_view``, ``strong_view``,
@@ -913,10 +930,13 @@ class StagedViews:
         aliases: ``{key: other_key}`` outputs that are the same tensor as another.
     """
 
-    def __init__(self, groups, num_seeds, aliases=None):
+    def __init__(self, groups, num_seeds, aliases=None, colour_stage="example"):
+        if colour_stage not in COLOUR_STAGES:
+            raise ValueError(f"colour_stage must be one of {COLOUR_STAGES}, got {colour_stage!r}")
         self.groups = tuple(groups)
         self.num_seeds = num_seeds
         self.aliases = dict(aliases or {})
+        self.colour_stage = colour_stage
 
     def select(self, keys):
         """The same views restricted to ``keys`` (seeds unchanged, unused crops not drawn)."""
@@ -927,7 +947,7 @@ class StagedViews:
             if target not in keys:
                 groups += [(alias, *g[1:]) for g in self.groups if g[0] == target]
         aliases = {k: v for k, v in aliases.items() if v in keys}
-        return StagedViews(groups, self.num_seeds, aliases)
+        return StagedViews(groups, self.num_seeds, aliases, self.colour_stage)
 
     @property
     def single_crop(self):
@@ -982,6 +1002,8 @@ class StagedViews:
         view = tf.clip_by_value(_resize(to_float(crop), recipe.size), 0.0, 1.0)
         view = tf.where(_uniform(seed_flip) < 0.5, tf.reverse(view, axis=[1]), view)
         view.set_shape([*recipe.size, 3])
+        if self.colour_stage == "example":
+            return {"view": recipe.colour_one(view, *colour_seeds)}
         return {"view": view, **recipe.colour_params(*colour_seeds)}
 
     def per_batch(self, batch):
@@ -1030,7 +1052,7 @@ def _view_recipe(kind, size, scale):
     )
 
 
-def make_view_fn(kind, size, mode, scale=(0.2, 1.0), keys=None):
+def make_view_fn(kind, size, mode, scale=(0.2, 1.0), keys=None, colour_stage="example"):
     """Builds ``fn(image, seed) -> {"student": view, "teacher": view}`` for a dataset map.
 
     Args:
@@ -1040,6 +1062,7 @@ def make_view_fn(kind, size, mode, scale=(0.2, 1.0), keys=None):
             or "different" (independent augmentations from two sub-seeds of ``seed``).
         scale: area-fraction range of the random crop (unused for "none").
         keys: output keys to keep (e.g. ``("student",)``); default both.
+        colour_stage: "example" or "batch" (see ``COLOUR_STAGES``); the same bits either way.
 
     The returned :class:`StagedViews` takes an image ``[H, W, C]`` of any dtype accepted by
     ``to_float_image`` and an integer ``[2]`` seed, and returns float32
@@ -1056,10 +1079,11 @@ def make_view_fn(kind, size, mode, scale=(0.2, 1.0), keys=None):
     scale = _check_range(scale, "scale")
     recipe = _view_recipe(kind, size, scale)
     if kind == "none" or mode == "same":
-        views = StagedViews([("student", recipe, (0,), False)], 2, {"teacher": "student"})
+        groups = [("student", recipe, (0,), False)]
+        views = StagedViews(groups, 2, {"teacher": "student"}, colour_stage)
     else:
         groups = [("student", recipe, (0,), False), ("teacher", recipe, (1,), False)]
-        views = StagedViews(groups, 2)
+        views = StagedViews(groups, 2, colour_stage=colour_stage)
     return views if keys is None else views.select(keys)
 
 
@@ -1069,6 +1093,7 @@ def make_multicrop_fn(
     scales=((0.14, 1.0), (0.05, 0.14)),
     color_strength=1.0,
     blur_p=0.5,
+    colour_stage="example",
 ):
     """Builds ``fn(image, seed) -> {"large": [n0, S0, S0, 3], "small": [n1, S1, S1, 3]}``.
 
@@ -1083,6 +1108,7 @@ def make_multicrop_fn(
         scales: ((lo, hi) large, (lo, hi) small) area-fraction ranges.
         color_strength: SwAV's colour-distortion strength s.
         blur_p: probability of the Gaussian blur (SwAV: 0.5).
+        colour_stage: "example" or "batch" (see ``COLOUR_STAGES``); the same bits either way.
 
     Returns:
         a :class:`StagedViews`.
@@ -1117,4 +1143,4 @@ def make_multicrop_fn(
         )
         groups.append((key, recipe, tuple(range(start, start + count)), True))
         start += count
-    return StagedViews(groups, sum(counts))
+    return StagedViews(groups, sum(counts), colour_stage=colour_stage)

@@ -6,6 +6,7 @@ must reproduce every crop, flip, jitter, greyscale and blur decision and every p
 a teacher cache or a resumed run written by either version replays the same views.
 """
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -40,12 +41,17 @@ def test_per_image_views_match_golden(maker):
     _assert_same(golden, maker.per_image_views())
 
 
-def test_pipeline_batches_match_golden(maker):
+@pytest.fixture(scope="module")
+def batches(maker):
+    return maker.pipeline_batches()
+
+
+def test_pipeline_batches_match_golden(batches):
     golden = dict(np.load(os.path.join(GOLDEN, "pipeline.npz")))
-    _assert_same(golden, maker.pipeline_batches())
+    _assert_same(golden, batches)
 
 
-def test_pipeline_replays_bit_identically_in_another_process(maker, tmp_path):
+def test_pipeline_replays_bit_identically_in_another_process(maker, batches, tmp_path):
     """A second process (fresh graph, thread pools, tf.data autotuning) yields the same bits."""
     out = tmp_path / "replay.npz"
     code = (
@@ -56,4 +62,16 @@ def test_pipeline_replays_bit_identically_in_another_process(maker, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
-    _assert_same(dict(np.load(out)), maker.pipeline_batches())
+    _assert_same(dict(np.load(out)), batches)
+
+
+def test_batch_colour_stage_matches_golden(maker, monkeypatch):
+    """Colour ops run after `batch` (colour_stage="batch") give the same bits as per example."""
+    from kd_keras import augment
+
+    for name in ("make_view_fn", "make_multicrop_fn"):
+        monkeypatch.setattr(
+            augment, name, functools.partial(getattr(augment, name), colour_stage="batch")
+        )
+    golden = dict(np.load(os.path.join(GOLDEN, "pipeline.npz")))
+    _assert_same(golden, maker.pipeline_batches())
