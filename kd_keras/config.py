@@ -154,8 +154,8 @@ def define_flags():
     flags.DEFINE_bool(
         "jit_compile",
         None,
-        "Compile the train/test steps with XLA. Unset: chosen per run and logged (XLA on GPUs "
-        "and on the CPUs measured; see kd_keras.precision.choose_jit_compile).",
+        "Compile the train/test steps with XLA. Unset: chosen per run and logged (on with a "
+        "GPU; on a CPU for inputs >= 64 px; see kd_keras.precision.choose_jit_compile).",
     )
     flags.DEFINE_bool(
         "op_determinism",

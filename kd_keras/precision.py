@@ -117,18 +117,23 @@ def warn_if_unsupported(precision):
     return message
 
 
-def choose_jit_compile(requested=None, gpu_capabilities=None, cpu_flags=None):
+# Below this input side XLA did not pay on CPU (0.90x for a 32 px step); at 112 px it did (1.59x).
+XLA_CPU_MIN_IMAGE_SIZE = 64
+
+
+def choose_jit_compile(requested=None, image_size=None, gpu_capabilities=None, cpu_flags=None):
     """Whether the train step is XLA-compiled (--jit_compile), and why, for the log.
 
     Unset (None) picks XLA on GPUs (it fuses the many small ops of BatchNorm, the heads and the
-    losses) and on CPUs as well: measured in one invocation on the AVX-512 / BF16 EPYC of
-    docs/benchmarks.md, SimReg ResNet-50 -> ResNet-18 at 112 px ran 1.59x faster with XLA, and
-    the issue measured 1.33x on an AVX2 CPU. (The 0.90x seen earlier was a 32 px student-only
-    step under heavy load, within that run's noise.) An explicit ``--jit_compile`` /
-    ``--nojit_compile`` always wins.
+    losses). On a CPU it picks XLA for inputs of at least ``XLA_CPU_MIN_IMAGE_SIZE`` px: on the
+    AVX-512 / BF16 EPYC of docs/benchmarks.md, SimReg ResNet-50 -> ResNet-18 at 112 px ran
+    1.59x faster with XLA (the issue measured 1.33x on an AVX2 CPU), while a 32 px
+    student-only step ran 0.90x, and tiny runs would mostly pay XLA's compile time. An
+    explicit ``--jit_compile`` / ``--nojit_compile`` always wins.
 
     Args:
       requested: the flag's value, True / False / None.
+      image_size: training input side in pixels (None: unknown, treated as large).
       gpu_capabilities, cpu_flags: for tests; default the visible GPUs and /proc/cpuinfo.
 
     Returns:
@@ -141,4 +146,6 @@ def choose_jit_compile(requested=None, gpu_capabilities=None, cpu_flags=None):
         return True, "auto: GPU found"
     flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
     kind = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
-    return True, f"auto: {kind} CPU, where XLA measured faster (docs/benchmarks.md)"
+    if image_size is not None and image_size < XLA_CPU_MIN_IMAGE_SIZE:
+        return False, f"auto: {kind} CPU, {image_size} px < {XLA_CPU_MIN_IMAGE_SIZE} px"
+    return True, f"auto: {kind} CPU, images >= {XLA_CPU_MIN_IMAGE_SIZE} px"
