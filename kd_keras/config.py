@@ -155,7 +155,8 @@ def define_flags():
         "jit_compile",
         None,
         "Compile the train/test steps with XLA. Unset: chosen per run and logged (on with a "
-        "GPU; on a CPU for inputs >= 64 px; see kd_keras.precision.choose_jit_compile).",
+        "GPU; on a CPU for single-crop methods at >= 64 px; see "
+        "kd_keras.precision.choose_jit_compile).",
     )
     flags.DEFINE_bool(
         "op_determinism",

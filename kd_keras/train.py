@@ -438,7 +438,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
                 learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
                 momentum=cfg.optim.momentum,
             )
-        jit_compile, why = precision.choose_jit_compile(cfg.jit_compile, size)
+        jit_compile, why = precision.choose_jit_compile(cfg.jit_compile, size, clustering)
         log.info("XLA jit_compile=%s (%s)", jit_compile, why)
         method.compile(optimizer=optimizer, jit_compile=jit_compile)
         method.build((None, size, size, 3))

@@ -212,7 +212,9 @@ def run_keras_config(args, name, precision, xla):
             optimizer = factory.make_optimizer(cfg, NUM_IMAGES)
         else:
             optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-        jit, result["jit_choice"] = precision_lib.choose_jit_compile(xla, args.image_size)
+        jit, result["jit_choice"] = precision_lib.choose_jit_compile(
+            xla, args.image_size, method_name in config.CLUSTERING_METHODS
+        )
         method.compile(optimizer=optimizer, jit_compile=jit)
         method.build((None, args.image_size, args.image_size, 3))
     result["jit_compile_effective"] = bool(method.jit_compile)
