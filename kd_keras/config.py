@@ -151,7 +151,13 @@ def define_flags():
         "float32 and mixed_float16 uses dynamic loss scaling. Runs as asked on every device, "
         "with a warning where the device has no native support (e.g. float16 on a CPU).",
     )
-    flags.DEFINE_bool("jit_compile", False, "Compile the train/test steps with XLA.")
+    flags.DEFINE_bool(
+        "jit_compile",
+        None,
+        "Compile the train/test steps with XLA. Unset: chosen per run and logged (on with a "
+        "GPU; on a CPU for single-crop methods at >= 64 px; see "
+        "kd_keras.precision.choose_jit_compile).",
+    )
     flags.DEFINE_bool(
         "op_determinism",
         False,
@@ -338,7 +344,7 @@ class Config:
     log_images: int = 4
     verbose: int = 1
     precision: str = "float32"
-    jit_compile: bool = False
+    jit_compile: bool | None = None
     op_determinism: bool = False
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

@@ -19,22 +19,23 @@ Sources (the ``--dataset`` flag):
 * ``"tfds:NAME"``: a prepared TensorFlow Datasets dataset (e.g. ``tfds:cifar10``). Nothing is
   downloaded unless ``download=True``.
 
-Undecodable images (folder source): decoding happens inside the pipeline, because checking
-every file up front is too slow for ImageNet-sized folders. Each decode runs in a tiny nested
-dataset with ``ignore_errors`` and a fallback element, which turns a decode error into a
-success flag; failed files are then filtered out and a ``WARNING`` line naming the file is
-printed to stderr (a ``tf.print``, so it shows even when TF's C++ log level hides warnings).
-A plain ``ignore_errors`` on the outer map also works, but its log line does not say which
-file failed. Such files are dropped every epoch, so an epoch can be a few examples short; the
-count of dropped files is only known up front when ``load_split(..., verify=True)`` runs
-:func:`verify_images`, which removes them and reports the count as ``SplitInfo.skipped_files``.
+Undecodable images (folder source): the first time a split is loaded, every file gets a fast
+check (a JPEG is entropy-decoded at 1/8 scale, which finds truncated and corrupt files as a
+full decode would; other formats are decoded in full), in parallel. The result is cached per
+split, in memory and on disk (``$KD_KERAS_CACHE_DIR``, default ``~/.cache/kd_keras``, keyed by
+the file list with sizes and modification times), so reruns and resumed runs skip the check.
+Bad files are reported once (count and first names), counted in ``SplitInfo.skipped_files``
+and left out of the split, so ``num_examples`` counts only decodable images; a split with none
+is an error. A file that breaks after the check is dropped by ``ignore_errors`` in the
+pipeline rather than ending the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -63,8 +64,8 @@ class SplitInfo:
     """Metadata of one loaded split.
 
     Attributes:
-      num_examples: examples listed for the split (undecodable files found at run time are
-        still counted here; those removed by ``verify=True`` are not).
+      num_examples: decodable examples of the split (files that failed the check made by
+        ``verify=True``, the default, are not counted).
       num_classes: number of classes (0 when the split has no labels).
       class_names: class name per class id.
       source: the ``--dataset`` string the split came from.
@@ -72,6 +73,7 @@ class SplitInfo:
       has_labels: False when every label is -1.
       skipped_files: image files removed up front because they could not be decoded.
       image_shape: (H, W, 3) when every image has the same size, else None.
+      skipped_names: the first few of the skipped files (paths relative to the root).
     """
 
     num_examples: int
@@ -82,14 +84,20 @@ class SplitInfo:
     has_labels: bool
     skipped_files: int = 0
     image_shape: tuple | None = None
+    skipped_names: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class _LazySource:
-    """Undecoded records plus the function that turns one into ``(ok, example)``."""
+    """Undecoded records plus the function that turns one into ``(ok, example)``.
+
+    ``encoded`` (when set) maps a record to its file contents, string ``[]``, so that staged
+    views (``kd_keras.augment.StagedViews``) can crop before decoding.
+    """
 
     records: tf.data.Dataset
     decode: Callable
+    encoded: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,37 +128,32 @@ def _decode_file(path):
     return tf.image.convert_image_dtype(image, tf.float32)
 
 
-def _try_decode_file(path):
-    """(ok: bool [], image: float32 [H, W, 3]) for a path tensor, never raising.
+def _to_float(image):
+    """uint8 decoded image (or crop) -> float32 in [0, 1], exactly as _decode_file converts."""
+    return tf.image.convert_image_dtype(image, tf.float32)
 
-    Graph code cannot catch exceptions, so the decode runs in a one-element dataset whose
-    errors are ignored; concatenating a fallback element and taking the first one yields
-    either the decoded image or the fallback, i.e. a success flag.
+
+def _check_decodes(path):
+    """int32 [3] shape of a file's image, raising when it is missing or does not decode.
+
+    JPEGs are decoded at 1/8 scale with the fast integer DCT: every entropy-coded segment is
+    still read, so truncation and corrupt data fail just as a full decode would, for a fraction
+    of the work. Other formats are decoded in full.
     """
-    attempt = (
-        tf.data.Dataset.from_tensors(path)
-        .map(lambda p: (tf.constant(True), _decode_file(p)))
-        .ignore_errors()
+    raw = tf.io.read_file(path)
+    return tf.cond(
+        tf.io.is_jpeg(raw),
+        lambda: tf.shape(tf.io.decode_jpeg(raw, channels=3, ratio=8, dct_method="INTEGER_FAST")),
+        lambda: tf.shape(tf.io.decode_image(raw, channels=3, expand_animations=False)),
     )
-    fallback = tf.data.Dataset.from_tensors((tf.constant(False), tf.zeros([1, 1, 3])))
-    ok, image = attempt.concatenate(fallback).take(1).get_single_element()
-
-    def _warn():
-        tf.print(
-            "WARNING kd_keras.data: dropping undecodable image", path, output_stream=sys.stderr
-        )
-        return tf.constant(0)
-
-    tf.cond(ok, lambda: tf.constant(0), _warn)
-    return ok, image
 
 
 def verify_images(paths: Sequence[str], num_parallel_calls=tf.data.AUTOTUNE) -> list[str]:
-    """Tries to decode every file (in parallel) exactly as the pipeline would.
+    """Checks in parallel that every file decodes (see ``_check_decodes``).
 
     Args:
       paths: image file paths.
-      num_parallel_calls: decode parallelism.
+      num_parallel_calls: check parallelism.
 
     Returns:
       The paths (as given, in input order) that are missing or cannot be decoded.
@@ -161,7 +164,7 @@ def verify_images(paths: Sequence[str], num_parallel_calls=tf.data.AUTOTUNE) -> 
     good = (
         tf.data.Dataset.from_tensor_slices(paths)
         .map(
-            lambda p: (p, tf.shape(_decode_file(p))),
+            lambda p: (p, _check_decodes(p)),
             num_parallel_calls=num_parallel_calls,
             deterministic=False,
         )
@@ -169,10 +172,67 @@ def verify_images(paths: Sequence[str], num_parallel_calls=tf.data.AUTOTUNE) -> 
         .map(lambda p, _: p)
     )
     decoded = {p.decode("utf-8") for p in good.as_numpy_iterator()}
-    bad = [p for p in paths if p not in decoded]
-    for p in bad:
-        logging.warning("kd_keras.data: cannot decode image %s", p)
-    return bad
+    return [p for p in paths if p not in decoded]
+
+
+# Files checked in this process: listing key -> bad paths.
+_CHECKED = {}
+
+# How many bad file names a report and SplitInfo.skipped_names carry.
+_REPORTED_NAMES = 5
+
+
+def _listing_key(paths):
+    """sha1 over (path, size, mtime) of every file: changes whenever a file does."""
+    digest = hashlib.sha1()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"{p}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_cache_path(key):
+    root = os.environ.get("KD_KERAS_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kd_keras"
+    )
+    return os.path.join(root, "image_checks", f"{key}.json")
+
+
+def _read_check_cache(key):
+    try:
+        with open(_check_cache_path(key)) as f:
+            return list(json.load(f)["bad"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_check_cache(key, bad):
+    """Best effort: a read-only home only means the check runs again next time."""
+    path = _check_cache_path(key)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"bad": bad}, f)
+        os.replace(tmp, path)
+    except OSError as err:
+        logging.info("kd_keras.data: image check not cached (%s)", err)
+
+
+def undecodable_files(paths: Sequence[str]) -> list[str]:
+    """``verify_images(paths)``, remembered per file list in memory and on disk."""
+    key = _listing_key(paths)
+    if key not in _CHECKED:
+        bad = _read_check_cache(key)
+        if bad is None:
+            bad = verify_images(paths)
+            _write_check_cache(key, bad)
+        _CHECKED[key] = bad
+    return list(_CHECKED[key])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,8 +410,12 @@ def _list_folder(root, split):
 
 
 def _decode_folder_record(record):
-    ok, image = _try_decode_file(record["path"])
-    return ok, {"image": image, "label": record["label"], "index": record["index"]}
+    image = _decode_file(record["path"])
+    return tf.constant(True), {"image": image, "label": record["label"], "index": record["index"]}
+
+
+def _read_folder_record(record):
+    return tf.io.read_file(record["path"])
 
 
 def _load_folder(source, root, split, verify):
@@ -359,18 +423,9 @@ def _load_folder(source, root, split, verify):
     paths, labels, class_names, others = _list_folder(root, split)
     if others:
         logging.info("kd_keras.data: ignored %d non-image files under %s", others, root)
-    skipped = 0
+    skipped = ()
     if verify:
-        bad = set(verify_images(paths))
-        if bad:
-            keep = [i for i, p in enumerate(paths) if p not in bad]
-            paths = [paths[i] for i in keep]
-            labels = [labels[i] for i in keep]
-            skipped = len(bad)
-        if not paths:
-            raise ValueError(
-                f"Image-folder dataset {root}: no decodable images in split {split!r}."
-            )
+        paths, labels, skipped = _drop_undecodable(root, split, paths, labels)
     records = tf.data.Dataset.from_tensor_slices(
         {
             "path": tf.constant(paths, tf.string),
@@ -385,20 +440,51 @@ def _load_folder(source, root, split, verify):
         source=source,
         split=split,
         has_labels=True,
-        skipped_files=skipped,
+        skipped_files=len(skipped),
         image_shape=None,
+        skipped_names=tuple(skipped[:_REPORTED_NAMES]),
     )
-    return _lazy_examples(records, _decode_folder_record), info
+    return _lazy_examples(records, _decode_folder_record, _read_folder_record), info
 
 
-def _lazy_examples(records, decode):
-    """Decoded examples dataset that also carries its undecoded records (see _LAZY_ATTR)."""
+def _drop_undecodable(root, split, paths, labels):
+    """(paths, labels, skipped relative names) without the files that do not decode."""
+    bad = set(undecodable_files(paths))
+    if not bad:
+        return paths, labels, ()
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    skipped = [os.path.relpath(p, root) for p in paths if p in bad]
+    if not keep:
+        raise ValueError(
+            f"Image-folder dataset {root}: none of the {len(paths)} images of split {split!r} "
+            f"can be decoded (e.g. {skipped[0]})."
+        )
+    shown = ", ".join(skipped[:_REPORTED_NAMES]) + (
+        ", ..." if len(skipped) > _REPORTED_NAMES else ""
+    )
+    logging.warning(
+        "kd_keras.data: %d of %d images of split %r under %s cannot be decoded and are left out: %s",
+        len(bad),
+        len(paths),
+        split,
+        root,
+        shown,
+    )
+    return [paths[i] for i in keep], [labels[i] for i in keep], tuple(skipped)
+
+
+def _lazy_examples(records, decode, encoded=None):
+    """Decoded examples dataset that also carries its undecoded records (see _LAZY_ATTR).
+
+    ``ignore_errors`` only matters for a file that broke after the split's check.
+    """
     examples = (
         records.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .ignore_errors(log_warning=True)
         .filter(lambda ok, ex: ok)
         .map(lambda ok, ex: ex)
     )
-    setattr(examples, _LAZY_ATTR, _LazySource(records, decode))
+    setattr(examples, _LAZY_ATTR, _LazySource(records, decode, encoded))
     return examples
 
 
@@ -488,7 +574,7 @@ def load_split(
     data_dir: str | None = None,
     image_size_hint=None,
     download: bool = False,
-    verify: bool = False,
+    verify: bool = True,
 ):
     """Loads one split of a dataset as a tf.data pipeline of examples.
 
@@ -500,9 +586,10 @@ def load_split(
       image_size_hint: int or (height, width) for sources stored at a tiny size and
         upsampled up front (digits: default 32); ignored by the others.
       download: TFDS only: download and prepare missing data (otherwise a ValueError).
-      verify: image folders only: decode every file up front (slow on big folders), drop the
-        undecodable ones and count them in ``SplitInfo.skipped_files``.
-
+      verify: image folders only: check once that every file decodes (fast; the result is
+        cached per split, see the module docstring), leave the bad ones out and report them
+        in ``SplitInfo.skipped_files`` / ``skipped_names``. False skips the check; a bad file
+        is then dropped by ``ignore_errors`` when read.
     Returns:
       ``(examples, info)``: a ``tf.data.Dataset`` of example dicts (see module docstring) in
       index order, and a :class:`SplitInfo`.
@@ -591,7 +678,10 @@ def make_train_dataset(
         load_split returned, shuffling happens before decoding (on file names / bytes).
       view_fn: ``view_fn(image, seed_pair) -> dict`` of tensors; ``image`` is float32
         [H, W, 3] and ``seed_pair`` int64 [2]. All views of an image come from this one call.
-        Keys "label" and "index" are reserved.
+        Keys "label" and "index" are reserved. A ``kd_keras.augment.StagedViews`` (what
+        ``make_view_fn`` / ``make_multicrop_fn`` build) runs faster, bit for bit the same:
+        its crops are cut from the undecoded file (JPEG: only the crop window is decoded)
+        and its colour ops run on whole batches.
       batch_size: examples per batch (global batch size).
       seed: base seed of shuffling and views.
       shuffle_buffer: shuffle buffer size; 0 disables shuffling.
@@ -646,13 +736,22 @@ def make_train_dataset(
     else:
         source = lazy.records if lazy is not None else examples
 
+    staged = hasattr(view_fn, "per_example") and hasattr(view_fn, "per_batch")
+    from_bytes = staged and lazy is not None and lazy.encoded is not None
+
     def _apply_view(example, epoch):
+        """One example's views; staged views take the file bytes (crop before decoding)."""
         extra = {}
         if view_epochs is not None:
             epoch = epoch % view_epochs
             extra["view_epoch"] = epoch
         pair = view_seed(seed, example["index"], epoch, epoch_seed)
-        views = view_fn(example["image"], pair)
+        if from_bytes:
+            views = view_fn.per_example(pair, encoded=lazy.encoded(example), to_float=_to_float)
+        elif staged:
+            views = view_fn.per_example(pair, image=example["image"])
+        else:
+            views = view_fn(example["image"], pair)
         if not isinstance(views, Mapping):
             raise ValueError(f"view_fn must return a dict of tensors, got {type(views).__name__}.")
         clash = {"label", "index", "view_epoch"} & set(views)
@@ -695,7 +794,7 @@ def make_train_dataset(
                 .map(lambda recs: {k: v[shard_index::num_shards] for k, v in recs.items()})
                 .unbatch()
             )
-        if lazy is not None:
+        if lazy is not None and not from_bytes:
             ds = (
                 ds.map(
                     lazy.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
@@ -708,7 +807,14 @@ def make_train_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=deterministic,
         )
-        return ds.batch(out_batch_size, drop_remainder=drop_remainder)
+        # Only a file that broke after the split's check fails here; drop it, don't crash.
+        ds = ds.ignore_errors(log_warning=True).batch(out_batch_size, drop_remainder=drop_remainder)
+        if staged:
+            # Colour ops on whole batches of small crops (StagedViews).
+            ds = ds.map(
+                view_fn.per_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+            )
+        return ds
 
     if num_epochs is None:
         epochs = tf.data.Dataset.counter(start_epoch, dtype=tf.int64)

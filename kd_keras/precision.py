@@ -115,3 +115,44 @@ def warn_if_unsupported(precision):
     if message:
         log.warning(message)
     return message
+
+
+# Below this input side XLA did not pay on CPU (0.90x for a 32 px step); at 112 px it did (1.59x).
+XLA_CPU_MIN_IMAGE_SIZE = 64
+
+
+def choose_jit_compile(
+    requested=None, image_size=None, multi_crop=False, gpu_capabilities=None, cpu_flags=None
+):
+    """Whether the train step is XLA-compiled (--jit_compile), and why, for the log.
+
+    Unset (None) picks XLA on GPUs (it fuses the many small ops of BatchNorm, the heads and the
+    losses). On a CPU it picks XLA for inputs of at least ``XLA_CPU_MIN_IMAGE_SIZE`` px: on the
+    AVX-512 / BF16 EPYC of docs/benchmarks.md, SimReg ResNet-50 -> ResNet-18 at 112 px ran
+    1.59x faster with XLA (the issue measured 1.33x on an AVX2 CPU), while a 32 px
+    student-only step ran 0.90x, and tiny runs would mostly pay XLA's compile time. Multi-crop
+    methods (SwAV, OSS: crops of two sizes through the same networks) stay without XLA on a
+    CPU: the OSS step at 2 x 112 + 6 x 48 px ran 0.16x with it there. An explicit
+    ``--jit_compile`` / ``--nojit_compile`` always wins.
+
+    Args:
+      requested: the flag's value, True / False / None.
+      image_size: training input side in pixels (None: unknown, treated as large).
+      multi_crop: whether the method takes multi-crop batches (swav, oss).
+      gpu_capabilities, cpu_flags: for tests; default the visible GPUs and /proc/cpuinfo.
+
+    Returns:
+      ``(jit_compile: bool, reason: str)``.
+    """
+    if requested is not None:
+        return bool(requested), "as asked by --jit_compile" if requested else "--nojit_compile"
+    gpus = _gpu_capabilities() if gpu_capabilities is None else gpu_capabilities
+    if gpus:
+        return True, "auto: GPU found"
+    flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
+    kind = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
+    if multi_crop:
+        return False, f"auto: {kind} CPU, multi-crop method (XLA measured slower)"
+    if image_size is not None and image_size < XLA_CPU_MIN_IMAGE_SIZE:
+        return False, f"auto: {kind} CPU, {image_size} px < {XLA_CPU_MIN_IMAGE_SIZE} px"
+    return True, f"auto: {kind} CPU, images >= {XLA_CPU_MIN_IMAGE_SIZE} px"

@@ -383,15 +383,13 @@ def write_caches(
     from kd_keras import augment, data
 
     view_key = "teacher"
-    view_fn = augment.make_view_fn(
+    teacher_view = augment.make_view_fn(
         data_cfg.augment,
         data_cfg.image_size,
         data_cfg.aug_mode,
         scale=(data_cfg.crop_scale_min, 1.0),
+        keys=(view_key,),
     )
-
-    def teacher_view(image, pair):
-        return {view_key: view_fn(image, pair)[view_key]}
 
     dataset_id = dataset_identity(examples, info)
     views_id = {**view_identity(data_cfg, seed, view_key), "epochs": int(epochs)}

@@ -353,10 +353,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
     if cfg.data.aug_mode == "same" or caches:
         # One augmented image feeds both networks (or the teachers' features come from a
         # cache); don't carry a duplicate through tf.data.
-        base_view_fn = view_fn
-
-        def view_fn(image, seed):
-            return {"student": base_view_fn(image, seed)["student"]}
+        view_fn = view_fn.select(("student",))
 
     if clustering:
         view_fn = factory.multicrop_view_fn(cfg)  # {"large": [2, S, S, 3], "small": [V, s, s, 3]}
@@ -441,7 +438,9 @@ def run_and_return_model(cfg, extra_callbacks=()):
                 learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
                 momentum=cfg.optim.momentum,
             )
-        method.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
+        jit_compile, why = precision.choose_jit_compile(cfg.jit_compile, size, clustering)
+        log.info("XLA jit_compile=%s (%s)", jit_compile, why)
+        method.compile(optimizer=optimizer, jit_compile=jit_compile)
         method.build((None, size, size, 3))
         checkpointing.restore(method, role.checkpoint_dirs, done_steps)
 
@@ -493,6 +492,11 @@ def run_and_return_model(cfg, extra_callbacks=()):
         "dataset": cfg.data.dataset,
         "train_split": cfg.data.train_split,
         "eval_split": eval_split if eval_info else None,
+        # Undecodable train images, found once when the split was loaded and left out.
+        "skipped_train_files": {
+            "count": train_info.skipped_files,
+            "first": list(train_info.skipped_names),
+        },
         "epochs": cfg.optim.epochs,
         "steps": int(method.optimizer.iterations.numpy()),
         "final_learning_rate": float(method.optimizer.learning_rate.numpy()),

@@ -195,10 +195,7 @@ def run_keras_config(args, name, precision, xla):
 
         view_fn = factory.multicrop_view_fn(cfg)
     else:
-        base = augment.make_view_fn("weak", args.image_size, "same")
-
-        def view_fn(image, seed):
-            return {"student": base(image, seed)["student"]}
+        view_fn = augment.make_view_fn("weak", args.image_size, "same", keys=("student",))
 
     ds = data.make_train_dataset(
         examples, view_fn, args.batch_size, seed=0, shuffle_buffer=n, view_epochs=view_epochs,
@@ -215,7 +212,10 @@ def run_keras_config(args, name, precision, xla):
             optimizer = factory.make_optimizer(cfg, NUM_IMAGES)
         else:
             optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-        method.compile(optimizer=optimizer, jit_compile=xla)
+        jit, result["jit_choice"] = precision_lib.choose_jit_compile(
+            xla, args.image_size, method_name in config.CLUSTERING_METHODS
+        )
+        method.compile(optimizer=optimizer, jit_compile=jit)
         method.build((None, args.image_size, args.image_size, 3))
     result["jit_compile_effective"] = bool(method.jit_compile)
     result.update(_time_fit(method, ds, args))
@@ -298,7 +298,7 @@ def _specs(args):
     if unknown:
         raise SystemExit(f"benchmark.py: unknown --configs {unknown}; known: {ALL_CONFIGS}")
     precisions = [p for p in args.precisions.split(",") if p]
-    xlas = [x == "on" for x in args.xla.split(",") if x]
+    xlas = [{"on": True, "off": False, "auto": None}[x] for x in args.xla.split(",") if x]
     for name in configs:
         if name in KERAS_CONFIGS:
             for p in precisions:
@@ -350,7 +350,7 @@ def _markdown(report):
                 if s
             )  # fmt: skip
         lines.append(
-            f"| {r['config']} | {r.get('precision', '')} | {'on' if r.get('xla') else 'off'} | "
+            f"| {r['config']} | {r.get('precision', '')} | {_xla_name(r.get('xla'))} | "
             f"{r.get('images_per_s', '-')} | {r.get('images_per_s_min', '-')}-"
             f"{r.get('images_per_s_max', '-')} | {r.get('peak_rss_mb', '-')} | {note} |"
         )
@@ -385,6 +385,10 @@ def _combine(rounds):
     return out
 
 
+def _xla_name(x):
+    return "auto" if x is None else ("on" if x else "off")
+
+
 def _ratios(results):
     """Speed ratios between configurations of this run (same machine, same process setup)."""
     by = {
@@ -395,7 +399,7 @@ def _ratios(results):
     out = {}
     for (name, p, x), v in by.items():
         if name == "simreg_cached" and ("simreg", p, x) in by:
-            out[f"simreg cached / live teacher ({p}, XLA {'on' if x else 'off'})"] = round(
+            out[f"simreg cached / live teacher ({p}, XLA {_xla_name(x)})"] = round(
                 v / by[("simreg", p, x)], 2
             )
         if (
@@ -403,13 +407,12 @@ def _ratios(results):
             and (p, x) != ("float32", False)
             and (name, "float32", False) in by
         ):
-            out[f"{name} {p} XLA {'on' if x else 'off'} / float32 XLA off"] = round(
+            out[f"{name} {p} XLA {_xla_name(x)} / float32 XLA off"] = round(
                 v / by[(name, "float32", False)], 2
             )
-    for name in ("simreg", "oss"):
-        if (f"torch_{name}", "float32", False) in by and (name, "float32", False) in by:
-            out[f"{name} Keras / PyTorch eager (float32)"] = round(
-                by[(name, "float32", False)] / by[(f"torch_{name}", "float32", False)], 2
+        if name in ("simreg", "oss") and p == "float32" and (f"torch_{name}", p, False) in by:
+            out[f"{name} Keras XLA {_xla_name(x)} / PyTorch eager (float32)"] = round(
+                v / by[(f"torch_{name}", p, False)], 2
             )
     return out
 
@@ -418,7 +421,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="simreg,simreg_cached,supervised,oss,knn")
     parser.add_argument("--precisions", default="float32")
-    parser.add_argument("--xla", default="off", help="comma-separated subset of off,on")
+    parser.add_argument(
+        "--xla",
+        default="auto",
+        help="comma-separated subset of off,on,auto (auto: what "
+        "--jit_compile unset picks, kd_keras.precision.choose_jit_compile)",
+    )
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--teacher", default="resnet50")
     parser.add_argument("--head", default="mlp4")

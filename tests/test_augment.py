@@ -430,3 +430,83 @@ def test_multicrop_without_small_crops_and_bad_arguments():
         augment.make_multicrop_fn(counts=(0, 2))
     with pytest.raises(ValueError, match="two resolution"):
         augment.make_multicrop_fn(sizes=(16,), counts=(2,), scales=((0.1, 1.0),))
+
+
+# ------------------------------------------------------------------------------------------
+# Batched colour ops and staged views
+
+
+@pytest.mark.parametrize(
+    "strengths,p",
+    [((0.4, 0.3, 0.5, 0.1), 0.8), ((0.0, 0.4, 0.0, 0.2), 0.5), ((0.8, 0.8, 0.8, 0.2), 1.0)],
+)
+def test_batched_colour_ops_equal_per_image_ops(strengths, p):
+    """Every image of a batch gets exactly the bits the per-image op gives for its seed."""
+    images = np.stack([_image(12, 12, seed=i) for i in range(10)])
+    seeds = [augment._as_seed(_seed(i, 3)) for i in range(10)]
+    recipe = augment.CropRecipe(
+        size=(12, 12),
+        jitter=strengths,
+        jitter_p=p,
+        grey_p=0.5,
+        blur_sigma=(0.1, 2.0),
+        blur_p=0.5,
+    )
+    params = [recipe.colour_params(s, s + 1, s + 2) for s in seeds]
+    batch = {k: tf.stack([q[k] for q in params]) for k in params[0]}
+
+    jittered = augment.batch_color_jitter(
+        images,
+        batch["jitter_apply"],
+        batch["jitter_order"],
+        batch["jitter_factors"],
+        recipe.jitter_ops,
+    )
+    greyed = augment.batch_grayscale(images, batch["grey"])
+    blurred = augment.batch_blur(images, batch["blur_kernel"])
+    for i, s in enumerate(seeds):
+        want = augment.color_jitter(images[i], s, *strengths, p=p)
+        np.testing.assert_array_equal(jittered[i].numpy(), want.numpy())
+        want = augment.random_grayscale(images[i], s + 1, p=0.5)
+        np.testing.assert_array_equal(greyed[i].numpy(), want.numpy())
+        want = augment.gaussian_blur(images[i], s + 2, sigma_range=(0.1, 2.0), p=0.5)
+        np.testing.assert_array_equal(blurred[i].numpy(), want.numpy())
+    # The draws were not all alike: some images were jittered / greyed / blurred, some not.
+    for key in ("jitter_apply", "grey"):
+        assert 0 < int(tf.reduce_sum(tf.cast(batch[key], tf.int32))) < 10 or p == 1.0
+
+
+def test_staged_views_from_bytes_equal_decoded_views(tmp_path):
+    """Cropping the undecoded file (JPEG crop window, PNG full decode) equals the decoded path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    array = (rng.uniform(size=(37, 53, 3)) * 255).astype(np.uint8)
+    for fmt in ("JPEG", "PNG"):
+        path = tmp_path / f"x.{fmt.lower()}"
+        Image.fromarray(array).save(path, format=fmt)
+        encoded = tf.io.read_file(str(path))
+        decoded = tf.io.decode_image(encoded, channels=3)
+        for views in (
+            augment.make_view_fn("strong", 16, "same"),
+            augment.make_view_fn("weak", 16, "different"),
+            augment.make_multicrop_fn(sizes=(16, 8), counts=(2, 2)),
+        ):
+            for i in range(4):
+                seed = _seed(i)
+                a = views.per_example(seed, encoded=encoded)
+                b = views.per_example(seed, image=decoded)
+                assert sorted(a) == sorted(b)
+                for key in a:
+                    np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+
+
+def test_select_keeps_seeds():
+    image, seed = _image(20, 24), _seed(5)
+    both = augment.make_view_fn("strong", 8, "different")(image, seed)
+    teacher = augment.make_view_fn("strong", 8, "different", keys=("teacher",))(image, seed)
+    assert list(teacher) == ["teacher"]
+    np.testing.assert_array_equal(teacher["teacher"].numpy(), both["teacher"].numpy())
+    same = augment.make_view_fn("weak", 8, "same")
+    only_teacher = same.select(("teacher",))(image, seed)
+    np.testing.assert_array_equal(only_teacher["teacher"].numpy(), same(image, seed)["student"])

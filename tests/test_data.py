@@ -172,28 +172,90 @@ def test_unknown_source_names_dataset_flag():
         data.load_split("tfds:", "train")
 
 
-def test_corrupt_image_is_dropped_and_reported(tmp_path, capfd):
+def _add_bad_files(root):
+    """A random-bytes .jpg, a truncated JPEG and a text file named .JPEG; their indices."""
+    bee = root / "train" / "bee"
+    (bee / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(300))
+    good = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    _write_jpeg(bee / "cut.jpg", good)
+    (bee / "cut.jpg").write_bytes((bee / "cut.jpg").read_bytes()[:-200])
+    (root / "train" / "cat" / "x.JPEG").write_text("not an image")
+    return ["train/bee/broken.jpg", "train/bee/cut.jpg", "train/cat/x.JPEG"]
+
+
+@pytest.fixture
+def check_cache(tmp_path, monkeypatch):
+    """A private on-disk cache and an empty in-memory one, plus a count of real checks."""
+    monkeypatch.setenv("KD_KERAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_CHECKED", {})
+    calls = []
+    real = data.verify_images
+    monkeypatch.setattr(data, "verify_images", lambda paths: calls.append(1) or real(paths))
+    return calls
+
+
+def test_corrupt_files_are_found_once_counted_and_left_out(tmp_path, check_cache, caplog):
     root = _make_folder(tmp_path)
-    bad = root / "train" / "bee" / "broken.jpg"
-    bad.write_bytes(np.random.default_rng(0).bytes(300))
+    bad = _add_bad_files(root)
+    with caplog.at_level("WARNING"):
+        examples, info = data.load_split(f"folder:{root}", "train")
+    assert info.num_examples == 12 and info.skipped_files == 3
+    assert info.skipped_names == tuple(bad)
+    reports = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(reports) == 1 and "3 of 15" in reports[0] and bad[0] in reports[0]
+    # Indices are renumbered over the good files only.
+    assert sorted(int(e["index"]) for e in _all(examples)) == list(range(12))
 
-    examples, info = data.load_split(f"folder:{root}", "train")
-    assert info.num_examples == 13 and info.skipped_files == 0
-    items = _all(examples)
-    assert len(items) == 12
-    # broken.jpg sorts first in "bee", so index 4 is the missing one.
-    assert sorted(int(e["index"]) for e in items) == [i for i in range(13) if i != 4]
-    assert str(bad) in capfd.readouterr().err  # the warning names the file
+    # Several epochs of training views: every good file each epoch, no warning at all.
+    caplog.clear()
+    views = augment_views()
+    ds = data.make_train_dataset(examples, views, 4, seed=0, num_epochs=3)
+    batches = _all(ds)
+    assert len(batches) == 9
+    assert sorted(np.concatenate([b["index"] for b in batches]).tolist()) == sorted(
+        list(range(12)) * 3
+    )
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
+    # The check ran once; a second load (same process) and a fresh process (disk) reuse it.
+    data.load_split(f"folder:{root}", "train")
+    data._CHECKED.clear()
+    _, again = data.load_split(f"folder:{root}", "train")
+    assert len(check_cache) == 1 and again.skipped_files == 3
+    # A changed file changes the key: checked anew, and now found good.
+    _write_png(root / "train" / "cat" / "x.JPEG", np.zeros((6, 6, 3), np.uint8))
+    _, fixed = data.load_split(f"folder:{root}", "train")
+    assert len(check_cache) == 2 and fixed.skipped_files == 2 and fixed.num_examples == 13
+
+
+def augment_views():
+    from kd_keras import augment
+
+    return augment.make_view_fn("weak", 4, "same")
+
+
+def test_split_without_decodable_image_is_one_clear_error(tmp_path, check_cache):
+    folder = tmp_path / "bad" / "train" / "only"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"f{i}.jpg").write_bytes(b"garbage" * i)
+    with pytest.raises(ValueError, match=r"none of the 3 images of split 'train'.*f0\.jpg"):
+        data.load_split(f"folder:{tmp_path / 'bad'}", "train")
+
+
+def test_verify_images_and_unchecked_folders(tmp_path, check_cache):
+    root = _make_folder(tmp_path)
+    bad = _add_bad_files(root)
     good = [str(p) for p in sorted((root / "train" / "ant").iterdir())]
-    assert data.verify_images([*good, str(bad), str(root / "missing.png")]) == [
-        str(bad),
-        str(root / "missing.png"),
-    ]
+    listed = [*good, str(root / bad[1]), str(root / "missing.png")]
+    assert data.verify_images(listed) == [str(root / bad[1]), str(root / "missing.png")]
 
-    verified, vinfo = data.load_split(f"folder:{root}", "train", verify=True)
-    assert vinfo.num_examples == 12 and vinfo.skipped_files == 1
-    assert sorted(int(e["index"]) for e in _all(verified)) == list(range(12))
+    # verify=False: no check; bad files are dropped while reading, the rest comes through.
+    examples, info = data.load_split(f"folder:{root}", "train", verify=False)
+    assert info.num_examples == 15 and info.skipped_files == 0 and len(check_cache) == 1
+    assert len(_all(examples)) == 12
+    ds = data.make_train_dataset(examples, augment_views(), 3, seed=0, num_epochs=1)
+    assert sum(len(b["index"]) for b in _all(ds)) == 12
 
 
 # ------------------------------------------------------------------------------------------
