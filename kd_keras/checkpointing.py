@@ -15,16 +15,43 @@ Layout of a checkpoint directory:
 Every file is written under a temporary name and renamed into place, and checkpoint.json is
 replaced last, so a process killed at any moment leaves the previous complete state: the JSON
 only ever names weight files that were completely written.
+
+Faults (see docs/faults.md):
+  * A checkpoint is serialised in memory and written with plain file I/O, so a full disk or a
+    permission error is one `CheckpointWriteError` naming the path, with the temporary file
+    removed; h5py never sees the failing write (it used to crash the process with a
+    segmentation fault when the disk filled).
+  * Checkpoints are found by name too (`ckpt-<step>.weights.h5`), so a lost checkpoint.json
+    does not restart the run from step 0.
+  * A checkpoint that cannot be opened (truncated, corrupt) is skipped: `set_aside_unreadable`
+    renames it to `<name>.unreadable` (kept, never deleted) and the previous one is used.
+  * Rotation deletes old checkpoints only after the new one has been read back, and moves
+    checkpoints newer than the saved step (a future this run replaced) aside instead of
+    deleting them.
 """
 
+import io
 import json
 import logging
 import os
+import re
 
 import keras
+import numpy as np
+
+# The h5 serialisation Keras' own `save_weights` uses, pointed at a BytesIO (keras is pinned to
+# 3.15 in setup.cfg; `test_checkpoint_bytes_load_with_keras` pins the round trip).
+from keras.src.saving import saving_lib
 
 STATE_FILE = "checkpoint.json"
 KEEP = 2
+UNREADABLE_SUFFIX = ".unreadable"
+SUPERSEDED_SUFFIX = ".superseded"
+_NAME = re.compile(r"^ckpt-(\d{9})\.weights\.h5$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint (or its state file) could not be written; nothing half-written is left."""
 
 log = logging.getLogger("kd_keras")
 
@@ -36,30 +63,130 @@ def _fsync_replace(tmp, path):
 
 
 def write_atomic(path, text):
-    """Writes `text` to `path` so that readers see the old or the new file, never a part."""
+    """Writes `text` (str or bytes) to `path`: readers see the old or the new file, never a part.
+
+    Raises:
+      CheckpointWriteError: the write failed (disk full, permissions); the temporary file is
+        removed and `path` is untouched.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    _fsync_replace(tmp, path)
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise CheckpointWriteError(
+            f"cannot write {path}: {err.strerror or err} (nothing was replaced)"
+        ) from err
+
+
+def checkpoint_bytes(model):
+    """The `.weights.h5` file `model.save_weights` would write, as bytes (built in memory)."""
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    saving_lib._save_state(
+        model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set()
+    )
+    store.close()
+    return buffer.getvalue()
+
+
+def is_readable(path):
+    """Whether `path` opens as a complete HDF5 file (a truncated one fails HDF5's EOF check)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return len(f.keys()) > 0
+    except (OSError, ValueError):
+        return False
 
 
 def read_state(directory):
-    """The checkpoint.json of `directory` as {"step": int, "files": {step: path}} or None."""
+    """The checkpoint.json of `directory` as {"step", "files": {step: path}, "logs"} or None.
+
+    A checkpoint.json that cannot be parsed counts as absent (files are then found by name).
+    """
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        raw = json.load(f)
-    files = {int(k): os.path.join(directory, v) for k, v in raw.get("files", {}).items()}
-    return {"step": int(raw["step"]), "files": files}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        files = {int(k): os.path.join(directory, v) for k, v in raw.get("files", {}).items()}
+        return {"step": int(raw["step"]), "files": files, "logs": raw.get("logs", {})}
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable %s; checkpoints are found by name", path)
+        return None
+
+
+def checkpoint_files(directory):
+    """{step: path} of every checkpoint in `directory`: those checkpoint.json names and those
+    found by their `ckpt-<step>.weights.h5` name (checkpoint.json may have been lost)."""
+    files = {}
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            match = _NAME.match(name)
+            if match:
+                files[int(match.group(1))] = os.path.join(directory, name)
+    state = read_state(directory)
+    for step, path in (state["files"] if state else {}).items():
+        if os.path.isfile(path):
+            files.setdefault(step, path)
+    return files
 
 
 def available_steps(directory):
-    """Steps with a complete checkpoint in `directory`, newest first (empty if none)."""
+    """Steps with a readable checkpoint in `directory`, newest first (empty if none)."""
+    files = checkpoint_files(directory)
+    return sorted((s for s, p in files.items() if is_readable(p)), reverse=True)
+
+
+def last_logs(directory):
+    """The epoch/batch logs recorded with the newest checkpoint ({} when none)."""
     state = read_state(directory)
-    if state is None:
-        return []
-    return sorted((s for s, p in state["files"].items() if os.path.isfile(p)), reverse=True)
+    return dict(state.get("logs") or {}) if state else {}
+
+
+def set_aside_unreadable(directory):
+    """Renames every unreadable checkpoint of `directory` to `<name>.unreadable` (kept for
+    inspection, never deleted) with a warning naming it; returns the renamed paths."""
+    moved = []
+    for step, path in sorted(checkpoint_files(directory).items()):
+        if not is_readable(path):
+            os.replace(path, path + UNREADABLE_SUFFIX)
+            log.warning(
+                "checkpoint %s (step %d) cannot be read; set aside as %s, resuming from an "
+                "earlier one", path, step, path + UNREADABLE_SUFFIX,
+            )
+            moved.append(path + UNREADABLE_SUFFIX)
+    return moved
+
+
+def copy_newest(directory, dest, attempts=5):
+    """Copies the newest readable checkpoint of `directory` to the file `dest`, retrying when a
+    training run rotates it away mid-copy; returns (step, dest) or None when there is none."""
+    import shutil
+
+    for _ in range(attempts):
+        files = checkpoint_files(directory)
+        for step in sorted(files, reverse=True):
+            try:
+                shutil.copyfile(files[step], dest)
+            except FileNotFoundError:  # rotated away since the listing
+                break
+            if is_readable(dest):
+                return step, dest
+        else:
+            return None
+    return None
 
 
 def restore(model, directories, step):
@@ -80,8 +207,7 @@ def restore(model, directories, step):
         model.optimizer.build(model.trainable_variables)
     tried = []
     for directory in directories:
-        state = read_state(directory)
-        path = state["files"].get(step) if state else None
+        path = checkpoint_files(directory).get(step)
         if not path or not os.path.isfile(path):
             continue
         try:
@@ -137,34 +263,79 @@ class StepCheckpoint(keras.callbacks.Callback):
         if self.save_freq != "epoch":
             step = self._step()
             if step % self.save_freq == 0:
-                self.save(step)
+                self.save(step, logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.save(self._step())
+        step = self._step()
+        if step == self.last_saved:  # saved at this step's batch end: add the epoch's logs
+            self._record_logs(logs)
+        else:
+            self.save(step, logs)
 
-    def save(self, step):
-        """Writes the checkpoint of `step` (once) and drops the ones beyond `keep`."""
+    def _record_logs(self, logs):
+        state = read_state(self.directory)
+        if state is None or not logs:
+            return
+        state["logs"] = _numbers(logs)
+        state["files"] = {str(s): os.path.basename(p) for s, p in state["files"].items()}
+        write_atomic(os.path.join(self.directory, STATE_FILE), json.dumps(state, indent=1))
+
+    def save(self, step, logs=None):
+        """Writes the checkpoint of `step` (once) and drops the ones beyond `keep`.
+
+        `logs` (the epoch or batch logs) are recorded in checkpoint.json, so that a run killed
+        after training still reports its final losses when it is re-run.
+
+        Raises:
+          CheckpointWriteError: disk full, permissions: one line naming the path; the previous
+            checkpoints and checkpoint.json are untouched.
+        """
         if step == self.last_saved or step == 0:
             return
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as err:
+            raise CheckpointWriteError(f"cannot create {self.directory}: {err.strerror}") from err
         name = f"ckpt-{step:09d}.weights.h5"
-        tmp = os.path.join(self.directory, f"tmp{os.getpid()}-{name}")
-        self.model.save_weights(tmp, overwrite=True)
-        _fsync_replace(tmp, os.path.join(self.directory, name))
-        state = read_state(self.directory) or {"files": {}}
-        # Older steps only: checkpoints beyond `step` belong to a run this one replaced.
-        files = {s: os.path.basename(p) for s, p in state["files"].items() if s < step}
-        stale = {s: os.path.basename(p) for s, p in state["files"].items() if s > step}
-        files[step] = name
-        kept = sorted(files, reverse=True)[: self.keep]
-        write_atomic(
-            os.path.join(self.directory, STATE_FILE),
-            json.dumps({"step": step, "files": {str(s): files[s] for s in kept}}, indent=1),
-        )
-        for s, n in {**files, **stale}.items():
+        path = os.path.join(self.directory, name)
+        write_atomic(path, checkpoint_bytes(self.model))
+        if not is_readable(path):  # never rotate away the old ones for an unreadable new one
+            raise CheckpointWriteError(f"checkpoint {path} was written but cannot be read back")
+        files = {s: os.path.basename(p) for s, p in checkpoint_files(self.directory).items()}
+        newer = {s: n for s, n in files.items() if s > step}  # a future this run replaced
+        older = {s: n for s, n in files.items() if s < step}
+        older[step] = name
+        kept = sorted(older, reverse=True)[: self.keep]
+        state = {
+            "step": step,
+            "files": {str(s): older[s] for s in kept},
+            "logs": _numbers(logs),
+        }
+        write_atomic(os.path.join(self.directory, STATE_FILE), json.dumps(state, indent=1))
+        for s, n in older.items():
             if s not in kept:
-                try:
-                    os.remove(os.path.join(self.directory, n))
-                except FileNotFoundError:
-                    pass
+                _remove(os.path.join(self.directory, n))
+        for n in newer.values():
+            src = os.path.join(self.directory, n)
+            os.replace(src, src + SUPERSEDED_SUFFIX)
+            log.warning("checkpoint %s is newer than this run's step %d; kept as %s",
+                        src, step, src + SUPERSEDED_SUFFIX)
         self.last_saved = step
+
+
+def _numbers(logs):
+    """The numeric entries of Keras logs as floats (JSON-ready)."""
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[key] = float(np.asarray(value).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

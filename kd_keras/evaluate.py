@@ -33,12 +33,14 @@ knn_monitor.png (the k-NN curve recorded during training by `--knn_monitor_every
 run has one), subset_*.json (label subsets of the fine-tuning protocols).
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -274,17 +276,32 @@ def load_run_teachers(run_dir, image_size):
 def latest_checkpoint(directory):
     """Newest complete weights file of a run's checkpoint directory, or None.
 
-    Two layouts exist: step checkpoints (checkpoint.json naming ckpt-<step>.weights.h5 files;
-    the newest listed file that exists wins) and Keras BackupAndRestore's latest.weights.h5
-    (runs from before step checkpoints).
+    Two layouts exist: step checkpoints (ckpt-<step>.weights.h5, listed in checkpoint.json or
+    found by name; the newest readable one wins) and Keras BackupAndRestore's
+    latest.weights.h5 (runs from before step checkpoints).
     """
     from kd_keras import checkpointing
 
     steps = checkpointing.available_steps(directory)
     if steps:
-        return checkpointing.read_state(directory)["files"][steps[0]]
+        return checkpointing.checkpoint_files(directory)[steps[0]]
     legacy = os.path.join(directory, "latest.weights.h5")
     return legacy if os.path.isfile(legacy) else None
+
+
+@contextlib.contextmanager
+def _checkpoint_snapshot(directory):
+    """A private copy of the newest checkpoint (path, or None), so a training run that rotates
+    its checkpoints meanwhile cannot remove the file while it is read; deleted afterwards."""
+    from kd_keras import checkpointing
+
+    with tempfile.TemporaryDirectory(prefix="kd_keras_eval_") as tmp:
+        copied = checkpointing.copy_newest(directory, os.path.join(tmp, "ckpt.weights.h5"))
+        if copied is not None:
+            yield copied[1], f"checkpoint of step {copied[0]} in {directory}"
+        else:
+            legacy = latest_checkpoint(directory)
+            yield legacy, f"checkpoint {legacy}"
 
 
 def _load_run_checkpoint(run_dir):
@@ -292,29 +309,29 @@ def _load_run_checkpoint(run_dir):
     from kd_keras import train
 
     cfg = config_lib.config_from_json(os.path.join(run_dir, "config.json"))
-    weights = latest_checkpoint(os.path.join(run_dir, train.CHECKPOINT_DIR))
-    if weights is None:
-        raise EvaluationError(
-            f"--model: run {run_dir} has neither an export/ nor a checkpoint in "
-            f"{os.path.join(run_dir, train.CHECKPOINT_DIR)}."
-        )
-    size = cfg.data.image_size
-    # sync_bn only matters when training across replicas; plain BN loads the same weights.
-    cfg = dataclasses.replace(cfg, sync_bn=False)
-    teachers = load_run_teachers(run_dir, size) if cfg.method != "supervised" else []
-    student = train.build_student(cfg, size)
-    method = train.build_method(cfg, student, teachers, num_classes=_run_num_classes(cfg))
-    method.build((None, size, size, 3))
-    # The checkpoint also holds the optimizer's state, which evaluation does not need; Keras
-    # warns that it skips it.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        method.load_weights(weights)
+    with _checkpoint_snapshot(os.path.join(run_dir, train.CHECKPOINT_DIR)) as (weights, source):
+        if weights is None:
+            raise EvaluationError(
+                f"--model: run {run_dir} has neither an export/ nor a checkpoint in "
+                f"{os.path.join(run_dir, train.CHECKPOINT_DIR)}."
+            )
+        size = cfg.data.image_size
+        # sync_bn only matters when training across replicas; plain BN loads the same weights.
+        cfg = dataclasses.replace(cfg, sync_bn=False)
+        teachers = load_run_teachers(run_dir, size) if cfg.method != "supervised" else []
+        student = train.build_student(cfg, size)
+        method = train.build_method(cfg, student, teachers, num_classes=_run_num_classes(cfg))
+        method.build((None, size, size, 3))
+        # The checkpoint also holds the optimizer's state, which evaluation does not need;
+        # Keras warns that it skips it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            method.load_weights(weights)
     return LoadedModel.from_keras(
         student,
         heads=getattr(method, "heads", None),
         run_dir=run_dir,
-        source=f"checkpoint {weights}",
+        source=source,
     )
 
 

@@ -35,6 +35,7 @@ def export_backbone(backbone, export_dir, metadata=None, heads=None):
     export_dir = os.path.abspath(export_dir)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_exports(parent)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         _float32_outputs(backbone).export(
@@ -67,6 +68,14 @@ def export_backbone(backbone, export_dir, metadata=None, heads=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return export_dir
+
+
+def _remove_stale_exports(parent):
+    """Removes `.export-*` directories a killed export left in `parent` (one run owns a workdir
+    at a time, so no other export is in progress there)."""
+    for name in os.listdir(parent):
+        if name.startswith(".export-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _float32_outputs(backbone):

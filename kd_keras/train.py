@@ -300,6 +300,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
         features,
         knn,
         precision,
+        preemption,
         teacher_cache,
     )
 
@@ -363,6 +364,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
     # Fit epochs need not match data epochs (--steps_per_epoch), so the data position is
     # derived from the step count.
     data_steps = train_info.num_examples // cfg.optim.batch_size
+    # Unreadable (truncated) checkpoints are renamed aside first, so the newest readable one wins.
+    checkpointing.set_aside_unreadable(role.checkpoint_dirs[0])
     done_steps = distributed.resume_step(strategy, role.checkpoint_dirs)
 
     def train_data(step, num_shards=1, shard_index=0, shard_batch_size=None):
@@ -449,6 +452,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
         callbacks.NaNGuard(hint=NAN_HINTS["clustering" if clustering else "default"]),
         # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
         checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
+        # After StepCheckpoint: SIGTERM/SIGINT save the step just finished, then stop the run.
+        preemption.PreemptionGuard(role.checkpoint_dirs[0]),
         keras.callbacks.TensorBoard(logdir, update_freq="epoch"),
         *extra_callbacks,
     ]
@@ -484,6 +489,8 @@ def run_and_return_model(cfg, extra_callbacks=()):
     )
     train_seconds = time.time() - t0
     last_logs = {k: float(v[-1]) for k, v in history.items() if v}
+    if not last_logs:  # nothing left to train (a re-run after a kill in the final phase)
+        last_logs = checkpointing.last_logs(role.checkpoint_dirs[0])
 
     results = {
         "method": cfg.method,
@@ -652,9 +659,19 @@ def main(argv):
     from kd_keras.callbacks import NonFiniteLoss
 
     cli.quiet_logging()
-    errors = (UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError)
+    from kd_keras.checkpointing import CheckpointWriteError
+    from kd_keras.preemption import Preempted
+
+    errors = (
+        UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError,
+        CheckpointWriteError,
+    )
     with cli.one_line_errors("kd_keras.train", errors):
-        _run_worker(config_lib.config_from_flags(flags.FLAGS))
+        try:
+            _run_worker(config_lib.config_from_flags(flags.FLAGS))
+        except Preempted as stop:
+            print(f"kd_keras.train: {stop}", file=sys.stderr, flush=True)
+            sys.exit(Preempted.EXIT_CODE)
 
 
 if __name__ == "__main__":
