@@ -108,31 +108,38 @@ def test_bad_tf_config_and_a_missing_worker_end_with_one_line(tmp_path):
     assert "Traceback" not in alone.stderr
 
 
-def test_two_local_workers_train_simreg_to_identical_weights(tmp_path, teacher_file):
-    workdir = tmp_path / "run"
+def _launch_cmd(workdir, teacher_file, max_restarts):
+    return [
+        sys.executable,
+        "-m",
+        "kd_keras.launch",
+        "--num_workers=2",
+        f"--max_restarts={max_restarts}",
+        "--",
+        f"--workdir={workdir}",
+        f"--teacher={teacher_file}",
+        "--student=convnet_tiny",
+        "--head=mlp2",
+        "--image_size=8",
+        "--batch_size=32",
+        "--epochs=3",
+        "--steps_per_epoch=6",
+        "--save_freq=2",
+        "--shuffle_buffer=256",
+        "--knn_max_train=200",
+        "--export=true",
+        "--log_images=0",
+        "--verbose=2",
+        "--multi_worker_timeout=120",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, teacher_file):
+    """An uninterrupted 2-worker run (18 steps): (workdir, launcher output)."""
+    workdir = tmp_path_factory.mktemp("mw") / "run"
     launch = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kd_keras.launch",
-            "--num_workers=2",
-            "--max_restarts=0",
-            "--",
-            f"--workdir={workdir}",
-            f"--teacher={teacher_file}",
-            "--student=convnet_tiny",
-            "--head=mlp2",
-            "--image_size=8",
-            "--batch_size=32",
-            "--epochs=2",
-            "--steps_per_epoch=3",
-            "--shuffle_buffer=256",
-            "--knn_max_train=200",
-            "--export=true",
-            "--log_images=0",
-            "--verbose=2",
-            "--multi_worker_timeout=120",
-        ],
+        _launch_cmd(workdir, teacher_file, 0),
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -140,8 +147,13 @@ def test_two_local_workers_train_simreg_to_identical_weights(tmp_path, teacher_f
         timeout=400,
     )
     assert launch.returncode == 0, launch.stdout[-3000:]
+    return workdir, launch
+
+
+def test_two_local_workers_train_simreg_to_identical_weights(two_worker_run):
+    workdir, launch = two_worker_run
     results = json.loads((workdir / "results.json").read_text())
-    assert results["steps"] == 6 and 0.0 <= results["knn"]["student"]["knn_top1_k1"] <= 1.0
+    assert results["steps"] == 18 and 0.0 <= results["knn"]["student"]["knn_top1_k1"] <= 1.0
     # The loss printed by both workers is the same global value (Keras reduces it across them).
     losses = [
         [
@@ -151,7 +163,7 @@ def test_two_local_workers_train_simreg_to_identical_weights(tmp_path, teacher_f
         ]
         for i in range(2)
     ]
-    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
     # Only the chief wrote logs, results and the export; each worker kept checkpoints.
     assert sorted(os.listdir(workdir)) == [
         "DONE",
@@ -163,11 +175,73 @@ def test_two_local_workers_train_simreg_to_identical_weights(tmp_path, teacher_f
         "worker_1",
     ]
     assert os.listdir(workdir / "worker_1") == ["checkpoints"]
-    chief = h5_arrays(workdir / "checkpoints" / "ckpt-000000006.weights.h5")
-    other = h5_arrays(workdir / "worker_1" / "checkpoints" / "ckpt-000000006.weights.h5")
+    chief = h5_arrays(workdir / "checkpoints" / "ckpt-000000018.weights.h5")
+    other = h5_arrays(workdir / "worker_1" / "checkpoints" / "ckpt-000000018.weights.h5")
     assert chief.keys() == other.keys()
     trained = [k for k in chief if "student" in k or "head" in k]
     assert trained
     for key in chief:
         np.testing.assert_array_equal(chief[key], other[key], err_msg=key)
     assert tf.io.gfile.exists(str(workdir / "export" / "saved_model"))
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
+    tmp_path, teacher_file, two_worker_run
+):
+    """kill -9 of worker 1 mid-run: the launcher restarts it, the survivor restarts itself, both
+    resume from the newest step they both hold, and the run ends with the uninterrupted run's
+    steps and weights; each worker's checkpoints stay in its own directory."""
+    import re
+    import signal
+    import threading
+    import time
+
+    straight_dir, _ = two_worker_run
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _launch_cmd(workdir, teacher_file, 2),
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines, pids = [], {}
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            match = re.match(r"\[launch\] worker (\d) pid (\d+)", line)
+            if match:
+                pids[int(match.group(1))] = int(match.group(2))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    own = workdir / "worker_1" / "checkpoints"
+    try:
+        deadline = time.time() + 300
+        while not (1 in pids and os.path.isdir(own) and checkpointing_steps(own)):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.time() < deadline, "worker 1 wrote no checkpoint"
+            time.sleep(0.05)
+        os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=400) == 0, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert "worker 1 exited with -9; restarting it" in output, output[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == 18
+    for sub in ("checkpoints", os.path.join("worker_1", "checkpoints")):
+        names = os.listdir(workdir / sub)
+        assert "ckpt-000000018.weights.h5" in names
+        assert not [n for n in names if ".tmp" in n or n.startswith("tmp")], names
+        a = h5_arrays(straight_dir / sub / "ckpt-000000018.weights.h5")
+        b = h5_arrays(workdir / sub / "ckpt-000000018.weights.h5")
+        assert a.keys() == b.keys() and a
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def checkpointing_steps(directory):
+    from kd_keras import checkpointing
+
+    return checkpointing.available_steps(str(directory))
