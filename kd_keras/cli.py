@@ -5,6 +5,10 @@ import logging
 import os
 import sys
 
+# Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
+# the same command again to resume). kd_keras.launch passes it on.
+PREEMPTED_EXIT_CODE = 75
+
 
 def quiet_logging():
     """Our own progress at INFO; TensorFlow's, FAISS' and absl's chatter only from WARNING up."""

@@ -28,11 +28,13 @@ import time
 
 from absl import app, flags
 
+from kd_keras import cli
 from kd_keras import config as config_lib
 
 config_lib.define_launch_flags()
 
 USAGE_ERROR = 2
+PREEMPTED = cli.PREEMPTED_EXIT_CODE
 
 
 def free_ports(host, count):
@@ -122,7 +124,8 @@ class Launch:
         """Starts every worker and supervises them; returns the launch's exit code."""
         for index in range(len(self.addresses)):
             self.start(index)
-        finished = set()
+        finished, preempted = set(), set()
+        self._forward_signals()
         try:
             while len(finished) < len(self.procs):
                 time.sleep(poll_seconds)
@@ -130,8 +133,11 @@ class Launch:
                     code = proc.poll()
                     if code is None or index in finished:
                         continue
-                    if code == 0:
+                    if code in (0, PREEMPTED):
+                        # PREEMPTED: the workers agreed on a step, saved it and stopped.
                         finished.add(index)
+                        if code == PREEMPTED:
+                            preempted.add(index)
                         continue
                     if code == USAGE_ERROR or self.restarts >= self.max_restarts:
                         print(f"[launch] worker {index} exited with {code}; stopping.", flush=True)
@@ -147,7 +153,28 @@ class Launch:
         except KeyboardInterrupt:
             self.stop_all()
             return 128 + signal.SIGINT
+        if preempted:
+            print(f"[launch] workers {sorted(preempted)} saved and stopped on a signal; run the "
+                  "same command again to resume.", flush=True)
+            return PREEMPTED
         return 0
+
+    def _forward_signals(self):
+        """SIGTERM/SIGINT to the launcher go to every worker, which save the same step and exit
+        with PREEMPTED (kd_keras.preemption); the launcher then exits with that code too."""
+
+        def forward(signum, frame):
+            print(f"[launch] {signal.Signals(signum).name}: asking the workers to save and stop",
+                  flush=True)
+            for proc in self.procs:
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, forward)
+            except ValueError:  # not the main thread (tests driving Launch directly)
+                pass
 
 
 def main(argv):

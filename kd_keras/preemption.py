@@ -10,9 +10,13 @@ leave a half-written file; outside `fit` (data preparation, final evaluation, ex
 previous handlers apply, since every write there is atomic anyway.
 
 Multi-worker runs: each worker receives its own signal, possibly at different steps, and a
-worker that stopped alone would leave its peers blocked in a collective. There the guard is not
-installed; the launcher's restart and the agreement on the newest common checkpoint
-(`kd_keras.distributed.resume_step`) recover the run instead (docs/faults.md).
+worker that stopped alone would leave its peers blocked in a collective. So under
+MultiWorkerMirroredStrategy the workers agree, every `agree_every` steps (the run's
+--save_freq, or once per epoch), through one all-gather of a 0/1 flag: if any worker was
+signalled, all save that same step and stop (what
+`tf.distribute.experimental.PreemptionCheckpointHandler` does for custom loops, in a form that
+fits Keras' `fit` and our step checkpoints). `kd_keras.launch` forwards SIGTERM/SIGINT to its
+workers and exits with the same code once all have saved.
 """
 
 import logging
@@ -20,7 +24,7 @@ import signal
 
 import keras
 
-from kd_keras import checkpointing
+from kd_keras import checkpointing, cli
 
 log = logging.getLogger("kd_keras")
 
@@ -28,7 +32,7 @@ log = logging.getLogger("kd_keras")
 class Preempted(Exception):
     """The run was stopped by a signal after saving a checkpoint."""
 
-    EXIT_CODE = 75
+    EXIT_CODE = cli.PREEMPTED_EXIT_CODE
 
 
 class PreemptionGuard(keras.callbacks.Callback):
@@ -39,12 +43,14 @@ class PreemptionGuard(keras.callbacks.Callback):
       signals: the signals handled.
     """
 
-    def __init__(self, directory, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, directory, signals=(signal.SIGTERM, signal.SIGINT), agree_every=None):
         super().__init__()
         self.directory = directory
         self.signals = tuple(signals)
+        self.agree_every = agree_every
         self.received = None
         self._previous = {}
+        self._agreement = None
 
     def _handler(self, signum, frame):
         if self.received is None:
@@ -55,7 +61,7 @@ class PreemptionGuard(keras.callbacks.Callback):
         from kd_keras import distributed
 
         if distributed.cluster_info() is not None:
-            return
+            self._agreement = _FlagAgreement(self.model.distribute_strategy)
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -68,9 +74,25 @@ class PreemptionGuard(keras.callbacks.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.received is None:
-            return
         step = int(self.model.optimizer.iterations.numpy())
+        if self._agreement is not None:
+            if not self.agree_every or step % self.agree_every:
+                return
+            if not self._agreement.any(self.received is not None):
+                return
+            self.received = self.received or "a peer worker's signal"
+        elif self.received is None:
+            return
+        self._stop(step, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._agreement is not None and not self.agree_every:
+            step = int(self.model.optimizer.iterations.numpy())
+            if self._agreement.any(self.received is not None):
+                self.received = self.received or "a peer worker's signal"
+                self._stop(step, logs)
+
+    def _stop(self, step, logs):
         # A saver of its own (same directory, same atomic writes and rotation as the run's).
         saver = checkpointing.StepCheckpoint(self.directory)
         saver.set_model(self.model)
@@ -80,3 +102,27 @@ class PreemptionGuard(keras.callbacks.Callback):
             f"stopped by {self.received} after step {step}; checkpoint saved in "
             f"{self.directory}; run the same command again to resume"
         )
+
+
+class _FlagAgreement:
+    """Whether any worker has a flag set: one all-gather of a scalar, traced once."""
+
+    def __init__(self, strategy):
+        import tensorflow as tf
+
+        self.strategy = strategy
+        self.tf = tf
+
+        @tf.function
+        def _any(flag):
+            # all_gather, as kd_keras.distributed.gather_ints: the collective that works for
+            # int64 scalars under MultiWorkerMirroredStrategy on CPUs.
+            flags = tf.distribute.get_replica_context().all_gather(tf.reshape(flag, [1]), axis=0)
+            return tf.reduce_max(flags)
+
+        self._any = _any
+
+    def any(self, flag):
+        value = self.tf.constant(int(bool(flag)), self.tf.int64)
+        result = self.strategy.run(self._any, args=(value,))
+        return int(self.strategy.experimental_local_results(result)[0].numpy()) > 0

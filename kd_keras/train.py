@@ -453,7 +453,10 @@ def run_and_return_model(cfg, extra_callbacks=()):
         # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
         checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
         # After StepCheckpoint: SIGTERM/SIGINT save the step just finished, then stop the run.
-        preemption.PreemptionGuard(role.checkpoint_dirs[0]),
+        preemption.PreemptionGuard(
+            role.checkpoint_dirs[0],
+            agree_every=cfg.save_freq if isinstance(cfg.save_freq, int) else None,
+        ),
         keras.callbacks.TensorBoard(logdir, update_freq="epoch"),
         *extra_callbacks,
     ]

@@ -108,7 +108,7 @@ def test_bad_tf_config_and_a_missing_worker_end_with_one_line(tmp_path):
     assert "Traceback" not in alone.stderr
 
 
-def _launch_cmd(workdir, teacher_file, max_restarts):
+def _launch_cmd(workdir, teacher_file, max_restarts, *extra):
     return [
         sys.executable,
         "-m",
@@ -131,6 +131,7 @@ def _launch_cmd(workdir, teacher_file, max_restarts):
         "--log_images=0",
         "--verbose=2",
         "--multi_worker_timeout=120",
+        *extra,
     ]
 
 
@@ -245,3 +246,31 @@ def checkpointing_steps(directory):
     from kd_keras import checkpointing
 
     return checkpointing.available_steps(str(directory))
+
+
+def test_sigterm_to_the_launcher_makes_every_worker_save_the_same_step(tmp_path, teacher_file):
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _launch_cmd(workdir, teacher_file, 0, "--epochs=40", "--export=false"),
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not checkpointing_steps(workdir / "worker_1" / "checkpoints"):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    chief = checkpointing_steps(workdir / "checkpoints")[0]
+    other = checkpointing_steps(workdir / "worker_1" / "checkpoints")[0]
+    assert chief == other < 240, output[-3000:]
+    assert f"after step {chief}" in output and "run the same command again" in output
+    assert not (workdir / "results.json").exists()
