@@ -34,6 +34,7 @@ run has one), subset_*.json (label subsets of the fine-tuning protocols).
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -1074,4 +1075,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=functools.partial(config_lib.parse_command_line, prog=PROG))

@@ -8,6 +8,7 @@ finished run re-evaluates and re-exports without training again.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -654,4 +655,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(
+        main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.train")
+    )
