@@ -12,7 +12,7 @@ config_lib.define_flags()
 FLAGS = config_lib.FLAGS
 
 
-def _parse(argv, capsys=None):
+def _parse(argv):
     """parse_command_line on fresh flags; returns the parsed FLAGS."""
     FLAGS.unparse_flags()
     config_lib.parse_command_line(["prog", *argv], prog="kd_keras.train")
@@ -73,7 +73,8 @@ def test_missing_flagfile_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, flag", [(["--method=bogus"], "method"), (["--head=mlp9"], "head"), (["--nope=1"], "nope")]
+    "argv, flag",
+    [(["--method=bogus"], "method"), (["--head=mlp9"], "head"), (["--nope=1"], "nope")],
 )
 def test_unknown_enum_value_or_flag_is_one_line(capsys, argv, flag):
     assert flag in _one_line_exit(argv, capsys)
