@@ -111,3 +111,14 @@ def test_train_command_line_unknown_method_exits_2():
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("kd_keras.train: error:") and "method" in last
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", b""])
+def test_keras_teacher_that_is_not_a_model_says_so(tmp_path, content):
+    from kd_keras import teachers
+
+    path = tmp_path / "teacher.keras"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a Keras model file") as err:
+        teachers.load_teacher(str(path), image_size=16)
+    assert str(path) in str(err.value) and "File not found" not in str(err.value)
