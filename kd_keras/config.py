@@ -56,7 +56,7 @@ def parse_command_line(argv, prog="kd_keras.train", flag_values=FLAGS):
         return flag_values(expand_argv(argv, flag_values))
     except (flags.Error, ValueError) as err:
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        print(f"{prog}: error: {lines[0]}", file=sys.stderr)
+        print(f"{prog}: error: {lines[0].removeprefix('ERROR:: ')}", file=sys.stderr)
         sys.exit(2)
 
 
