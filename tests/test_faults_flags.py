@@ -45,6 +45,9 @@ def test_plus_equals_appends_to_the_flagfile_list(tmp_path):
     assert fv.teacher == ["recipe:supervised", "/m.keras"]
     fv = _parse([f"--flagfile={_preset(tmp_path)}"])
     assert fv.teacher == ["recipe:supervised"]
+    # Once a plain `=` is given the flagfile's values go; the command line's stay in order.
+    fv = _parse([f"--flagfile={_preset(tmp_path)}", "--teacher+=/a", "--teacher=/b"])
+    assert fv.teacher == ["/a", "/b"]
 
 
 def test_nested_flagfile_teacher_is_replaced_too(tmp_path):
