@@ -109,7 +109,7 @@ def _check_flagfile_cycles(filename, flag_values, stack=()):
     """Raises ValueError when `filename` includes itself (absl only warns and drops it)."""
     path = os.path.realpath(filename)
     if path in stack:
-        chain = " -> ".join(os.path.relpath(p) for p in (*stack, path))
+        chain = " -> ".join(_short_path(p) for p in (*stack, path))
         raise ValueError(f"--flagfile={filename} includes itself ({chain}).")
     try:
         with open(path) as f:
@@ -120,6 +120,12 @@ def _check_flagfile_cycles(filename, flag_values, stack=()):
         if flag_values._is_flag_file_directive(line):
             included = flag_values._extract_filename(line.strip())
             _check_flagfile_cycles(included, flag_values, (*stack, path))
+
+
+def _short_path(path):
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def check_finite_floats(flag_values=FLAGS):
