@@ -12,9 +12,12 @@ import pytest
 from kd_keras import runlock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Loads runlock.py by path: importing the kd_keras package would import TensorFlow (seconds).
 HOLDER = (
-    "import sys, time\n"
-    "from kd_keras import runlock\n"
+    "import importlib.util, sys, time\n"
+    "spec = importlib.util.spec_from_file_location('runlock', sys.argv[2])\n"
+    "runlock = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(runlock)\n"
     "with runlock.hold(sys.argv[1]):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(120)\n"
@@ -30,7 +33,10 @@ def holder(tmp_path):
     """A process that holds the lock of tmp_path/run until killed."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(workdir)], stdout=subprocess.PIPE, text=True, env=_env()
+        [sys.executable, "-c", HOLDER, str(workdir), runlock.__file__],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     assert proc.stdout.readline().strip() == "held"
     yield proc, str(workdir)
