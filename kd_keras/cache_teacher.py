@@ -14,6 +14,7 @@ training once first, or pass the run directory as --teacher with name=recipe_<re
 """
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -99,4 +100,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(
+        main,
+        flags_parser=functools.partial(
+            config_lib.parse_command_line, prog="kd_keras.cache_teacher"
+        ),
+    )

@@ -7,11 +7,18 @@ Flagfiles: `--flagfile=flags/simreg.cfg` reads flags from a file; a flagfile may
 `--flagfile=common.cfg` lines (absl resolves them relative to the working directory, so our
 flagfiles name their includes relative to the repository root). Flags given on the command line
 after the flagfile override it.
+
+Repeated flags (`--teacher`, `--teacher_cache`): a command-line `--teacher=X` replaces the
+flagfiles' list (the preset's teacher is dropped); `--teacher+=X` appends X to it instead.
+Command lines are parsed by `parse_command_line` (absl's `app.run(main, flags_parser=...)`),
+which also turns absl's parse errors and self-including flagfiles into one-line errors.
 """
 
 import dataclasses
 import json
+import math
 import os
+import sys
 
 from absl import flags
 
@@ -33,6 +40,99 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 CACHE_METHODS = ("simreg", "regress", "regress_bn")
 
 FLAGS = flags.FLAGS
+
+
+def parse_command_line(argv, prog="kd_keras.train", flag_values=FLAGS):
+    """Parses `argv` into `flag_values`; bad input is `<prog>: error: ...` and exit code 2.
+
+    Use as `app.run(main, flags_parser=functools.partial(parse_command_line, prog=...))`.
+    Unknown flags, enum values outside their choices, unreadable or self-including
+    flagfiles all end in one line instead of absl's FATAL (exit 1) or warning.
+
+    Returns:
+      The arguments absl leaves unparsed (argv[0] first), as absl's own parser does.
+    """
+    try:
+        return flag_values(expand_argv(argv, flag_values))
+    except (flags.Error, ValueError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"{prog}: error: {lines[0].removeprefix('ERROR:: ')}", file=sys.stderr)
+        sys.exit(2)
+
+
+def expand_argv(argv, flag_values=FLAGS):
+    """`argv` with flagfiles inlined and repeated flags given on the command line replacing
+    the flagfiles' occurrences (`--NAME+=VALUE` appends instead, keeping them).
+
+    Raises:
+      ValueError: a flagfile includes itself, directly or through others.
+    """
+    multi = {name for name, fl in flag_values._flags().items() if isinstance(fl, flags.MultiFlag)}
+    tagged = []  # (from_flagfile, argument)
+    replaced = set()
+    rest = list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            tagged += [(False, a) for a in [arg, *rest]]
+            break
+        if arg in ("--flagfile", "-flagfile") and rest:
+            arg = f"--flagfile={rest.pop(0)}"
+        if flag_values._is_flag_file_directive(arg):
+            _check_flagfile_cycles(flag_values._extract_filename(arg), flag_values)
+            tagged += [(True, a) for a in flag_values.read_flags_from_files([arg])]
+            continue
+        name, append = _flag_name(arg)
+        if name in multi:
+            if "=" not in arg and rest:
+                arg = f"{arg}={rest.pop(0)}"
+            if append:
+                arg = arg.replace("+=", "=", 1)
+            else:
+                replaced.add(name)
+        tagged.append((False, arg))
+    kept = [a for from_file, a in tagged if not (from_file and _flag_name(a)[0] in replaced)]
+    return [argv[0], *kept]
+
+
+def _flag_name(arg):
+    """('teacher', append?) for '--teacher=x', '-teacher x' or '--teacher+=x'; else (None, _)."""
+    if not arg.startswith("-"):
+        return None, False
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name.endswith("+"):
+        return name[:-1], True
+    return name, False
+
+
+def _check_flagfile_cycles(filename, flag_values, stack=()):
+    """Raises ValueError when `filename` includes itself (absl only warns and drops it)."""
+    path = os.path.realpath(filename)
+    if path in stack:
+        chain = " -> ".join(_short_path(p) for p in (*stack, path))
+        raise ValueError(f"--flagfile={filename} includes itself ({chain}).")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return  # absl reports the unreadable file when it reads it
+    for line in lines:
+        if flag_values._is_flag_file_directive(line):
+            included = flag_values._extract_filename(line.strip())
+            _check_flagfile_cycles(included, flag_values, (*stack, path))
+
+
+def _short_path(path):
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def check_finite_floats(flag_values=FLAGS):
+    """Raises ValueError naming the first float flag that is nan or infinite."""
+    for name, value in sorted(flag_values.flag_values_dict().items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}.")
 
 
 def define_flags():
@@ -386,6 +486,7 @@ def config_from_flags(flag_values=FLAGS):
       ValueError: naming the flag, for missing or impossible values.
     """
     fv = flag_values
+    check_finite_floats(fv)
     if not fv.workdir:
         raise ValueError("--workdir is required: the run directory for checkpoints and results.")
     save_freq = fv.save_freq
@@ -511,6 +612,8 @@ def _float_pair(name, values, lower=0.0, upper=None):
         pair = tuple(float(v) for v in values)
     except (TypeError, ValueError) as err:
         raise ValueError(f"--{name} must be two comma-separated numbers, got {values}.") from err
+    if not all(math.isfinite(v) for v in pair):
+        raise ValueError(f"--{name} must be finite numbers, got {values}.")
     if len(pair) != 2 or pair[0] < lower or pair[0] > pair[1] or (upper and pair[1] > upper):
         raise ValueError(f"--{name} must be 'lo,hi' with {lower} <= lo <= hi, got {values}.")
     return pair
@@ -545,7 +648,7 @@ def _cluster_config(fv):
         dropout = tuple(float(v) for v in fv.proj_dropout)
     except ValueError as err:
         raise ValueError(f"--proj_dropout must be two rates, got {fv.proj_dropout}.") from err
-    if len(dropout) != 2 or min(dropout) < 0.0 or max(dropout) >= 1.0:
+    if len(dropout) != 2 or not all(0.0 <= r < 1.0 for r in dropout):
         raise ValueError(f"--proj_dropout rates must be in [0, 1), got {fv.proj_dropout}.")
     if fv.color_strength < 0 or not 0.0 <= fv.blur_prob <= 1.0:
         raise ValueError(
@@ -709,6 +812,7 @@ def evaluate_config_from_flags(flag_values=FLAGS):
       ValueError: naming the flag, for missing or impossible values.
     """
     fv = flag_values
+    check_finite_floats(fv)
     if not fv.model:
         raise ValueError("--model is required: a run directory, export, SavedModel or .keras.")
     protocols = tuple(p.strip() for p in fv.protocols if p.strip())
@@ -806,6 +910,7 @@ def cache_config_from_flags(flag_values=FLAGS):
       ValueError: naming the flag, for missing or impossible values.
     """
     fv = flag_values
+    check_finite_floats(fv)
     if not fv.cache_dir:
         raise ValueError("--cache_dir is required: where the teacher features are written.")
     if not fv.teacher:

@@ -477,7 +477,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import functools
+
     from absl import app
 
+    from kd_keras import config as config_lib
+
     define_flags()
-    app.run(main)
+    app.run(
+        main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.convert")
+    )

@@ -35,6 +35,7 @@ run has one), subset_*.json (label subsets of the fine-tuning protocols).
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -1091,4 +1092,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=functools.partial(config_lib.parse_command_line, prog=PROG))

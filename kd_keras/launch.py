@@ -17,6 +17,7 @@ Several hosts: start `python -m kd_keras.train --strategy=multi_worker` yourself
 with its TF_CONFIG (see README, "Multi-worker training").
 """
 
+import functools
 import json
 import os
 import signal
@@ -193,4 +194,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(
+        main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.launch")
+    )

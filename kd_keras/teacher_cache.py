@@ -270,6 +270,45 @@ def check_manifest(cache_dir, manifest, expected):
         )
 
 
+def _check_shard(path, shape, cache_dir):
+    """Checks a shard's .npy header and file size against the manifest's `shape` [rows, d].
+
+    Done when the cache is opened, so a truncated or foreign shard is one line naming it
+    rather than a failure inside tf.data's py_function mid-training.
+
+    Raises:
+      FileNotFoundError: the shard is missing.
+      ValueError: its header or size does not match the manifest.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--teacher_cache {cache_dir}: shard {path} is missing.")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                version, np.lib.format.read_array_header_2_0
+            )
+            header = read(f)
+            data_start = f.tell()
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"--teacher_cache {cache_dir}: shard {path} is not a .npy file ({err})."
+        ) from err
+    have_shape, fortran, dtype = header
+    if tuple(have_shape) != tuple(shape) or dtype != np.dtype(STORAGE_DTYPE) or fortran:
+        raise ValueError(
+            f"--teacher_cache {cache_dir}: shard {path} holds {dtype} {list(have_shape)}, the "
+            f"manifest says {np.dtype(STORAGE_DTYPE)} {list(shape)}."
+        )
+    expected = data_start + int(np.prod(shape)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size != expected:
+        raise ValueError(
+            f"--teacher_cache {cache_dir}: shard {path} has {size} bytes, {expected} expected "
+            "(truncated or still being written?); write the cache again."
+        )
+
+
 class TeacherCache:
     """Read access to one cache directory.
 
@@ -290,10 +329,8 @@ class TeacherCache:
         num_shards = -(-self.num_examples // self.shard_size)
         for e in range(self.epochs):
             for s in range(num_shards):
-                if not os.path.isfile(shard_path(path, e, s)):
-                    raise FileNotFoundError(
-                        f"--teacher_cache {path}: shard {shard_path(path, e, s)} is missing."
-                    )
+                rows = min(self.shard_size, self.num_examples - s * self.shard_size)
+                _check_shard(shard_path(path, e, s), (rows, self.feature_dim), path)
 
     def _shard(self, epoch, shard):
         key = (epoch, shard)

@@ -32,6 +32,7 @@ is an error (FileNotFoundError naming --teacher), never a silent fallback.
 import dataclasses
 import json
 import os
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -379,6 +380,9 @@ def load_teacher(spec, image_size, index=0, workdir=None):
 def _load_keras_file(path, spec):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--teacher: {path} does not exist (is the run finished?).")
+    # Keras reports any file it cannot open as a zip as "File not found".
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a Keras model file (a .keras model is a zip archive, this is not)")
     return keras.models.load_model(path, compile=False)
 
 

@@ -8,6 +8,7 @@ finished run re-evaluates and re-exports without training again.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -287,7 +288,23 @@ def run(cfg, extra_callbacks=()):
 
 
 def run_and_return_model(cfg, extra_callbacks=()):
-    """Like `run`, also returning the trained method (a keras.Model holding `.student`)."""
+    """Like `run`, also returning the trained method (a keras.Model holding `.student`).
+
+    The run holds its workdir's lock (worker k > 0: `worker_k/`) throughout, see
+    kd_keras.runlock: a second run in the same workdir fails at once naming the holder.
+    """
+    from kd_keras import distributed, runlock
+
+    # The strategy first: a multi-worker one must exist before TensorFlow runs any op.
+    strategy = select_strategy(cfg.strategy, cfg.multi_worker_timeout)
+    multi_worker = cfg.strategy == "multi_worker"
+    role = distributed.worker_role(cfg.workdir, multi_worker, CHECKPOINT_DIR, LOG_DIR)
+    with runlock.hold(os.path.dirname(role.checkpoint_dirs[0])):
+        return _run_in_workdir(cfg, extra_callbacks, strategy, role)
+
+
+def _run_in_workdir(cfg, extra_callbacks, strategy, role):
+    """`run_and_return_model` once the strategy is made and the workdir is locked."""
     import keras
 
     from kd_keras import (
@@ -304,10 +321,7 @@ def run_and_return_model(cfg, extra_callbacks=()):
         teacher_cache,
     )
 
-    # The strategy first: a multi-worker one must exist before TensorFlow runs any op.
-    strategy = select_strategy(cfg.strategy, cfg.multi_worker_timeout)
     multi_worker = cfg.strategy == "multi_worker"
-    role = distributed.worker_role(cfg.workdir, multi_worker, CHECKPOINT_DIR, LOG_DIR)
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
     if os.path.isfile(config_path):
@@ -660,6 +674,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from kd_keras import cli
     from kd_keras.callbacks import NonFiniteLoss
+    from kd_keras.runlock import WorkdirError
 
     cli.quiet_logging()
     from kd_keras.checkpointing import CheckpointWriteError
@@ -667,7 +682,7 @@ def main(argv):
 
     errors = (
         UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError,
-        CheckpointWriteError,
+        CheckpointWriteError, WorkdirError,
     )
     with cli.one_line_errors("kd_keras.train", errors):
         try:
@@ -678,4 +693,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(
+        main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.train")
+    )

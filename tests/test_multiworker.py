@@ -173,9 +173,10 @@ def test_two_local_workers_train_simreg_to_identical_weights(two_worker_run):
         "export",
         "logs",
         "results.json",
+        "run.lock",
         "worker_1",
     ]
-    assert os.listdir(workdir / "worker_1") == ["checkpoints"]
+    assert sorted(os.listdir(workdir / "worker_1")) == ["checkpoints", "run.lock"]
     chief = h5_arrays(workdir / "checkpoints" / "ckpt-000000018.weights.h5")
     other = h5_arrays(workdir / "worker_1" / "checkpoints" / "ckpt-000000018.weights.h5")
     assert chief.keys() == other.keys()

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -338,3 +339,20 @@ def test_two_teachers_get_one_cache_each_and_both_features_reach_the_batch(tmp_p
         want = teacher(batch["student"]).numpy()
         assert got.shape == (16, teacher.feature_dim)
         np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max(), rtol=2e-3)
+
+
+def test_truncated_or_foreign_shard_is_refused_when_the_cache_is_opened(tmp_path, cache_dir):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir, copy)
+    shard = copy / "features" / "e0001_s00002.npy"
+    teacher_cache.TeacherCache(str(copy))  # intact: opens
+    full = shard.read_bytes()
+    shard.write_bytes(full[: len(full) - 10])
+    with pytest.raises(ValueError, match=r"e0001_s00002.npy has \d+ bytes, \d+ expected"):
+        teacher_cache.TeacherCache(str(copy))
+    shard.write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="e0001_s00002.npy is not a .npy file"):
+        teacher_cache.TeacherCache(str(copy))
+    np.save(shard, np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="e0001_s00002.npy holds float32 \\[3, 2\\]"):
+        teacher_cache.TeacherCache(str(copy))
