@@ -81,14 +81,7 @@ def _tiny_cfg(workdir, method, teacher, **fields):
     return dataclasses.replace(cfg, **fields)
 
 
-def test_oss_offline_distils_a_converted_swav_checkpoint(tmp_path):
-    fixture = INDEX["fixtures"]["swav"]
-    out = tmp_path / "swav_teacher"
-    convert.convert(
-        convert.ConvertConfig(
-            checkpoint=os.path.join(DATA, fixture["file"]), out=str(out), arch=fixture["arch"]
-        )
-    )
+def test_oss_offline_distils_a_swav_checkpoint_named_by_a_torch_spec(tmp_path):
     cluster = config_lib.ClusterConfig(
         num_prototypes=10,
         proj_dim=8,
@@ -97,10 +90,11 @@ def test_oss_offline_distils_a_converted_swav_checkpoint(tmp_path):
         num_small_crops=2,
         queue_length=0,
     )
-    cfg = _tiny_cfg(tmp_path / "run", "oss_offline", str(out), cluster=cluster)
+    cfg = _tiny_cfg(tmp_path / "run", "oss_offline", _spec("swav"), cluster=cluster)
     results, method = train.run_and_return_model(cfg)
     assert results["steps"] == 2 and np.isfinite(results["final_logs"]["loss_student"])
-    kernel = np.load(out / "prototypes.npy")
+    (converted,) = os.listdir(tmp_path / "run" / teachers.CONVERTED_CACHE)
+    kernel = np.load(tmp_path / "run" / teachers.CONVERTED_CACHE / converted / "prototypes.npy")
     np.testing.assert_array_equal(method.prototypes.kernel.numpy(), kernel)
 
 

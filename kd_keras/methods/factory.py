@@ -232,6 +232,12 @@ def load_clustering_networks(path, cfg):
       FileNotFoundError / ValueError naming --teacher, --proj_dim or --num_prototypes when the
       files are missing or the saved E x K differs from this run's.
     """
+    if path.startswith("torch:"):
+        # A SwAV checkpoint named directly: the same converted directory (converted once,
+        # cached by sha256 under the workdir) that the teacher loader uses.
+        from kd_keras import teachers
+
+        path = teachers.converted_dir(teachers.parse_teacher_spec(path), cfg.workdir)
     net_dir = find_network_dir(path)
     with open(os.path.join(net_dir, NETWORK_MANIFEST)) as f:
         manifest = json.load(f)
