@@ -20,10 +20,22 @@ class NaNGuard(keras.callbacks.Callback):
     callbacks from saving the broken weights, so the last good checkpoint survives.
     """
 
-    def __init__(self, monitor="loss", hint="Try a lower --lr."):
+    def __init__(self, monitor="loss", hint="Try a lower --lr.", checkpoint_dir=None):
         super().__init__()
         self.monitor = monitor
         self.hint = hint
+        self.checkpoint_dir = checkpoint_dir
+
+    def _kept(self):
+        """What survives, in words: the newest checkpoint's step, or that there is none."""
+        if self.checkpoint_dir is None:
+            return "the last good checkpoint was kept"
+        from kd_keras import checkpointing
+
+        steps = checkpointing.available_steps(self.checkpoint_dir)
+        if not steps:
+            return "no checkpoint had been written yet"
+        return f"the checkpoint of step {steps[0]} in {self.checkpoint_dir} was kept"
 
     def on_train_batch_end(self, batch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -31,8 +43,8 @@ class NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
             raise NonFiniteLoss(
                 f"{self.monitor} became {float(np.asarray(value).reshape(-1)[0])} at step "
-                f"{int(self.model.optimizer.iterations.numpy())}; training stopped and the last "
-                f"good checkpoint was kept. {self.hint}"
+                f"{int(self.model.optimizer.iterations.numpy())}; training stopped and "
+                f"{self._kept()}. {self.hint}"
             )
 
 

@@ -463,7 +463,10 @@ def _run_in_workdir(cfg, extra_callbacks, strategy, role):
 
     logdir = role.logdir
     cbs = [
-        callbacks.NaNGuard(hint=NAN_HINTS["clustering" if clustering else "default"]),
+        callbacks.NaNGuard(
+            hint=NAN_HINTS["clustering" if clustering else "default"],
+            checkpoint_dir=role.checkpoint_dirs[0],
+        ),
         # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
         checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
         # After StepCheckpoint: SIGTERM/SIGINT save the step just finished, then stop the run.
