@@ -74,6 +74,8 @@ class PreemptionGuard(keras.callbacks.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._agreement is None and self.received is None:
+            return  # the common case: no host read of the step counter
         step = int(self.model.optimizer.iterations.numpy())
         if self._agreement is not None:
             if not self.agree_every or step % self.agree_every:
