@@ -500,6 +500,17 @@ def _blur_with_sigma(image, sigma, kernel_size=None):
     radius = _blur_radius(tf.minimum(shape[0], shape[1]), kernel_size)
     kernel = _gaussian_kernel(radius, sigma)
 
+    out = _separable_blur(image, kernel, radius)
+    out.set_shape(image.shape)
+    return out
+
+
+def _separable_blur(image, kernel, radius):
+    """Reflect-padded separable Gaussian blur of one image, clipped to [0, 1].
+
+    Args:
+        image: float32 ``[H, W, 3]``; kernel: float32 ``[2 radius + 1]`` normalised taps.
+    """
     x = image[tf.newaxis]
     # Depthwise: one kernel per channel, [k, 1, 3, 1] for rows and [1, k, 3, 1] for columns.
     k_rows = tf.tile(kernel[:, tf.newaxis, tf.newaxis, tf.newaxis], [1, 1, 3, 1])
@@ -508,9 +519,7 @@ def _blur_with_sigma(image, sigma, kernel_size=None):
     x = tf.nn.depthwise_conv2d(x, k_rows, strides=[1, 1, 1, 1], padding="VALID")
     x = tf.pad(x, [[0, 0], [0, 0], [radius, radius], [0, 0]], mode="REFLECT")
     x = tf.nn.depthwise_conv2d(x, k_cols, strides=[1, 1, 1, 1], padding="VALID")
-    out = tf.clip_by_value(x[0], 0.0, 1.0)
-    out.set_shape(image.shape)
-    return out
+    return tf.clip_by_value(x[0], 0.0, 1.0)
 
 
 def gaussian_blur(image, seed, sigma_range=(0.1, 2.0), p=0.5, kernel_size=None):
@@ -747,14 +756,7 @@ def batch_blur(images, kernels):
 
     def blur_one(args):
         image, kernel = args
-        x = image[tf.newaxis]
-        k_rows = tf.tile(kernel[:, tf.newaxis, tf.newaxis, tf.newaxis], [1, 1, 3, 1])
-        k_cols = tf.tile(kernel[tf.newaxis, :, tf.newaxis, tf.newaxis], [1, 1, 3, 1])
-        x = tf.pad(x, [[0, 0], [radius, radius], [0, 0], [0, 0]], mode="REFLECT")
-        x = tf.nn.depthwise_conv2d(x, k_rows, strides=[1, 1, 1, 1], padding="VALID")
-        x = tf.pad(x, [[0, 0], [0, 0], [radius, radius], [0, 0]], mode="REFLECT")
-        x = tf.nn.depthwise_conv2d(x, k_cols, strides=[1, 1, 1, 1], padding="VALID")
-        return tf.clip_by_value(x[0], 0.0, 1.0)
+        return _separable_blur(image, kernel, radius)
 
     return tf.map_fn(
         blur_one,
