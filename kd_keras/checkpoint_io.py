@@ -50,14 +50,24 @@ class SourceCheckpoint:
     other: dict
 
 
+_SHA256_MEMO = {}
+
+
 def file_sha256(paths):
-    """sha256 hex digest of the concatenated bytes of `paths` (read in 8 MiB chunks)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 23), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 hex digest of the concatenated bytes of `paths` (read in 8 MiB chunks).
+
+    Remembered per process by (path, size, mtime), so that the teacher loader, oss_offline's
+    network loader and the converter do not each re-read a several-hundred-MB checkpoint.
+    """
+    key = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in map(str, paths))
+    if key not in _SHA256_MEMO:
+        digest = hashlib.sha256()
+        for path, _, _ in key:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 23), b""):
+                    digest.update(chunk)
+        _SHA256_MEMO[key] = digest.hexdigest()
+    return _SHA256_MEMO[key]
 
 
 def tf_checkpoint_prefix(path):
