@@ -1,0 +1,1 @@
+"""Evaluation of a trained network on frozen features."""
