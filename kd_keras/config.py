@@ -707,7 +707,7 @@ def config_from_json(path):
 # --------------------------------------------------------------------------------------------
 # Evaluation command line (python -m kd_keras.evaluate).
 
-EVAL_PROTOCOLS = ("knn", "linear", "finetune1", "finetune10", "mse_cos")
+EVAL_PROTOCOLS = ("knn", "linear", "finetune1", "finetune10", "mse_cos", "transfer")
 KNN_VOTES = ("majority", "weighted")
 LINEAR_PRESETS = ("simreg", "swav")
 LINEAR_PATHS = ("cached", "augmented")
@@ -770,6 +770,45 @@ def define_evaluate_flags():
     flags.DEFINE_integer(
         "projector_examples", 256, "Labelled test examples for TensorBoard's projector (0 = off)."
     )
+    _define_transfer_flags()
+
+
+# SimReg B.4's weight decays, 10^-10 .. 10^-2 (kd_keras.eval.transfer.B4_WEIGHT_DECAYS).
+TRANSFER_WEIGHT_DECAYS = tuple(10.0**e for e in range(-10, -1))
+
+
+def _define_transfer_flags():
+    """Flags of --protocols=transfer (kd_keras.eval.transfer; docs/transfer.md)."""
+    flags.DEFINE_string(
+        "transfer_data",
+        None,
+        "--protocols=transfer: the other dataset, an image folder root/<split>/<class>/*.jpg "
+        "('folder:/path' or a directory), 'tfds:NAME' prepared on disk, or 'digits'.",
+    )
+    flags.DEFINE_string("transfer_data_dir", None, "TFDS data directory of --transfer_data.")
+    flags.DEFINE_string("transfer_train_split", "train", "Training split of --transfer_data.")
+    flags.DEFINE_string(
+        "transfer_val_split",
+        "auto",
+        "Validation split of the grid search: a split name; 'auto' (the dataset's own "
+        "val/validation split when it has one other than the test split, else a seeded "
+        "stratified part of train); 'from_train' (always that part of train).",
+    )
+    flags.DEFINE_string("transfer_test_split", "test", "Split of --transfer_data scored.")
+    flags.DEFINE_float(
+        "transfer_val_fraction", 0.2, "Part of train held out for validation when it is split."
+    )
+    flags.DEFINE_list(
+        "transfer_weight_decays",
+        [f"{v:g}" for v in TRANSFER_WEIGHT_DECAYS],
+        "Weight decays searched (scikit-learn C = 1 / (wd * n)); default SimReg B.4's grid.",
+    )
+    flags.DEFINE_integer("transfer_max_iter", 1000, "L-BFGS iterations per fit at most.")
+    flags.DEFINE_integer(
+        "transfer_max_examples",
+        None,
+        "At most this many examples per split of --transfer_data (every n-th).",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -803,6 +842,15 @@ class EvaluateConfig:
     eval_dir: str | None = None
     from_checkpoint: bool = False
     projector_examples: int = 256
+    transfer_data: str | None = None
+    transfer_data_dir: str | None = None
+    transfer_train_split: str = "train"
+    transfer_val_split: str = "auto"
+    transfer_test_split: str = "test"
+    transfer_val_fraction: float = 0.2
+    transfer_weight_decays: tuple[float, ...] = TRANSFER_WEIGHT_DECAYS
+    transfer_max_iter: int = 1000
+    transfer_max_examples: int | None = None
 
 
 def evaluate_config_from_flags(flag_values=FLAGS):
@@ -843,6 +891,7 @@ def evaluate_config_from_flags(flag_values=FLAGS):
     image_size = given("image_size")
     if image_size is not None:
         _positive("image_size", image_size)
+    transfer = _transfer_settings(fv, protocols)
     return EvaluateConfig(
         model=os.path.abspath(os.path.expanduser(fv.model)),
         protocols=protocols,
@@ -867,6 +916,60 @@ def evaluate_config_from_flags(flag_values=FLAGS):
         eval_dir=os.path.abspath(os.path.expanduser(fv.eval_dir)) if fv.eval_dir else None,
         from_checkpoint=fv.from_checkpoint,
         projector_examples=fv.projector_examples,
+        **transfer,
+    )
+
+
+def _transfer_settings(fv, protocols):
+    """The transfer_* fields of `EvaluateConfig`, validated; ValueError naming the flag."""
+    if "transfer" in protocols and not fv.transfer_data:
+        raise ValueError(
+            "--transfer_data is required by --protocols=transfer: an image folder, "
+            "'tfds:NAME' or 'digits'."
+        )
+    try:
+        decays = tuple(float(v) for v in fv.transfer_weight_decays)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"--transfer_weight_decays must be a list of numbers, got {fv.transfer_weight_decays}."
+        ) from err
+    if not decays or not all(math.isfinite(v) and v > 0 for v in decays):
+        raise ValueError(
+            f"--transfer_weight_decays must be positive numbers, got {fv.transfer_weight_decays}."
+        )
+    if not 0.0 < fv.transfer_val_fraction < 1.0:
+        raise ValueError(
+            f"--transfer_val_fraction must be in (0, 1), got {fv.transfer_val_fraction}."
+        )
+    _positive("transfer_max_iter", fv.transfer_max_iter)
+    _positive("transfer_max_examples", fv.transfer_max_examples, allow_none=True)
+    splits = {}
+    for name in ("transfer_train_split", "transfer_val_split", "transfer_test_split"):
+        splits[name] = fv[name].value.strip()
+        if not splits[name]:
+            raise ValueError(f"--{name} must not be empty.")
+    if splits["transfer_train_split"] == splits["transfer_test_split"]:
+        raise ValueError(
+            f"--transfer_test_split={splits['transfer_test_split']} is the training split; "
+            "the classifier would be scored on its own training data."
+        )
+    val = splits["transfer_val_split"]
+    if val in (splits["transfer_train_split"], splits["transfer_test_split"]):
+        raise ValueError(
+            f"--transfer_val_split={val} is also the train or test split; name another split, "
+            "'auto' or 'from_train'."
+        )
+    data = fv.transfer_data
+    if data and not (data == "digits" or data.startswith(("tfds:", "folder:"))):
+        data = os.path.abspath(os.path.expanduser(data))
+    return dict(
+        transfer_data=data or None,
+        transfer_data_dir=fv.transfer_data_dir,
+        transfer_val_fraction=fv.transfer_val_fraction,
+        transfer_weight_decays=decays,
+        transfer_max_iter=fv.transfer_max_iter,
+        transfer_max_examples=fv.transfer_max_examples,
+        **splits,
     )
 
 

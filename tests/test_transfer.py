@@ -1,6 +1,7 @@
 """Transfer protocol (SimReg B.4): grid search + refit on arrays, splits, folder data, errors."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -200,3 +201,43 @@ def test_folder_errors_name_the_flag(tmp_path):
     with pytest.raises(transfer.TransferError, match="^--transfer_test_split=test of"):
         transfer.run_transfer(_mean_colour, 8, transfer.TransferData(missing), settings)
     assert os.path.isdir(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags.
+
+
+def _evaluate_config(argv):
+    from kd_keras import config
+
+    config.define_evaluate_flags()
+    config.FLAGS.unparse_flags()
+    config.FLAGS(["prog", "--model=/m", *argv])
+    try:
+        return config.evaluate_config_from_flags(config.FLAGS)
+    finally:
+        config.FLAGS.unparse_flags()
+
+
+def test_flags_default_to_b4_and_are_validated():
+    cfg = _evaluate_config(["--protocols=transfer", "--transfer_data=digits"])
+    assert cfg.transfer_weight_decays == transfer.B4_WEIGHT_DECAYS
+    assert (cfg.transfer_train_split, cfg.transfer_val_split, cfg.transfer_test_split) == (
+        "train",
+        transfer.VAL_AUTO,
+        "test",
+    )
+    assert cfg.transfer_max_iter == transfer.DEFAULT_MAX_ITER
+    assert cfg.transfer_val_fraction == transfer.DEFAULT_VAL_FRACTION
+    bad = {
+        "--transfer_data is required": ["--protocols=transfer"],
+        "--transfer_weight_decays must be positive": ["--transfer_weight_decays=1e-3,0"],
+        "--transfer_weight_decays must be a list": ["--transfer_weight_decays=1e-3,x"],
+        "--transfer_val_fraction must be in": ["--transfer_val_fraction=1"],
+        "--transfer_max_iter must be positive": ["--transfer_max_iter=0"],
+        "--transfer_test_split=train is the training split": ["--transfer_test_split=train"],
+        "--transfer_val_split=test is also": ["--transfer_val_split=test"],
+    }
+    for message, argv in bad.items():
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            _evaluate_config(argv)
