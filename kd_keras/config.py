@@ -805,6 +805,12 @@ def _define_transfer_flags():
     )
     flags.DEFINE_integer("transfer_max_iter", 1000, "L-BFGS iterations per fit at most.")
     flags.DEFINE_integer(
+        "transfer_blas_threads",
+        1,
+        "BLAS threads of the classifier fits: 1 is fastest for small feature matrices and on "
+        "a busy machine; 0 = the library default (all cores), for large ones.",
+    )
+    flags.DEFINE_integer(
         "transfer_max_examples",
         None,
         "At most this many examples per split of --transfer_data (every n-th).",
@@ -850,6 +856,7 @@ class EvaluateConfig:
     transfer_val_fraction: float = 0.2
     transfer_weight_decays: tuple[float, ...] = TRANSFER_WEIGHT_DECAYS
     transfer_max_iter: int = 1000
+    transfer_blas_threads: int = 1
     transfer_max_examples: int | None = None
 
 
@@ -942,6 +949,10 @@ def _transfer_settings(fv, protocols):
             f"--transfer_val_fraction must be in (0, 1), got {fv.transfer_val_fraction}."
         )
     _positive("transfer_max_iter", fv.transfer_max_iter)
+    if fv.transfer_blas_threads < 0:
+        raise ValueError(
+            f"--transfer_blas_threads must be >= 0 (0: all cores), got {fv.transfer_blas_threads}."
+        )
     _positive("transfer_max_examples", fv.transfer_max_examples, allow_none=True)
     splits = {}
     for name in ("transfer_train_split", "transfer_val_split", "transfer_test_split"):
@@ -968,6 +979,7 @@ def _transfer_settings(fv, protocols):
         transfer_val_fraction=fv.transfer_val_fraction,
         transfer_weight_decays=decays,
         transfer_max_iter=fv.transfer_max_iter,
+        transfer_blas_threads=fv.transfer_blas_threads,
         transfer_max_examples=fv.transfer_max_examples,
         **splits,
     )

@@ -1,7 +1,10 @@
 """Transfer protocol (SimReg B.4): grid search + refit on arrays, splits, folder data, errors."""
 
+import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -235,9 +238,91 @@ def test_flags_default_to_b4_and_are_validated():
         "--transfer_weight_decays must be a list": ["--transfer_weight_decays=1e-3,x"],
         "--transfer_val_fraction must be in": ["--transfer_val_fraction=1"],
         "--transfer_max_iter must be positive": ["--transfer_max_iter=0"],
+        "--transfer_blas_threads must be >= 0": ["--transfer_blas_threads=-1"],
         "--transfer_test_split=train is the training split": ["--transfer_test_split=train"],
         "--transfer_val_split=test is also": ["--transfer_val_split=test"],
     }
     for message, argv in bad.items():
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             _evaluate_config(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: python -m kd_keras.evaluate --protocols=transfer on a tiny export.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "kd_keras.evaluate", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_transfer_on_an_export_matches_sklearn_on_its_features(tmp_path):
+    import keras
+
+    from kd_keras import augment, backbones, data, export
+    from kd_keras.eval import features
+
+    keras.utils.set_random_seed(5)
+    backbone = backbones.build_backbone("convnet_tiny", 8)
+    export_dir = str(tmp_path / "export")
+    export.export_backbone(backbone, export_dir)
+    root = _write_folder(tmp_path / "d", {"train": _all(6), "val": _all(2), "test": _all(4)})
+    out = tmp_path / "eval"
+    decays = (1e-4, 1e-1)
+    ok = _cli(
+        f"--model={export_dir}",
+        "--protocols=transfer",
+        f"--transfer_data={root}",
+        f"--transfer_weight_decays={','.join(map(str, decays))}",
+        f"--eval_dir={out}",
+        "--projector_examples=0",
+    )
+    assert ok.returncode == 0, ok.stderr
+    results = json.loads((out / "results.json").read_text())
+    (rec,) = [r for r in results["results"] if r["protocol"] == "transfer"]
+    assert rec["metric"] == "top1" and rec["dataset"] == root
+    assert re.search(r"transfer .* top1 +\d\.\d{4}  18\+6/12", ok.stdout), ok.stdout
+
+    # The same number from the backbone's features and a plain scikit-learn loop.
+    def split(name):
+        examples, _ = data.load_split(root, name)
+        ds = data.make_eval_dataset(examples, lambda im: augment.center_crop(im, 8), 64)
+        return features.extract_features(backbone, ds)
+
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = split("train"), split("val"), split("test")
+    accs = [
+        np.mean(
+            LogisticRegression(C=1 / (lam * len(y_tr)), max_iter=1000).fit(x_tr, y_tr).predict(x_va)
+            == y_va
+        )
+        for lam in decays
+    ]
+    best = max(lam for lam, a in zip(decays, accs, strict=True) if a == max(accs))
+    refit = LogisticRegression(C=1 / (best * 24), max_iter=1000).fit(
+        np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+    )
+    assert results["transfer"]["best_weight_decay"] == best
+    assert rec["value"] == pytest.approx(np.mean(refit.predict(x_te) == y_te), abs=1e-9)
+
+    bad = _cli(
+        f"--model={export_dir}",
+        "--protocols=transfer",
+        f"--transfer_data={tmp_path / 'nowhere'}",
+        f"--eval_dir={out}",
+    )
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .startswith("kd_keras.evaluate: error: --transfer_data: ")
+    ), bad.stderr
+    assert "Traceback" not in bad.stderr

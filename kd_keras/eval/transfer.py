@@ -39,6 +39,7 @@ n-th example, so every class stays).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -53,6 +54,10 @@ B4_LEARNING_RATES = tuple(float(v) for v in np.logspace(-3, 0, 10))
 DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-4
 DEFAULT_VAL_FRACTION = 0.2
+# One BLAS thread by default: the fits multiply [N, D] by [D, K] matrices that are small for
+# transfer datasets of a few thousand images, where OpenBLAS' threads cost more than they
+# bring, by far on a busy machine (docs/transfer.md has the measurement). 0 = all cores.
+DEFAULT_BLAS_THREADS = 1
 LR_AXIS = (
     "none: scikit-learn's L-BFGS chooses its steps by line search and runs each fit to tol "
     "or max_iter, so only B.4's weight decays are searched"
@@ -73,11 +78,13 @@ class TransferSettings:
       weight_decays: lambda values searched (default B.4's 9 values in [1e-10, 1e-2]).
       max_iter: L-BFGS iterations per fit at most.
       tol: scikit-learn's gradient tolerance.
+      blas_threads: BLAS threads of each fit; 0 keeps the library's default (all cores).
     """
 
     weight_decays: tuple = B4_WEIGHT_DECAYS
     max_iter: int = DEFAULT_MAX_ITER
     tol: float = DEFAULT_TOL
+    blas_threads: int = DEFAULT_BLAS_THREADS
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +116,20 @@ def fit_logistic(x, y, weight_decay, settings=TransferSettings()):
         max_iter=settings.max_iter,
         tol=settings.tol,
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _blas_threads(settings.blas_threads):
         # Reported per fit in the results instead of a warning per grid point.
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(x, y)
     iterations = int(np.max(model.n_iter_))
     return model, iterations, iterations < settings.max_iter
+
+
+def _blas_threads(threads):
+    if not threads:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def class_scores(model, x, num_classes):
@@ -191,6 +206,7 @@ def transfer_linear_eval(
         "num_test": int(len(y_test)),
         "max_iter": settings.max_iter,
         "tol": settings.tol,
+        "blas_threads": settings.blas_threads,
         "lr_axis": LR_AXIS,
     }
 
