@@ -469,6 +469,68 @@ def run_transfer(embed, image_size, data_cfg, settings=TransferSettings(), batch
     return result
 
 
+def data_from_config(cfg):
+    """`TransferData` of a `kd_keras.config.EvaluateConfig` (its transfer_* fields, --seed)."""
+    return TransferData(
+        source=cfg.transfer_data,
+        data_dir=cfg.transfer_data_dir,
+        train_split=cfg.transfer_train_split,
+        val_split=cfg.transfer_val_split,
+        test_split=cfg.transfer_test_split,
+        val_fraction=cfg.transfer_val_fraction,
+        max_examples=cfg.transfer_max_examples,
+        seed=cfg.seed,
+    )
+
+
+def settings_from_config(cfg):
+    """`TransferSettings` of a `kd_keras.config.EvaluateConfig`."""
+    return TransferSettings(
+        weight_decays=tuple(cfg.transfer_weight_decays),
+        max_iter=cfg.transfer_max_iter,
+        blas_threads=cfg.transfer_blas_threads,
+    )
+
+
+def run_protocol(data, name="transfer"):
+    """The transfer protocol of `python -m kd_keras.evaluate` (an entry of its PROTOCOLS table).
+
+    Args:
+      data: `kd_keras.eval.protocols.EvalData` (reads cfg, embed, size).
+      name: protocol name of the records.
+    Returns:
+      (details, records): the `run_transfer` dict; top-1 (and top-5) records carrying the
+      transfer dataset and splits, the chosen weight decay and the sizes.
+    """
+    cfg = data.cfg
+    if not cfg.transfer_data:
+        raise TransferError("--transfer_data is required by --protocols=transfer.")
+    details = run_transfer(
+        data.embed,
+        data.size,
+        data_from_config(cfg),
+        settings_from_config(cfg),
+        batch_size=cfg.eval_batch_size,
+    )
+    settings = {
+        "dataset": details["dataset"],
+        "train_split": details["train_split"],
+        "val_split": details["val_split"],
+        "eval_split": details["test_split"],
+        "weight_decay": details["best_weight_decay"],
+        "C": details["best_C"],
+        "num_train": details["num_train"],
+        "num_val": details["num_val"],
+        "num_test": details["num_test"],
+    }
+    records = [
+        {"protocol": name, "metric": metric, "value": float(details[metric]), **settings}
+        for metric in ("top1", "top5")
+        if details[metric] is not None
+    ]
+    return details, records
+
+
 def _short(names, shown=5):
     names = list(names)
     more = f", ... ({len(names)})" if len(names) > shown else ""
