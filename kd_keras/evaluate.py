@@ -202,7 +202,8 @@ def _load_serving_function(saved_model_dir):
 
 def _load_keras(path):
     """keras.models.load_model with kd_keras' custom layers registered; one-line errors."""
-    from kd_keras import backbones, heads, linear_probe  # noqa: F401  (registers custom layers)
+    from kd_keras import backbones, heads  # noqa: F401  (registers custom layers)
+    from kd_keras.eval import linear_probe  # noqa: F401
 
     try:
         return keras.models.load_model(path, compile=False)
@@ -517,7 +518,8 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
       "image_size", "eval_transform", "results" (a list of records, each with "protocol",
       "metric", "value" and the protocol's settings) and per-protocol details.
     """
-    from kd_keras import augment, data, features, knn
+    from kd_keras import augment, data
+    from kd_keras.eval import features, knn
 
     t_start = time.time()
     protocols = tuple(cfg.protocols)
@@ -771,7 +773,7 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
 def _linear(
     loaded, cfg, embed, split_features, train_examples, train_info, x_test, y_test, size, eval_info
 ):
-    from kd_keras import linear_probe
+    from kd_keras.eval import linear_probe
 
     x_train, y_train = split_features("train")
     num_classes = max(train_info.num_classes, eval_info.num_classes)
@@ -866,7 +868,7 @@ def _finetune(
     import numpy as np
     import tensorflow as tf
 
-    from kd_keras import features, finetune, subsets
+    from kd_keras.eval import features, finetune, subsets
 
     preset = finetune.PRESETS[protocol]
     labels = label_array(train_examples, train_info.num_examples)

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd_keras import backbones, callbacks, config, data, evaluate, export, knn, subsets, train
+from kd_keras import backbones, callbacks, config, data, evaluate, export, train
+from kd_keras.eval import features, knn, subsets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +86,7 @@ def test_knn_monitor_logs_every_epoch_to_tensorboard_and_json(run):
 
 
 def _monitor_sets(student, max_train, max_test):
-    from kd_keras import augment, features
+    from kd_keras import augment
 
     out = []
     for split, cap in (("train", max_train), ("test", max_test)):
@@ -127,7 +128,7 @@ def test_exported_savedmodel_gives_the_knn_numbers_of_the_in_memory_model(run, t
     # Independent check of one number: majority 1-NN from features of the in-memory student.
     train_ex, _ = data.load_split("digits", "train", image_size_hint=8)
     test_ex, _ = data.load_split("digits", "test", image_size_hint=8)
-    from kd_keras import augment, features
+    from kd_keras import augment
 
     def feats(ex):
         ds = data.make_eval_dataset(ex, lambda im: augment.center_crop(im, 8), 128)
@@ -317,7 +318,7 @@ def test_augmented_linear_probe_and_finetune_record_their_path_and_subset(run, t
     assert results["linear"]["training_images"].startswith("decoded once, kept as uint8")
     tune = next(r for r in results["results"] if r["protocol"] == "finetune1")
     assert tune["fraction"] == 0.01 and tune["num_test"] == linear["num_test"] == 90
-    labels = evaluate.label_array(data.load_split("digits", "train", image_size_hint=8)[0], 1437)
+    labels = features.label_array(data.load_split("digits", "train", image_size_hint=8)[0], 1437)
     subset = subsets.load_subset(tune["subset_file"], labels=labels)  # checks class counts
     assert tune["num_train"] == subset.num_examples == 10  # 1% of ~144 per class rounds to 1
     np.testing.assert_array_equal(subset.indices, subsets.label_subset(labels, 0.01, seed=0))

@@ -1,7 +1,7 @@
 """Semi-supervised fine-tuning with 1% / 10% of the labels (OSS appendix A.4, SwAV protocol).
 
 The whole network (backbone + a new linear classifier) is trained on a class-balanced label
-subset (`kd_keras.subsets.label_subset`), with:
+subset (`kd_keras.eval.subsets.label_subset`), with:
 
 * SGD with PyTorch momentum 0.9 (`TorchSGD`), no weight decay, batch 256, 20 epochs;
 * separate learning rates for the backbone and the classifier: 1%: 0.02 / 5, 10%: 0.01 / 0.2;
@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from kd_keras import augment, data
-from kd_keras.linear_probe import EpochStepDecay, TorchSGD
+from kd_keras.optimizers import TorchSGD
+from kd_keras.schedules import EpochStepDecay
 
 
 @dataclasses.dataclass(frozen=True)
