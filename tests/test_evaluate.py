@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kd_keras import backbones, callbacks, config, data, evaluate, export, train
-from kd_keras.eval import features, knn, subsets
+from kd_keras.eval import features, knn, layers, subsets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,36 +187,36 @@ def test_layers_backbone_stage_and_head(run):
     loaded = evaluate.load_model(run_dir)
     images = np.random.default_rng(2).uniform(size=(4, 8, 8, 3)).astype(np.float32)
     # stage1 of convnet_tiny at 8 px is [4, 4, 16]; 64-d backbone -> grid round(sqrt(4)) = 2.
-    stage, info = evaluate.layer_embedding(loaded, "stage1")
+    stage, info = layers.layer_embedding(loaded, "stage1")
     assert info["feature_dim"] == 64 and "2x2" in info["pooling"]
     fmap = keras.Model(loaded.backbone.inputs, loaded.backbone.get_layer("stage1").output)(
         images
     ).numpy()
     want = fmap.reshape(4, 2, 2, 2, 2, 16).mean(axis=(2, 4)).reshape(4, -1)
     np.testing.assert_allclose(stage(images), want, atol=1e-5)
-    head_mid, info = evaluate.layer_embedding(loaded, "head_tt/relu1")
+    head_mid, info = layers.layer_embedding(loaded, "head_tt/relu1")
     assert info["feature_dim"] == 128  # mlp2: (m, 2m, d)
-    head_out, info = evaluate.layer_embedding(loaded, "head_tt")
+    head_out, info = layers.layer_embedding(loaded, "head_tt")
     np.testing.assert_allclose(
         head_out(images),
         method.heads[0](method.student(images, training=False), training=False),
         atol=1e-5,
     )
     with pytest.raises(evaluate.EvaluationError, match="unknown layer; known: backbone, "):
-        evaluate.layer_embedding(loaded, "stage9")
+        layers.layer_embedding(loaded, "stage9")
     with pytest.raises(evaluate.EvaluationError, match="head_tt/linear1"):
-        evaluate.layer_embedding(loaded, "head_tt/nope")
+        layers.layer_embedding(loaded, "head_tt/nope")
 
 
 def test_adaptive_pool_matches_torch_bins():
     x = np.random.default_rng(3).normal(size=(2, 5, 7, 3)).astype(np.float32)
-    got = evaluate.AdaptiveAveragePooling(3)(x).numpy().reshape(2, 3, 3, 3)
+    got = layers.AdaptiveAveragePooling(3)(x).numpy().reshape(2, 3, 3, 3)
     for i in range(3):
         for j in range(3):
             rows = slice((i * 5) // 3, -(-((i + 1) * 5) // 3))
             cols = slice((j * 7) // 3, -(-((j + 1) * 7) // 3))
             np.testing.assert_allclose(got[:, i, j], x[:, rows, cols].mean(axis=(1, 2)), atol=1e-6)
-    assert evaluate.pooling_grid((None, 4, 4, 16), 512) == 4  # capped by the map size
+    assert layers.pooling_grid((None, 4, 4, 16), 512) == 4  # capped by the map size
 
 
 def test_bad_input_is_one_clear_error(run, tmp_path):
@@ -338,6 +338,6 @@ def test_bare_savedmodel_serves_the_backbone_layer_only(run, tmp_path):
     )
     assert from_bare["knn"] == from_export["knn"]
     with pytest.raises(evaluate.EvaluationError, match="only 'backbone' is available"):
-        evaluate.layer_embedding(bare, "stage1")
+        layers.layer_embedding(bare, "stage1")
     with pytest.raises(evaluate.EvaluationError, match="need a Keras backbone"):
         evaluate.evaluate(bare, _eval_cfg("bare", tmp_path, protocols=("finetune10",)))
