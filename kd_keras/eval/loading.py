@@ -44,15 +44,28 @@ class LoadedModel:
     run_dir: str | None = None
 
     @classmethod
-    def from_keras(cls, backbone, heads=None, run_dir=None, source="in-memory model"):
-        """Wraps an in-memory backbone (and optional heads list or dict)."""
+    def from_keras(
+        cls, backbone, heads=None, run_dir=None, source="in-memory model", image_size=None
+    ):
+        """Wraps an in-memory backbone (and optional heads list or dict).
+
+        `image_size` is required for a backbone that takes any input size (SwAV/OSS students
+        are built so, for their two crop sizes); otherwise it is the backbone's input side.
+        """
         if heads is not None and not isinstance(heads, dict):
             heads = {h.name: h for h in heads}
+        shape = backbone.input_shape
+        if image_size is not None and len(shape) == 4 and shape[1] is None and shape[2] is None:
+            side = int(image_size)
+        else:
+            side = _input_side(shape, source)
+            if image_size is not None and side != image_size:
+                raise EvaluationError(f"{source}: takes {side} px images, not {image_size}.")
         loaded = cls(
             backbone=backbone,
             serve=None,
             heads=dict(heads or {}),
-            image_size=_input_side(backbone.input_shape, source),
+            image_size=side,
             feature_dim=int(backbone.output_shape[-1]),
             source=source,
             run_dir=run_dir,
@@ -282,6 +295,7 @@ def _load_run_checkpoint(run_dir):
         heads=getattr(method, "heads", None),
         run_dir=run_dir,
         source=source,
+        image_size=size,
     )
 
 
