@@ -177,6 +177,63 @@ class InputNormalization(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def _in_xla_context():
+    """Whether the op being traced is XLA-compiled (a jit_compile=True tf.function)."""
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # not the TensorFlow backend, or TF moved the helper: assume not
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _block_diagonal(kernel, groups):
+    """The dense [k, k, C_in, C_out] kernel equal to a grouped [k, k, C_in / G, C_out] one."""
+    kh, kw, cin_g, cout = kernel.shape
+    cout_g = cout // groups
+    blocks = ops.reshape(kernel, (kh, kw, cin_g, groups, cout_g))
+    eye = ops.eye(groups, dtype=kernel.dtype)
+    dense = ops.einsum("hwiao,ab->hwaibo", blocks, eye)
+    return ops.reshape(dense, (kh, kw, groups * cin_g, cout))
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class GroupedConv2D(layers.Conv2D):
+    """`keras.layers.Conv2D(groups=G)` with a TensorFlow op chosen for speed (same weights).
+
+    Keras' TensorFlow backend compiles every grouped convolution with XLA ("broken on CPU
+    without XLA", true of old TF). In TF 2.21 the CPU kernel computes grouped convolutions and
+    their gradients correctly (tests/test_regnet.py checks it against a block-diagonal dense
+    conv), and XLA's CPU grouped convolution is very slow: a 256-channel, group-width-16 3x3
+    conv at batch 32, 4 x 4 px took 455 ms forward + backward under XLA against 6 ms with TF's
+    kernel (docs/regnet.md). So this layer calls the op directly; inside an XLA-compiled step
+    on a machine without a GPU it runs the equivalent dense conv with a block-diagonal kernel
+    (G times the FLOPs, 28 ms there), which XLA's CPU backend does well. On GPUs the grouped op
+    is used as it is (cuDNN), with or without XLA.
+
+    Input/output as Conv2D ([B, H, W, C_in] -> [B, H', W', filters], channels_last only); the
+    kernel is [kh, kw, C_in / groups, filters], so checkpoints and the converter see a Conv2D.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if keras.backend.backend() != "tensorflow" or self.groups == 1:
+            return super().convolution_op(inputs, kernel)
+        import tensorflow as tf
+
+        if self.data_format != "channels_last":
+            raise ValueError("GroupedConv2D supports channels_last only.")
+        if _in_xla_context() and not tf.config.list_logical_devices("GPU"):
+            kernel = _block_diagonal(kernel, self.groups)
+        return tf.nn.convolution(
+            inputs,
+            kernel,
+            strides=list(self.strides),
+            padding=self.padding.upper(),
+            dilations=list(self.dilation_rate),
+            data_format="NHWC",
+        )
+
+
 def batch_norm(
     name=None, sync_bn=False, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis=-1, **kwargs
 ):
@@ -213,8 +270,8 @@ def conv_initializer():
 def _conv(x, filters, kernel, stride, name, groups=1):
     """Bias-free conv with torchvision's symmetric padding (kernel // 2 on every side).
 
-    groups > 1: grouped conv (Keras' Conv2D(groups=...), kernel [k, k, C_in / groups, filters]);
-    channel groups are contiguous, as in torch, so torch kernels transpose onto it directly.
+    groups > 1: grouped conv (`GroupedConv2D`, kernel [k, k, C_in / groups, filters]); channel
+    groups are contiguous, as in torch, so torch kernels transpose onto it directly.
     """
     pad = kernel // 2
     if stride > 1 and pad > 0:
@@ -224,7 +281,8 @@ def _conv(x, filters, kernel, stride, name, groups=1):
         padding = "valid"
     else:
         padding = "same"
-    return layers.Conv2D(
+    conv = GroupedConv2D if groups > 1 else layers.Conv2D
+    return conv(
         filters,
         kernel,
         strides=stride,

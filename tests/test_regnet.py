@@ -185,29 +185,54 @@ def test_keras_weights_map_onto_exactly_torchvisions_keys_and_shapes(name):
     assert _count(model.trainable_weights) == full["params"] - full["fc_params"]
 
 
-def test_grouped_conv_runs_on_cpu_eagerly_in_graphs_and_under_xla():
-    # TF's CPU kernels once refused grouped convolutions; Keras' Conv2D(groups=...) must run,
-    # equal a per-group reference and have gradients in every execution mode used in training.
-    conv = keras.layers.Conv2D(12, 3, padding="same", groups=3, use_bias=False)
-    x = tf.constant(np.random.default_rng(0).random((2, 9, 9, 6), np.float32))
-    eager = conv(x).numpy()
-    kernel = conv.kernel.numpy()  # [3, 3, 2, 12]: output group j reads input channels 2j, 2j+1
-    want = np.concatenate(
-        [tf.nn.conv2d(x[..., 2 * j : 2 * j + 2], kernel[..., 4 * j : 4 * j + 4], 1, "SAME")
-         for j in range(3)], axis=-1,
-    )  # fmt: skip
-    np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("layer", [keras.layers.Conv2D, backbones.GroupedConv2D])
+def test_grouped_conv_runs_on_cpu_eagerly_in_graphs_and_under_xla(layer):
+    # TF's CPU kernels once refused grouped convolutions (Keras therefore XLA-compiles each one,
+    # which is slow on CPUs); GroupedConv2D calls TF's kernel, and a block-diagonal dense conv
+    # under XLA on CPU. Both must equal a per-group reference, with the same gradients, eagerly,
+    # in graphs and under XLA, at stride 1 and 2.
+    x = tf.constant(np.random.rand(2, 9, 9, 6).astype(np.float32))
+    for stride in (1, 2):
+        conv = layer(12, 3, strides=stride, padding="valid", groups=3, use_bias=False)
+        eager = conv(x).numpy()
+        kernel = conv.kernel.numpy()  # [3, 3, 2, 12]: output group j reads inputs 2j, 2j + 1
+        want = np.concatenate(
+            [tf.nn.conv2d(x[..., 2 * j : 2 * j + 2], kernel[..., 4 * j : 4 * j + 4], stride,
+                          "VALID") for j in range(3)], axis=-1,
+        )  # fmt: skip
+        np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-6)
 
-    def loss(inputs):
-        with tf.GradientTape() as tape:
-            value = tf.reduce_sum(conv(inputs) ** 2)
-        return value, tape.gradient(value, conv.kernel)
+        def loss(inputs, conv=conv):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                value = tf.reduce_sum(tf.sin(conv(inputs)))
+            return value, *tape.gradient(value, [inputs, conv.kernel])
 
-    ref_value, ref_grad = loss(x)
-    for jit in (False, True):
-        value, grad = tf.function(loss, jit_compile=jit)(x)
-        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-        np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5)
+        def per_group(inputs, kernel=conv.kernel, stride=stride):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = tf.concat(
+                    [tf.nn.conv2d(inputs[..., 2 * j : 2 * j + 2], kernel[..., 4 * j : 4 * j + 4],
+                                  stride, "VALID") for j in range(3)], axis=-1,
+                )  # fmt: skip
+                value = tf.reduce_sum(tf.sin(out))
+            return value, *tape.gradient(value, [inputs, kernel])
+
+        want = per_group(x)
+        for jit in (None, False, True):
+            got = loss(x) if jit is None else tf.function(loss, jit_compile=jit)(x)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_conv_layer_round_trips_through_keras_saving(tmp_path):
+    inputs = keras.Input((6, 6, 8))
+    model = keras.Model(inputs, backbones.GroupedConv2D(8, 3, groups=4, name="g")(inputs))
+    model.save(tmp_path / "g.keras")
+    loaded = keras.models.load_model(tmp_path / "g.keras", compile=False)
+    assert isinstance(loaded.get_layer("g"), backbones.GroupedConv2D)
+    x = np.random.rand(1, 6, 6, 8).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
 
 
 # --- The converter ------------------------------------------------------------------------------
