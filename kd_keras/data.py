@@ -876,3 +876,11 @@ def check_batch_size(global_batch_size: int, num_replicas: int, num_examples: in
             f"--batch_size {global_batch_size}."
         )
     return global_batch_size // num_replicas
+
+
+def default_eval_split(dataset):
+    """The evaluation split of `dataset` when none is named: "test" for the embedded digits and
+    TFDS datasets (which name it so), "val" for image folders (ImageNet's layout)."""
+    if dataset.startswith("tfds:") or dataset == "digits":
+        return "test"
+    return "val"

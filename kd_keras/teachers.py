@@ -202,7 +202,7 @@ def _parse_torch_spec(spec, location, options, norm, common):
             "torch:resnet50=/ckpt/swav_800ep_pretrain.pth.tar)."
         )
     try:
-        backbones.parse_resnet_arch(arch)
+        backbones.parse_arch(arch)
     except ValueError as err:
         raise ValueError(f"--teacher={spec!r}: {err}") from err
     layout = options.get("layout")

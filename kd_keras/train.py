@@ -314,12 +314,11 @@ def _run_in_workdir(cfg, extra_callbacks, strategy, role):
         data,
         distributed,
         export,
-        features,
-        knn,
         precision,
         preemption,
         teacher_cache,
     )
+    from kd_keras.eval import features, knn
 
     multi_worker = cfg.strategy == "multi_worker"
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -601,7 +600,8 @@ def _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_i
     Both sets are bounded by taking every n-th example (files are ordered by class, so the
     first n would miss classes) and use the centre-crop evaluation transform.
     """
-    from kd_keras import augment, callbacks, data, features
+    from kd_keras import augment, callbacks, data
+    from kd_keras.eval import features
 
     if eval_examples is None or not (train_info.has_labels and eval_info.has_labels):
         log.warning("--knn_monitor_every needs labelled train and eval splits; monitor off.")
