@@ -20,6 +20,10 @@ Protocols (`--protocols`, the table `kd_keras.eval.protocols.PROTOCOLS`):
              prediction head and of its teacher (the SimReg loss, = 2 - 2 cos) and their mean
              cosine similarity, on the evaluation split; teachers come from the run's
              config.json.
+  transfer   SimReg B.4's L-BFGS logistic regression on the frozen features of another
+             dataset (`--transfer_data`, `--transfer_*`; `kd_keras.eval.transfer`, grid-searched
+             weight decay on a validation split, refit on train + val, top-1 on the test
+             split; docs/transfer.md).
 
 Features (`--eval_layer`, `kd_keras.eval.layers`): "backbone" (the pooled backbone output), any backbone layer
 ("stem", "stage1".."stage4": a 4-D map is average-pooled over a g x g grid with

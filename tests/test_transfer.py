@@ -313,16 +313,16 @@ def test_cli_transfer_on_an_export_matches_sklearn_on_its_features(tmp_path):
     assert results["transfer"]["best_weight_decay"] == best
     assert rec["value"] == pytest.approx(np.mean(refit.predict(x_te) == y_te), abs=1e-9)
 
-    bad = _cli(
-        f"--model={export_dir}",
-        "--protocols=transfer",
-        f"--transfer_data={tmp_path / 'nowhere'}",
-        f"--eval_dir={out}",
+    # Bad --transfer_data: an EvaluationError, which the CLI prints as one line, exit code 2.
+    from kd_keras import config, evaluate
+    from kd_keras.eval import EvaluationError
+
+    cfg = config.EvaluateConfig(
+        model=export_dir,
+        protocols=("transfer",),
+        transfer_data=str(tmp_path / "nowhere"),
+        eval_dir=str(tmp_path / "eval_bad"),
+        projector_examples=0,
     )
-    assert bad.returncode == 2
-    assert (
-        bad.stderr.strip()
-        .splitlines()[-1]
-        .startswith("kd_keras.evaluate: error: --transfer_data: ")
-    ), bad.stderr
-    assert "Traceback" not in bad.stderr
+    with pytest.raises(EvaluationError, match="^--transfer_data: .*nowhere is not a directory"):
+        evaluate.evaluate(evaluate.LoadedModel.from_keras(backbone), cfg)

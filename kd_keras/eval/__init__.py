@@ -3,9 +3,9 @@
 Modules:
   loading     what `--model` names -> `LoadedModel` (export, .keras, SavedModel, checkpoint)
   layers      `--eval_layer` -> an embedding function (backbone, stages, heads)
-  protocols   the `PROTOCOLS` table: knn, linear, finetune1, finetune10, mse_cos
+  protocols   the `PROTOCOLS` table: knn, linear, finetune1, finetune10, mse_cos, transfer
   report      results.json, TensorBoard scalars and projector, k-NN monitor plot, text table
-  knn, linear_probe, finetune, subsets, features
+  knn, linear_probe, finetune, subsets, features, transfer
               the protocols' numerics on features / images, label subsets, feature extraction
 """
 

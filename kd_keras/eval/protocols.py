@@ -8,6 +8,8 @@
   finetune1, finetune10
              fine-tuning of the whole backbone on 1% / 10% of the training labels
              (`kd_keras.eval.finetune`; the label subset is saved next to the results).
+  transfer   SimReg B.4's L-BFGS logistic regression on the frozen features of another
+             dataset (`--transfer_data`; `kd_keras.eval.transfer`, docs/transfer.md).
   mse_cos    the SimReg loss between the student's prediction head and its teacher
              (mean ||p/|p| - t/|t|||^2 = 2 - 2 cos) and their mean cosine similarity, on the
              evaluation split; teachers come from the run's config.json.
@@ -360,6 +362,17 @@ def head_teacher_agreement(backbone, head, teacher, dataset):
 
 
 # --------------------------------------------------------------------------------------------
+# Transfer to another dataset.
+
+
+def run_transfer(data, name="transfer"):
+    """SimReg B.4's transfer protocol on `--transfer_data` (`kd_keras.eval.transfer`)."""
+    from kd_keras.eval import transfer
+
+    return transfer.run_protocol(data, name)
+
+
+# --------------------------------------------------------------------------------------------
 # The table.
 
 
@@ -388,6 +401,8 @@ PROTOCOLS = {
     "finetune1": Protocol(run_finetune, needs_keras=True),
     "finetune10": Protocol(run_finetune, needs_keras=True),
     "mse_cos": Protocol(run_mse_cos, needs_labels=False, needs_keras=True, needs_heads=True),
+    # Labels of --transfer_data, not of --dataset: checked by the protocol itself.
+    "transfer": Protocol(run_transfer, needs_labels=False),
 }
 
 

@@ -35,6 +35,8 @@ def tensorboard_tag(rec):
         name = f"{rec['preset']}_{rec['path']}_{rec['metric']}"
     elif rec["protocol"] == "mse_cos":
         name = f"{rec['teacher']}_{rec['metric']}"
+    elif rec["protocol"] == "transfer":
+        name = f"{os.path.basename(rec['dataset'].rstrip('/'))}_{rec['metric']}"
     else:
         name = rec["metric"]
     parts.append(name)
@@ -119,9 +121,14 @@ def format_table(results):
             setting = f"{rec['preset']} {rec['path']} {rec['epochs']} ep"
         elif rec["protocol"].startswith("finetune"):
             setting = f"{rec['fraction']:.0%} labels, {rec['epochs']} ep"
+        elif rec["protocol"] == "transfer":
+            dataset = os.path.basename(rec["dataset"].rstrip("/"))
+            setting = f"{dataset[:22]} wd={rec['weight_decay']:g}"
         else:
             setting = f"teacher {rec['teacher']}"
         sizes = f"{rec.get('num_train', '-')}/{rec.get('num_test', '-')}"
+        if rec["protocol"] == "transfer":
+            sizes = f"{rec['num_train']}+{rec['num_val']}/{rec['num_test']}"
         lines.append(
             f"{rec['protocol']:<11} {setting:<34} {rec['metric']:<6} {rec['value']:>7.4f}  {sizes}"
         )

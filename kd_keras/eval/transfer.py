@@ -47,6 +47,8 @@ import warnings
 
 import numpy as np
 
+from kd_keras.eval import EvaluationError
+
 # SimReg B.4's grid. The learning rates are those of the reference's PyTorch L-BFGS; they are
 # recorded for the record, not searched (see the module docstring).
 B4_WEIGHT_DECAYS = tuple(10.0**e for e in range(-10, -1))  # logspace(-10, -2, 9), exact
@@ -66,7 +68,7 @@ VAL_AUTO = "auto"  # the dataset's own val split when it has one, otherwise a sp
 VAL_FROM_TRAIN = "from_train"  # always a seeded stratified split of train
 
 
-class TransferError(ValueError):
+class TransferError(EvaluationError):
     """Bad input to the transfer protocol (one line, naming the flag)."""
 
 
@@ -365,20 +367,12 @@ def _load(data_cfg, split, flag, image_size):
         ) from err
 
 
-def _every_nth(examples, num_examples, cap):
-    """Every n-th example (by index) so that at most `cap` remain; files are class-ordered."""
-    features = _features()
-    if not cap or cap >= num_examples:
-        return examples
-    stride = -(-num_examples // cap)
-    return features.select_examples(examples, lambda ex: ex["index"] % stride == 0)
-
-
 def _split_features(embed, examples, info, data_cfg, image_size, batch_size):
     from kd_keras import augment, data
+    from kd_keras.eval import features
 
-    features = _features()
-    chosen = _every_nth(examples, info.num_examples, data_cfg.max_examples)
+    # Every n-th example by index: files are in class order, so every class stays.
+    chosen = features.every_nth_examples(examples, info.num_examples, data_cfg.max_examples)
     ds = data.make_eval_dataset(chosen, lambda im: augment.center_crop(im, image_size), batch_size)
     return features.extract_features(embed, ds)
 
@@ -535,11 +529,3 @@ def _short(names, shown=5):
     names = list(names)
     more = f", ... ({len(names)})" if len(names) > shown else ""
     return "[" + ", ".join(map(str, names[:shown])) + more + "]"
-
-
-def _features():
-    try:
-        from kd_keras.eval import features
-    except ImportError:  # before the evaluation package landed  TODO remove after merge
-        from kd_keras import features
-    return features
