@@ -326,3 +326,20 @@ def test_cli_transfer_on_an_export_matches_sklearn_on_its_features(tmp_path):
     )
     with pytest.raises(EvaluationError, match="^--transfer_data: .*nowhere is not a directory"):
         evaluate.evaluate(evaluate.LoadedModel.from_keras(backbone), cfg)
+
+
+def test_own_val_split_of_a_tfds_dataset_is_never_the_test_split(monkeypatch):
+    import types
+
+    import tensorflow_datasets as tfds
+
+    def builder(name, data_dir=None):
+        splits = {"dtd": ("train", "validation", "test"), "cifar10": ("train", "test")}[name]
+        return types.SimpleNamespace(info=types.SimpleNamespace(splits=dict.fromkeys(splits)))
+
+    monkeypatch.setattr(tfds, "builder", builder)
+    assert transfer.own_val_split("tfds:dtd", None, "test") == "validation"
+    assert transfer.own_val_split("tfds:dtd", None, "validation") is None
+    assert transfer.own_val_split("tfds:dtd", None, "val") is None  # an alias of validation
+    assert transfer.own_val_split("tfds:cifar10", None, "test") is None
+    assert transfer.own_val_split("digits", None, "test") is None
