@@ -76,6 +76,11 @@ _NORMS = ("unit", "imagenet", "minus_one_one", "native")
 _OPTIONS = ("path", "name", "norm", "size", "pool", "output", "layout")
 
 
+
+def recipe_dir(workdir, recipe):
+    """Where a run trains (and later runs find) its `recipe:<recipe>` teacher."""
+    return os.path.join(workdir, f"teacher_{recipe}")
+
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     """A parsed --teacher value."""
