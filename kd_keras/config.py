@@ -533,10 +533,9 @@ class Config:
 
     def save(self, path):
         """Writes the resolved configuration as JSON (atomically)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        from kd_keras import checkpointing  # not at the top: config imports no TensorFlow
+
+        checkpointing.write_atomic(path, self.to_json() + "\n")
 
 
 def _positive(name, value, allow_none=False):

@@ -222,11 +222,10 @@ def _write_check_cache(key, bad):
     path = _check_cache_path(key)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"bad": bad}, f)
-        os.replace(tmp, path)
-    except OSError as err:
+        from kd_keras import checkpointing
+
+        checkpointing.write_atomic(path, json.dumps({"bad": bad}))
+    except OSError as err:  # CheckpointWriteError included
         logging.info("kd_keras.data: image check not cached (%s)", err)
 
 

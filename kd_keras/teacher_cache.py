@@ -33,6 +33,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from kd_keras import checkpointing
+
 MANIFEST = "manifest.json"
 FEATURES_DIR = "features"
 FORMAT = "kd_keras.teacher_cache"
@@ -543,7 +545,4 @@ def _finish_cache(cache_dir, arrays, written, manifest):
     for array in arrays.values():
         array.flush()
     manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat()
-    tmp = os.path.join(cache_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(cache_dir, MANIFEST))
+    checkpointing.write_atomic(os.path.join(cache_dir, MANIFEST), json.dumps(manifest, indent=1))

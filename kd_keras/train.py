@@ -734,10 +734,9 @@ def _log_knn_to_tensorboard(logdir, knn_results, step):
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from kd_keras import checkpointing
+
+    checkpointing.write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _print_summary(results):
