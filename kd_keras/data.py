@@ -224,7 +224,7 @@ def _write_check_cache(key, bad):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         from kd_keras import checkpointing
 
-        checkpointing.write_atomic(path, json.dumps({"bad": bad}))
+        checkpointing.write_json(path, {"bad": bad}, indent=None)
     except OSError as err:  # CheckpointWriteError included
         logging.info("kd_keras.data: image check not cached (%s)", err)
 
@@ -937,3 +937,11 @@ def check_batch_size(global_batch_size: int, num_replicas: int, num_examples: in
             f"--batch_size {global_batch_size}."
         )
     return global_batch_size // num_replicas
+
+
+def default_eval_split(dataset):
+    """The evaluation split of `dataset` when none is named: "test" for the embedded digits and
+    TFDS datasets (which name it so), "val" for image folders (ImageNet's layout)."""
+    if dataset.startswith("tfds:") or dataset == "digits":
+        return "test"
+    return "val"

@@ -1,5 +1,8 @@
-"""Training's optimizers: the one factory every method uses (`make_optimizer`), and LARS as
-SwAV (and OSS) use it: apex's LARC(clip=False) around torch SGD, for Keras 3."""
+"""Optimizers: the one factory every training method uses (`make_optimizer`), LARS as SwAV
+(and OSS) use it (apex's LARC(clip=False) around torch SGD), and TorchSGD (torch.optim.SGD
+momentum) for the evaluation protocols; for Keras 3."""
+
+import numbers
 
 import keras
 import tensorflow as tf
@@ -203,3 +206,45 @@ def _float(value):
         return float(value)
     except (TypeError, ValueError):
         return float("nan")  # NaN fails every range check
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class TorchSGD(keras.optimizers.Optimizer):
+    """SGD with PyTorch's momentum convention (dampening 0, not Nesterov).
+
+    For every variable w with gradient g:  v = momentum * v + g;  w = w - lr * v.
+    (Keras' SGD stores lr * g in the velocity, so it lags torch after a learning-rate change.)
+    Weight decay is not applied here; add it to the loss (`kd_keras.eval.linear_probe` does).
+
+    Args:
+      learning_rate: float or LearningRateSchedule.
+      momentum: in [0, 1).
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, name="torch_sgd", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, numbers.Real)
+            or not 0 <= momentum < 1
+        ):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.velocities = [self.add_variable_from_reference(v, name="velocity") for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = tf.cast(learning_rate, variable.dtype)
+        g = tf.cast(gradient, variable.dtype)
+        v = self.velocities[self._get_variable_index(variable)]
+        self.assign(v, self.momentum * v + g)
+        self.assign_sub(variable, lr * v)
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum"] = self.momentum
+        return config

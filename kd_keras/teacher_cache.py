@@ -545,4 +545,4 @@ def _finish_cache(cache_dir, arrays, written, manifest):
     for array in arrays.values():
         array.flush()
     manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat()
-    checkpointing.write_atomic(os.path.join(cache_dir, MANIFEST), json.dumps(manifest, indent=1))
+    checkpointing.write_json(os.path.join(cache_dir, MANIFEST), manifest, indent=1)

@@ -15,7 +15,6 @@ finished run re-evaluates and re-exports without training again.
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -59,12 +58,6 @@ def select_strategy(name, multi_worker_timeout=600.0):
     if name == "auto" and len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
-
-
-def default_eval_split(dataset):
-    if dataset.startswith("tfds:") or dataset == "digits":
-        return "test"
-    return "val"
 
 
 def fit_from_step(method, data_from, done_steps, steps_per_epoch, epochs, **fit_kwargs):
@@ -314,7 +307,7 @@ def _run_in_workdir(r, extra_callbacks):
     if r.cfg.export and r.role.is_chief:
         results.update(export_run(r))
     if r.role.is_chief:
-        _write_json(os.path.join(r.cfg.workdir, RESULTS), results)
+        _write_results(r.cfg.workdir, results)
         _write_done_marker(r.cfg.workdir)
         _print_summary(results)
     r.role.finish(r.strategy)
@@ -354,7 +347,7 @@ def load_data(r):
     from kd_keras import data
 
     cfg = r.cfg
-    r.eval_split = cfg.data.eval_split or default_eval_split(cfg.data.dataset)
+    r.eval_split = cfg.data.eval_split or data.default_eval_split(cfg.data.dataset)
     load = dict(
         data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size, download=cfg.data.download
     )
@@ -593,20 +586,18 @@ def final_evaluation(r, step):
     """k-NN of the student, each teacher, the method's other networks and a random student
     (backbone features, cosine, majority vote: the SimReg protocol). Chief only: under a
     multi-worker strategy the others wait at the end."""
-    from kd_keras import features, knn
+    from kd_keras.eval import features, protocols
     from kd_keras.methods import registry
 
     if not r.labelled_eval:
         return {}
     cfg = r.cfg
     train_eval, test_eval = _knn_datasets(r)
-    cap = cfg.eval.knn_max_train or r.train_info.num_examples
-    ks = tuple(k for k in cfg.eval.knn_k if k <= cap)
+    memory_size = features.every_nth_count(r.train_info.num_examples, cfg.eval.knn_max_train)
+    ks = tuple(k for k in cfg.eval.knn_k if k <= memory_size)
 
     def knn_of(embed):
-        xtr, ytr = features.extract_features(embed, train_eval)
-        xte, yte = features.extract_features(embed, test_eval)
-        return knn.knn_accuracy(xtr, ytr, xte, yte, ks=ks, vote="majority")
+        return protocols.knn_of_embedding(embed, train_eval, test_eval, ks, vote="majority")
 
     networks = {"student": r.student}
     networks.update({f"teacher_{t.name}": t for t in r.teachers})
@@ -629,13 +620,12 @@ def _knn_datasets(r):
     """Centre-crop batches of the k-NN memory (--knn_max_train: every n-th example, since
     files are ordered by class and the first n would miss classes) and of the eval split."""
     from kd_keras import augment, data
+    from kd_keras.eval import features
 
     cfg = r.cfg
-    memory = r.train_examples
-    cap = cfg.eval.knn_max_train
-    if cap and cap < r.train_info.num_examples:
-        stride = -(-r.train_info.num_examples // cap)
-        memory = r.train_examples.filter(lambda ex: ex["index"] % stride == 0)
+    memory = features.every_nth_examples(
+        r.train_examples, r.train_info.num_examples, cfg.eval.knn_max_train
+    )
 
     def transform(image):
         return augment.center_crop(image, cfg.data.image_size)
@@ -683,6 +673,12 @@ def export_run(r):
     return {**out.results, "export": path}
 
 
+def _write_results(workdir, results):
+    from kd_keras import checkpointing
+
+    checkpointing.write_json(os.path.join(workdir, RESULTS), results)
+
+
 def _write_done_marker(workdir):
     from kd_keras import checkpointing
 
@@ -695,16 +691,15 @@ def _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_i
     Both sets are bounded by taking every n-th example (files are ordered by class, so the
     first n would miss classes) and use the centre-crop evaluation transform.
     """
-    from kd_keras import augment, callbacks, data, features
+    from kd_keras import augment, callbacks, data
+    from kd_keras.eval import features
 
     if eval_examples is None or not (train_info.has_labels and eval_info.has_labels):
         log.warning("--knn_monitor_every needs labelled train and eval splits; monitor off.")
         return None
 
     def bounded(examples, num, cap):
-        stride = -(-num // cap)
-        if stride > 1:
-            examples = features.select_examples(examples, lambda ex: ex["index"] % stride == 0)
+        examples = features.every_nth_examples(examples, num, cap)
         ds = data.make_eval_dataset(
             examples, lambda im: augment.center_crop(im, cfg.data.image_size), 256
         )
@@ -731,12 +726,6 @@ def _log_knn_to_tensorboard(logdir, knn_results, step):
                 for key, value in metrics.items():
                     tf.summary.scalar(f"{who}/{key}", value, step=step)
     writer.flush()
-
-
-def _write_json(path, obj):
-    from kd_keras import checkpointing
-
-    checkpointing.write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _print_summary(results):

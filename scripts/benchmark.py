@@ -228,7 +228,8 @@ def run_knn(args):
     import numpy as np
     import tensorflow as tf
 
-    from kd_keras import features, knn, train
+    from kd_keras import train
+    from kd_keras.eval import features, knn
 
     cfg = _cfg(args, "simreg", "float32", False)
     keras.utils.set_random_seed(0)

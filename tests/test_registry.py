@@ -130,6 +130,7 @@ def test_an_unknown_method_is_an_error_naming_the_flag(tmp_path):
 
 def test_a_throwaway_method_trains_through_train_with_its_own_flag(tmp_path, toy):
     from kd_keras import export, train
+    from kd_keras.eval import loading
 
     cfg = _parse(
         [
@@ -159,6 +160,10 @@ def test_a_throwaway_method_trains_through_train_with_its_own_flag(tmp_path, toy
     images = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype(np.float32)
     embed = export.load_exported(str(tmp_path / "run" / "export"))
     np.testing.assert_allclose(np.asarray(embed(images)), method.student(images), atol=1e-5)
+    # Evaluation rebuilds the new method from its checkpoint through the registry too.
+    loaded = loading.load_model(str(tmp_path / "run"), from_checkpoint=True)
+    assert "checkpoint of step 1" in loaded.source
+    np.testing.assert_allclose(loaded.backbone(images), method.student(images), atol=1e-5)
 
 
 def test_a_methods_own_flag_is_validated_and_rejected_for_other_methods(tmp_path, toy):

@@ -34,7 +34,7 @@ Adding a method
            validate=validate_foo,          # raises ValueError naming the flag
        ))
 
-   and its module name in `DECLARATIONS` below.
+   (any `kd_keras/methods/*_spec.py` is imported by the registry; nothing else to edit).
 3. A flagfile `flags/foo.cfg`, its tests, its README row.
 
 A method's own flags: `define_flags(flags)` gets the absl `flags` module and defines them
@@ -50,14 +50,17 @@ so no flag is ever silently ignored.
 
 import dataclasses
 import importlib
+import os
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 VIEW_KINDS = ("single", "pair", "multicrop")
 DEFAULT_NAN_HINT = "Try a lower --lr."
 
-# Declaration modules imported (in this order) by the first registry query. A method added
-# by a test or a plug-in may also call `register` itself.
+# Declaration modules imported (in this order, which is --method's) by the first registry
+# query; every other `kd_keras/methods/*_spec.py` is imported after them, by name. A method
+# added by a test or a plug-in may also call `register` itself (`config.register_method`).
 DECLARATIONS = (
     "kd_keras.methods.simreg_spec",
     "kd_keras.methods.supervised_spec",
@@ -203,10 +206,16 @@ def unregister(name):
 
 def _load_declarations():
     global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        for module in DECLARATIONS:
-            importlib.import_module(module)
+    if _LOADED:
+        return
+    _LOADED = True
+    found = sorted(
+        f"{__package__}.{m.name}"
+        for m in pkgutil.iter_modules([os.path.dirname(__file__)])
+        if m.name.endswith("_spec")
+    )
+    for module in (*DECLARATIONS, *(m for m in found if m not in DECLARATIONS)):
+        importlib.import_module(module)
 
 
 def names():
