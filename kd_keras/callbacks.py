@@ -8,6 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_keras import checkpointing
+
 
 class NonFiniteLoss(RuntimeError):
     """Raised when the training loss becomes NaN or infinite."""
@@ -138,10 +140,7 @@ class KNNMonitor(keras.callbacks.Callback):
             entries = [e for e in read_knn_history(self.history_path) if e["epoch"] != done]
             entries.append({"epoch": done, "step": step, **metrics})
             entries.sort(key=lambda e: e["epoch"])
-            tmp = f"{self.history_path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(entries, f, indent=2)
-            os.replace(tmp, self.history_path)
+            checkpointing.write_json(self.history_path, entries)
 
 
 def read_knn_history(path):

@@ -18,8 +18,6 @@ from kd_keras.methods import factory
 config_lib.define_flags()
 
 CLUSTER = config_lib.ClusterConfig(
-    optimizer="lars",
-    final_lr=0.006,
     online_teacher="convnet_tiny",
     small_crop_size=4,
     num_small_crops=2,
@@ -43,7 +41,13 @@ def _cfg(workdir, method, **cluster):
         data=config_lib.DataConfig(image_size=8, shuffle_buffer=256),
         model=config_lib.ModelConfig(student="convnet_tiny"),
         optim=config_lib.OptimConfig(
-            batch_size=32, epochs=2, steps_per_epoch=2, lr=0.6, weight_decay=1e-6
+            batch_size=32,
+            epochs=2,
+            steps_per_epoch=2,
+            lr=0.6,
+            weight_decay=1e-6,
+            optimizer="lars",
+            final_lr=0.006,
         ),
         eval=config_lib.EvalConfig(knn_k=(1, 5), eval_batch_size=128, knn_max_train=300),
         cluster=dataclasses.replace(CLUSTER, **cluster),
@@ -195,7 +199,11 @@ def test_flagfiles_parse(tmp_path):
             3840,
             15,
         )
-        assert (paper.optim.lr, c.final_lr, paper.optim.weight_decay) == (0.6, 0.0006, 1e-6)
+        assert (paper.optim.lr, paper.optim.final_lr, paper.optim.weight_decay) == (
+            0.6,
+            0.0006,
+            1e-6,
+        )
         assert (c.num_small_crops, c.small_crop_size, c.proj_dropout) == (6, 96, (0.1, 0.05))
     finally:
         os.chdir(cwd)

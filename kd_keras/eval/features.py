@@ -68,7 +68,7 @@ def select_examples(examples, predicate):
     """
     from kd_keras import data
 
-    lazy = getattr(examples, data._LAZY_ATTR, None)
+    lazy = data.lazy_source(examples)
     if lazy is not None and {"label", "index"} <= set(lazy.records.element_spec):
         return data._lazy_examples(lazy.records.filter(predicate), lazy.decode)
     return examples.filter(predicate)
@@ -130,7 +130,7 @@ def label_array(examples, num_examples):
     from kd_keras import data
     from kd_keras.eval import EvaluationError
 
-    lazy = getattr(examples, data._LAZY_ATTR, None)
+    lazy = data.lazy_source(examples)
     labels = np.full(num_examples, -1, np.int64)
     source = examples
     if lazy is not None and {"label", "index"} <= set(lazy.records.element_spec):

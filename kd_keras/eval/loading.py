@@ -308,39 +308,30 @@ def _checkpoint_dir(run_dir):
 def _rebuild_method(cfg, run_dir, image_size):
     """(student, un-built method keras.Model) of run `cfg`, ready for its checkpoint's weights.
 
-    The one place evaluation rebuilds a training method (through `kd_keras.train` today, the
-    method registry later). Distillation methods get the run's teachers (they fix the heads'
-    output sizes); `oss_offline` gets its frozen teacher networks (backbone, head, prototypes),
-    loaded from --teacher as training loaded them; the other clustering methods and
-    `supervised` need no teacher.
+    The one place evaluation rebuilds a training method, through the method registry (not
+    `kd_keras.train`): methods with feature teachers get the run's teachers (they fix the
+    heads' output sizes); a method with a `frozen_teacher` (oss_offline: backbone, head and
+    prototypes) has it loaded from --teacher by the registry, as training loaded it; the
+    others need no teacher.
     """
-    from kd_keras import train
+    from kd_keras.methods import registry
 
-    teachers, teacher_networks = [], None
-    if cfg.method == "oss_offline":
-        from kd_keras.methods import factory
-
-        # The run directory stands in for the workdir: a torch: teacher was converted there.
-        local = dataclasses.replace(cfg, workdir=run_dir)
-        teacher_networks = factory.load_clustering_networks(cfg.model.teachers[0], local)
-    elif cfg.method != "supervised" and cfg.method not in config_lib.CLUSTERING_METHODS:
-        teachers = load_run_teachers(run_dir, image_size)
-    student = train.build_student(cfg, image_size)
-    method = train.build_method(
-        cfg,
-        student,
-        teachers,
-        num_classes=_run_num_classes(cfg),
-        teacher_networks=teacher_networks,
-    )
+    spec = registry.get(cfg.method)
+    # The run directory stands in for the workdir: a torch: teacher was converted there.
+    cfg = dataclasses.replace(cfg, workdir=run_dir)
+    teachers = load_run_teachers(run_dir, image_size) if spec.teacher_features else []
+    student = registry.build_student(cfg, image_size)
+    method = registry.build_method(cfg, student, teachers, num_classes=_run_num_classes(cfg))
     return student, method
 
 
 def _run_num_classes(cfg):
     """Classes of a supervised run's training split (its classifier's width); 0 otherwise."""
-    if cfg.method != "supervised":
-        return 0
     from kd_keras import data
+    from kd_keras.methods import registry
+
+    if not registry.get(cfg.method).needs_labels:
+        return 0
 
     _, info = data.load_split(
         cfg.data.dataset,
