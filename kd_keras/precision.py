@@ -122,7 +122,12 @@ XLA_CPU_MIN_IMAGE_SIZE = 64
 
 
 def choose_jit_compile(
-    requested=None, image_size=None, multi_crop=False, gpu_capabilities=None, cpu_flags=None
+    requested=None,
+    image_size=None,
+    multi_crop=False,
+    gpu_capabilities=None,
+    cpu_flags=None,
+    grouped_convs=False,
 ):
     """Whether the train step is XLA-compiled (--jit_compile), and why, for the log.
 
@@ -132,13 +137,17 @@ def choose_jit_compile(
     1.59x faster with XLA (the issue measured 1.33x on an AVX2 CPU), while a 32 px
     student-only step ran 0.90x, and tiny runs would mostly pay XLA's compile time. Multi-crop
     methods (SwAV, OSS: crops of two sizes through the same networks) stay without XLA on a
-    CPU: the OSS step at 2 x 112 + 6 x 48 px ran 0.16x with it there. An explicit
+    CPU: the OSS step at 2 x 112 + 6 x 48 px ran 0.16x with it there. Students with grouped
+    convolutions (the RegNets) also stay without XLA on a CPU: XLA's CPU grouped convolution is
+    slow, and `backbones.GroupedConv2D` falls back to a dense block-diagonal kernel under XLA,
+    which made a RegNetY-600MF step at 32 px 13x slower (4.4 s vs 0.33 s, docs/regnet.md). An explicit
     ``--jit_compile`` / ``--nojit_compile`` always wins.
 
     Args:
       requested: the flag's value, True / False / None.
       image_size: training input side in pixels (None: unknown, treated as large).
       multi_crop: whether the method takes multi-crop batches (swav, oss).
+      grouped_convs: whether the student has grouped convolutions (RegNets).
       gpu_capabilities, cpu_flags: for tests; default the visible GPUs and /proc/cpuinfo.
 
     Returns:
@@ -153,6 +162,8 @@ def choose_jit_compile(
     kind = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
     if multi_crop:
         return False, f"auto: {kind} CPU, multi-crop method (XLA measured slower)"
+    if grouped_convs:
+        return False, f"auto: {kind} CPU, grouped convolutions (XLA measured slower)"
     if image_size is not None and image_size < XLA_CPU_MIN_IMAGE_SIZE:
         return False, f"auto: {kind} CPU, {image_size} px < {XLA_CPU_MIN_IMAGE_SIZE} px"
     return True, f"auto: {kind} CPU, images >= {XLA_CPU_MIN_IMAGE_SIZE} px"

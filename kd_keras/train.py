@@ -472,7 +472,9 @@ def build_model(r):
         r.method = registry.build_method(
             cfg, r.student, r.teachers, r.train_info.num_classes, r.steps_per_epoch
         )
-        jit_compile, why = precision.choose_jit_compile(cfg.jit_compile, size, r.spec.multicrop)
+        jit_compile, why = precision.choose_jit_compile(
+            cfg.jit_compile, size, r.spec.multicrop, grouped_convs=_has_grouped_convs(r.student)
+        )
         log.info("XLA jit_compile=%s (%s)", jit_compile, why)
         r.method.compile(
             optimizer=optimizers.make_optimizer(cfg.optim, r.steps_per_epoch),
@@ -480,6 +482,13 @@ def build_model(r):
         )
         r.method.build((None, size, size, 3))
         checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+
+
+def _has_grouped_convs(model):
+    """Whether `model` holds a grouped convolution (RegNets), which XLA runs slowly on a CPU."""
+    from kd_keras import backbones
+
+    return any(isinstance(layer, backbones.GroupedConv2D) for layer in model._flatten_layers())
 
 
 def make_callbacks(r, extra_callbacks=()):

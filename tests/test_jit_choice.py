@@ -18,3 +18,15 @@ def test_auto_by_device_and_size():
         False,
         "auto: AVX2 CPU, 32 px < 64 px",
     )
+
+
+def test_grouped_conv_students_stay_off_xla_on_cpu_only():
+    from kd_keras import backbones, train
+
+    off, why = precision.choose_jit_compile(None, 112, False, [], {"avx512f"}, grouped_convs=True)
+    assert off is False and "grouped" in why
+    assert precision.choose_jit_compile(None, 112, False, [(8, 0)], set(), grouped_convs=True)[0]
+    assert precision.choose_jit_compile(True, 112, False, [], set(), grouped_convs=True)[0]
+    regnet = backbones.build_regnet("regnety-1.1-8.16-g4-stem8", 32)
+    resnet = backbones.build_backbone("resnet_tiny", 32)
+    assert train._has_grouped_convs(regnet) and not train._has_grouped_convs(resnet)
