@@ -198,3 +198,29 @@ class CompRess(SingleTeacherDistillation):
         loss = self._loss(self(data["student"], training=False), self.teacher_features(data))
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
+
+
+def build_compress(ctx):
+    """Registry builder of --method=compress_1q / compress_2q (`BuildContext` -> CompRess)."""
+    from kd_keras.methods.single_teacher import one_teacher, student_head
+
+    cfg, o = ctx.cfg, ctx.options
+    mode = cfg.method.rsplit("_", 1)[-1]
+    teacher = one_teacher(ctx)
+    head = None
+    if o.compress_student_features == "head":
+        head = student_head(ctx, int(teacher.feature_dim))
+    model = CompRess(
+        ctx.student,
+        teacher,
+        head,
+        mode=mode,
+        bank_size=o.bank_size,
+        temperature=o.compress_temperature,
+        momentum=o.compress_momentum if mode == "2q" else 0.0,
+        seed=cfg.seed,
+        weight_decay=ctx.weight_decay,
+        name=cfg.method,
+    )
+    model.check_batch(cfg.optim.batch_size)
+    return model

@@ -184,3 +184,26 @@ class CRD(SingleTeacherDistillation):
         )
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
+
+
+def build_crd(ctx):
+    """Registry builder of --method=crd (`BuildContext` -> CRD); needs the training-set size."""
+    from kd_keras.methods.single_teacher import one_teacher, student_head
+
+    cfg, o = ctx.cfg, ctx.options
+    num_data = int(getattr(ctx, "num_examples", 0) or 0)
+    if num_data < 1:
+        raise ValueError("--method=crd needs the number of training examples (its memory size).")
+    return CRD(
+        ctx.student,
+        one_teacher(ctx),
+        student_head(ctx, o.crd_feature_dim),
+        num_data,
+        feature_dim=o.crd_feature_dim,
+        num_negatives=o.crd_num_negatives,
+        temperature=o.crd_temperature,
+        momentum=o.crd_momentum,
+        seed=cfg.seed,
+        weight_decay=ctx.weight_decay,
+        name="crd",
+    )

@@ -117,3 +117,24 @@ class SEED(SingleTeacherDistillation):
         loss = self._loss(self(data["student"], training=False), self.teacher_features(data))
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
+
+
+def build_seed(ctx):
+    """Registry builder of --method=seed (`BuildContext` -> SEED)."""
+    from kd_keras.methods.single_teacher import one_teacher, student_head
+
+    cfg, o = ctx.cfg, ctx.options
+    teacher = one_teacher(ctx)
+    model = SEED(
+        ctx.student,
+        teacher,
+        student_head(ctx, int(teacher.feature_dim)),
+        queue_size=o.queue_size,
+        student_temperature=o.seed_student_temperature,
+        teacher_temperature=o.seed_teacher_temperature,
+        seed=cfg.seed,
+        weight_decay=ctx.weight_decay,
+        name="seed",
+    )
+    model.check_batch(cfg.optim.batch_size)
+    return model

@@ -86,3 +86,28 @@ def global_mean(x):
     if context is None or num_replicas() == 1:
         return x
     return context.all_reduce(tf.distribute.ReduceOp.MEAN, x)
+
+
+def one_teacher(ctx):
+    """The single teacher of a registry `BuildContext` (these methods distil one)."""
+    if len(ctx.teachers) != 1:
+        raise ValueError(
+            f"--method={ctx.cfg.method} distils exactly one teacher; got {len(ctx.teachers)} "
+            "--teacher."
+        )
+    return ctx.teachers[0]
+
+
+def student_head(ctx, out_dim, name="head"):
+    """The `--head` (linear / mlp2 / mlp4, `--head_hidden_dims`) from the student to out_dim."""
+    from kd_keras import heads
+
+    cfg = ctx.cfg
+    return heads.prediction_head(
+        ctx.student.output_shape[-1],
+        out_dim,
+        cfg.model.head,
+        hidden_dims=cfg.model.head_hidden_dims,
+        sync_bn=cfg.sync_bn,
+        name=name,
+    )
