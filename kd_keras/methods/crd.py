@@ -191,14 +191,11 @@ def build_crd(ctx):
     from kd_keras.methods.single_teacher import one_teacher, student_head
 
     cfg, o = ctx.cfg, ctx.options
-    num_data = int(getattr(ctx, "num_examples", 0) or 0)
-    if num_data < 1:
-        raise ValueError("--method=crd needs the number of training examples (its memory size).")
     return CRD(
         ctx.student,
         one_teacher(ctx),
         student_head(ctx, o.crd_feature_dim),
-        num_data,
+        training_examples(cfg),
         feature_dim=o.crd_feature_dim,
         num_negatives=o.crd_num_negatives,
         temperature=o.crd_temperature,
@@ -207,3 +204,22 @@ def build_crd(ctx):
         weight_decay=ctx.weight_decay,
         name="crd",
     )
+
+
+def training_examples(cfg):
+    """N, the size of --train_split: CRD's memories hold one row per training example.
+
+    Read from the split itself (image folders are listed, TFDS reads its metadata), so a
+    method rebuilt from a checkpoint for evaluation gets the same memory shape as training.
+    """
+    from kd_keras import data
+
+    _, info = data.load_split(
+        cfg.data.dataset,
+        cfg.data.train_split,
+        data_dir=cfg.data.data_dir,
+        image_size_hint=cfg.data.image_size,
+        download=cfg.data.download,
+        verify=False,
+    )
+    return int(info.num_examples)
