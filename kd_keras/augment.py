@@ -14,14 +14,16 @@ import numbers
 
 import tensorflow as tf
 
+from kd_keras import choices
+
 # ITU-R BT.601 luma weights; they sum to one, so a grey image stays in [0, 1].
 _LUMA = (0.299, 0.587, 0.114)
 
 # torchvision's RandomResizedCrop tries this many candidate boxes before falling back.
 _CROP_ATTEMPTS = 10
 
-VIEW_KINDS = ("weak", "strong", "none")
-VIEW_MODES = ("same", "different")
+VIEW_KINDS = choices.AUGMENTATIONS
+VIEW_MODES = choices.AUG_MODES
 
 
 # --------------------------------------------------------------------------------------------

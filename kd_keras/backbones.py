@@ -14,18 +14,22 @@ Names and feature sizes m (`FEATURE_DIMS`):
   resnet_small         256    BasicBlock, [1,1,1,1], widths 32/64/128/256 (quick CPU teachers)
   resnet_tiny          64     BasicBlock, [1,1,1,1], widths 8/16/32/64, small stem (tests, CI)
   convnet_tiny         64     3 x (conv3x3/2 BN ReLU), widths 16/32/64 (tests, CI)
+  regnety600mf         608    RegNetY-600MF (pycls), torchvision RegNet layout, widths
+                              48/112/256/608, depths 1/3/7/4, group width 16, SE 0.25
 
 Stable layer names, for `model.get_layer(name).output`:
-  ResNets: "stem" (output of the stem), "stage1".."stage4" (output of each stage).
+  ResNets, RegNets: "stem" (output of the stem), "stage1".."stage4" (output of each stage).
   convnet_tiny: "stage1".."stage3".
   All backbones: "images" (the input), "input_normalization", "features" (the pooled output).
 The keras.applications backbones keep their own inner layer names (no "stageN" layers).
 """
 
 import dataclasses
+import itertools
 import re
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 FEATURE_DIMS = {
@@ -37,6 +41,7 @@ FEATURE_DIMS = {
     "resnet_small": 256,
     "resnet_tiny": 64,
     "convnet_tiny": 64,
+    "regnety600mf": 608,
 }
 BACKBONE_NAMES = tuple(FEATURE_DIMS)
 
@@ -81,6 +86,7 @@ _NATIVE_NORMS = {
     "resnet_small": "imagenet",
     "resnet_tiny": "imagenet",
     "convnet_tiny": "imagenet",
+    "regnety600mf": "imagenet",
     "mobilenetv2": "minus_one_one",
     "efficientnetb0": "unit",
 }
@@ -171,6 +177,63 @@ class InputNormalization(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def _in_xla_context():
+    """Whether the op being traced is XLA-compiled (a jit_compile=True tf.function)."""
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # not the TensorFlow backend, or TF moved the helper: assume not
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _block_diagonal(kernel, groups):
+    """The dense [k, k, C_in, C_out] kernel equal to a grouped [k, k, C_in / G, C_out] one."""
+    kh, kw, cin_g, cout = kernel.shape
+    cout_g = cout // groups
+    blocks = ops.reshape(kernel, (kh, kw, cin_g, groups, cout_g))
+    eye = ops.eye(groups, dtype=kernel.dtype)
+    dense = ops.einsum("hwiao,ab->hwaibo", blocks, eye)
+    return ops.reshape(dense, (kh, kw, groups * cin_g, cout))
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class GroupedConv2D(layers.Conv2D):
+    """`keras.layers.Conv2D(groups=G)` with a TensorFlow op chosen for speed (same weights).
+
+    Keras' TensorFlow backend compiles every grouped convolution with XLA ("broken on CPU
+    without XLA", true of old TF). In TF 2.21 the CPU kernel computes grouped convolutions and
+    their gradients correctly (tests/test_regnet.py checks it against a block-diagonal dense
+    conv), and XLA's CPU grouped convolution is very slow: a 256-channel, group-width-16 3x3
+    conv at batch 32, 4 x 4 px took 455 ms forward + backward under XLA against 6 ms with TF's
+    kernel (docs/regnet.md). So this layer calls the op directly; inside an XLA-compiled step
+    on a machine without a GPU it runs the equivalent dense conv with a block-diagonal kernel
+    (G times the FLOPs, 28 ms there), which XLA's CPU backend does well. On GPUs the grouped op
+    is used as it is (cuDNN), with or without XLA.
+
+    Input/output as Conv2D ([B, H, W, C_in] -> [B, H', W', filters], channels_last only); the
+    kernel is [kh, kw, C_in / groups, filters], so checkpoints and the converter see a Conv2D.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if keras.backend.backend() != "tensorflow" or self.groups == 1:
+            return super().convolution_op(inputs, kernel)
+        import tensorflow as tf
+
+        if self.data_format != "channels_last":
+            raise ValueError("GroupedConv2D supports channels_last only.")
+        if _in_xla_context() and not tf.config.list_logical_devices("GPU"):
+            kernel = _block_diagonal(kernel, self.groups)
+        return tf.nn.convolution(
+            inputs,
+            kernel,
+            strides=list(self.strides),
+            padding=self.padding.upper(),
+            dilations=list(self.dilation_rate),
+            data_format="NHWC",
+        )
+
+
 def batch_norm(
     name=None, sync_bn=False, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, axis=-1, **kwargs
 ):
@@ -204,8 +267,12 @@ def conv_initializer():
     )
 
 
-def _conv(x, filters, kernel, stride, name):
-    """Bias-free conv with torchvision's symmetric padding (kernel // 2 on every side)."""
+def _conv(x, filters, kernel, stride, name, groups=1):
+    """Bias-free conv with torchvision's symmetric padding (kernel // 2 on every side).
+
+    groups > 1: grouped conv (`GroupedConv2D`, kernel [k, k, C_in / groups, filters]); channel
+    groups are contiguous, as in torch, so torch kernels transpose onto it directly.
+    """
     pad = kernel // 2
     if stride > 1 and pad > 0:
         # Keras' "same" pads stride-2 convs asymmetrically (more at the bottom/right), which
@@ -214,11 +281,13 @@ def _conv(x, filters, kernel, stride, name):
         padding = "valid"
     else:
         padding = "same"
-    return layers.Conv2D(
+    conv = GroupedConv2D if groups > 1 else layers.Conv2D
+    return conv(
         filters,
         kernel,
         strides=stride,
         padding=padding,
+        groups=groups,
         use_bias=False,
         kernel_initializer=conv_initializer(),
         name=name,
@@ -346,9 +415,10 @@ def _validate(name, image_size, small_stem, norm, sync_bn, bn_momentum, bn_epsil
         )
     if small_stem not in (None, True, False):
         raise ValueError(f"small_stem must be None (auto), True or False, got {small_stem!r}.")
-    if small_stem and name not in _RESNET_SPECS:
+    if small_stem and name not in _RESNET_SPECS and name not in _STUDENT_REGNETS:
         raise ValueError(
-            f"small_stem=True applies to ResNets only; {name!r} has no replaceable stem."
+            f"small_stem=True applies to ResNets and RegNets only; {name!r} has no replaceable "
+            "stem."
         )
     if norm not in NORMS:
         raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
@@ -378,9 +448,10 @@ def build_backbone(
     Args:
       name: one of `BACKBONE_NAMES`.
       image_size: int S, side of the square input in pixels (fixed in the model's input shape).
-      small_stem: ResNets only. True: CIFAR stem (conv3x3/1 + BN + ReLU, no max-pool); False:
-        ImageNet stem (conv7x7/2 + BN + ReLU + maxpool3x3/2); None: True iff S <= 64.
-        resnet_tiny uses the small stem unless small_stem=False. Must not be True for the others.
+      small_stem: ResNets and RegNets only. True: CIFAR stem (conv3x3/1 + BN + ReLU, no
+        max-pool); False: ImageNet stem (ResNets: conv7x7/2 + BN + ReLU + maxpool3x3/2; RegNets:
+        conv3x3/2 + BN + ReLU); None: True iff S <= 64. resnet_tiny uses the small stem unless
+        small_stem=False. Must not be True for the others.
       norm: "imagenet", "unit", "minus_one_one" or "native" (see `resolve_norm`); applied by the
         model's first layer, an `InputNormalization`.
       sync_bn: bool, synchronized BatchNorm across tf.distribute replicas.
@@ -392,7 +463,8 @@ def build_backbone(
         Layer names are not prefixed, so get_layer("stage3") works for every model.
       any_input_size: accept images of any side (input shape [B, None, None, 3]), as SwAV's
         multi-crop needs (224 and 96 px crops through one network); `image_size` then only
-        chooses the stem. ResNets and convnet_tiny only (the keras.applications nets fix it).
+        chooses the stem. ResNets, RegNets and convnet_tiny only (the keras.applications nets
+        fix it).
 
     Returns:
       A functional keras.Model with input "images" float32 [B, S, S, 3] and output "features"
@@ -404,18 +476,21 @@ def build_backbone(
     def bn(layer_name):
         return batch_norm(layer_name, sync_bn=sync_bn, momentum=bn_momentum, epsilon=bn_epsilon)
 
-    if any_input_size and name not in _RESNET_SPECS and name != "convnet_tiny":
+    if any_input_size and name not in (*_RESNET_SPECS, *_STUDENT_REGNETS, "convnet_tiny"):
         raise ValueError(
-            f"{name} cannot take images of several sizes (multi-crop); use a ResNet or "
-            "convnet_tiny."
+            f"{name} cannot take images of several sizes (multi-crop); use a ResNet, a RegNet "
+            "or convnet_tiny."
         )
     side = None if any_input_size else image_size
     images = keras.Input(shape=(side, side, 3), dtype="float32", name="images")
     x = InputNormalization(mode, name="input_normalization")(images)
-    if name in _RESNET_SPECS:
+    if name in _RESNET_SPECS or name in _STUDENT_REGNETS:
         if small_stem is None:
             small_stem = name == "resnet_tiny" or image_size <= SMALL_STEM_MAX_SIZE
-        x = _resnet_features(x, name, small_stem, bn)
+        if name in _RESNET_SPECS:
+            x = _resnet_features(x, name, small_stem, bn)
+        else:
+            x = _regnet_features(x, REGNET_ARCHS[name], small_stem, bn)
     elif name == "convnet_tiny":
         x = _convnet_tiny_features(x, bn)
     else:
@@ -598,3 +673,279 @@ def build_resnet(
     features = layers.GlobalAveragePooling2D(name="features")(x)
     model_name = name or (arch if isinstance(arch, str) else "resnet")
     return keras.Model(images, features, name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
+
+
+# ----------------------------------------------------------------------------------------------
+# RegNets (Radosavovic et al., 2020, "Designing Network Design Spaces"), in torchvision's layout
+# (torchvision.models.regnet): a stem conv3x3/2, stages of Y blocks (1x1 conv, grouped 3x3 conv
+# carrying the stride, squeeze-excitation, 1x1 conv; a projection shortcut where the shape
+# changes), global average pool. Every stage halves the resolution, the first one included.
+
+REGNET_ROUNDINGS = ("pycls", "torchvision")
+
+
+def regnet_stages(
+    depth, w0, wa, wm, group_width, bottleneck_ratio=1.0, quantum=8, rounding="pycls"
+):
+    """Per-stage widths, depths and group widths of a RegNet from its design-space parameters.
+
+    The paper's procedure (Sec. 3.3; pycls `generate_regnet` and `adjust_ws_gs_comp`): block j
+    of `depth` gets the linear width u_j = w0 + wa * j, which is snapped to the geometric
+    sequence w0 * wm^s_j with s_j = round(log(u_j / w0) / log(wm)) and quantised to a multiple
+    of `quantum`; consecutive blocks of equal width form a stage. Then each stage's bottleneck
+    width w * b is made a multiple of its group width g' = min(group_width, w * b).
+
+    Args:
+      depth: number of blocks d (int >= 1).
+      w0: initial width (> 0, a multiple of `quantum`); wa: slope (>= 0); wm: multiplier (> 1).
+      group_width: group width g of the 3x3 convs.
+      bottleneck_ratio: b, bottleneck width / block width (1 for RegNetX/Y).
+      quantum: widths are multiples of this (8 in the paper).
+      rounding: how the bottleneck width is rounded to a multiple of g': "pycls"
+        (round(w / g') * g', Python's round-half-to-even) or "torchvision" (its
+        `_make_divisible`: half rounds up, never below 90 %). They differ only on an exact half,
+        e.g. torchvision's RegNetY-800MF has a last stage of 784 channels, pycls' 768.
+
+    Returns:
+      (widths, depths, group_widths), tuples of ints, one entry per stage.
+
+    Raises:
+      ValueError for parameters outside the design space.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"RegNet depth must be an int >= 1, got {depth!r}.")
+    if not (w0 > 0 and w0 % quantum == 0 and wa >= 0 and wm > 1 and group_width >= 1):
+        raise ValueError(
+            f"RegNet parameters out of range: need w0 > 0 a multiple of {quantum}, wa >= 0, "
+            f"wm > 1, group width >= 1; got w0={w0}, wa={wa}, wm={wm}, g={group_width}."
+        )
+    if rounding not in REGNET_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {REGNET_ROUNDINGS}, got {rounding!r}.")
+    linear = w0 + wa * np.arange(depth)
+    exponents = np.round(np.log(linear / w0) / np.log(wm))
+    block_widths = (np.round(w0 * np.power(wm, exponents) / quantum) * quantum).astype(int)
+    widths, depths = [], []
+    for width, run in itertools.groupby(block_widths.tolist()):
+        widths.append(width)
+        depths.append(len(list(run)))
+    group_widths, adjusted = [], []
+    for width in widths:
+        bottleneck = int(width * bottleneck_ratio)
+        g = min(group_width, bottleneck)
+        bottleneck = _round_to_multiple(bottleneck, g, rounding)
+        group_widths.append(g)
+        adjusted.append(int(bottleneck / bottleneck_ratio))
+    return tuple(adjusted), tuple(depths), tuple(group_widths)
+
+
+def _round_to_multiple(value, divisor, rounding):
+    if rounding == "pycls":
+        return int(round(value / divisor) * divisor)
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+@dataclasses.dataclass(frozen=True)
+class RegNetSpec:
+    """The shape of a torchvision-layout RegNet (one entry per stage in the tuples).
+
+    Attributes:
+      depths: blocks per stage.
+      widths: output width of each stage's blocks.
+      group_widths: channels per group of each stage's grouped 3x3 conv.
+      bottleneck_ratio: the inner (bottleneck) width is round(width * ratio).
+      se_ratio: squeeze-excitation squeeze width = round(se_ratio * block input width), as in
+        pycls and torchvision (the block's input, not its bottleneck); None: no SE (RegNetX).
+      stem: stem width (32 in every published RegNet).
+    """
+
+    depths: tuple
+    widths: tuple
+    group_widths: tuple
+    bottleneck_ratio: float = 1.0
+    se_ratio: float | None = 0.25
+    stem: int = 32
+
+    def __post_init__(self):
+        n = len(self.depths)
+        if n < 1 or len(self.widths) != n or len(self.group_widths) != n:
+            raise ValueError(
+                f"a RegNet needs as many depths, widths and group widths as stages, got "
+                f"depths {self.depths} widths {self.widths} group widths {self.group_widths}."
+            )
+        if min(self.depths) < 1 or min(self.widths) < 1 or min(self.group_widths) < 1:
+            raise ValueError(f"RegNet sizes must be positive, got {self}.")
+        if self.stem < 1 or self.bottleneck_ratio <= 0:
+            raise ValueError(f"RegNet stem and bottleneck ratio must be positive, got {self}.")
+        if self.se_ratio is not None and not 0 < self.se_ratio <= 1:
+            raise ValueError(f"RegNet se_ratio must be in (0, 1] or None, got {self.se_ratio}.")
+        for width, g in zip(self.bottleneck_widths, self.group_widths, strict=True):
+            if width % g:
+                raise ValueError(
+                    f"RegNet bottleneck width {width} is not a multiple of its group width {g}."
+                )
+
+    @property
+    def bottleneck_widths(self):
+        return tuple(int(round(w * self.bottleneck_ratio)) for w in self.widths)
+
+    @property
+    def feature_dim(self):
+        return self.widths[-1]
+
+
+# name -> (depth, w0, wa, wm, group width, rounding): the published RegNetY configurations
+# (pycls configs/dds_baselines/regnety; torchvision.models.regnet_y_*). All have b = 1,
+# SE ratio 0.25 and a 32-wide stem. 600MF is pycls' (torchvision has none); 400MF and 800MF
+# are torchvision's, whose rounding gives 800MF a 784-wide last stage (pycls: 768), so that
+# torchvision's checkpoints convert.
+_REGNETY_DESIGNS = {
+    "regnety400mf": (16, 48, 27.89, 2.09, 8, "torchvision"),
+    "regnety600mf": (15, 48, 32.54, 2.32, 16, "pycls"),
+    "regnety800mf": (14, 56, 38.84, 2.4, 16, "torchvision"),
+}
+
+
+def _regnety(depth, w0, wa, wm, group_width, rounding):
+    widths, depths, groups = regnet_stages(depth, w0, wa, wm, group_width, rounding=rounding)
+    return RegNetSpec(depths, widths, groups)
+
+
+REGNET_ARCHS = {name: _regnety(*design) for name, design in _REGNETY_DESIGNS.items()}
+# Students (names of build_backbone); the other RegNets are converter architectures.
+_STUDENT_REGNETS = ("regnety600mf",)
+_REGNET_PATTERN = re.compile(r"regnety-(\d+(?:\.\d+)*)-(\d+(?:\.\d+)*)-g(\d+)(?:-stem(\d+))?$")
+REGNET_ARCH_HELP = (
+    f"one of {tuple(REGNET_ARCHS)} or regnety-<d1>.<d2>...-<w1>.<w2>...-g<g>[-stem<s>] "
+    "(blocks and width per stage, group width g, capped at the stage width; SE 0.25, b = 1, "
+    "stem 32 unless given)"
+)
+
+ALL_ARCH_HELP = f"{ARCH_HELP}; or {REGNET_ARCH_HELP}"
+
+
+def parse_regnet_arch(arch):
+    """The `RegNetSpec` of a name of `REGNET_ARCHS` or of the explicit form
+    regnety-<depths>-<widths>-g<g>[-stem<s>], e.g. "regnety-1.2-8.16-g4-stem8".
+
+    Raises:
+      ValueError naming the string and what is accepted.
+    """
+    if arch in REGNET_ARCHS:
+        return REGNET_ARCHS[arch]
+    match = _REGNET_PATTERN.match(arch or "")
+    if not match:
+        raise ValueError(f"unknown RegNet architecture {arch!r}; use {REGNET_ARCH_HELP}.")
+    depths = tuple(int(n) for n in match.group(1).split("."))
+    widths = tuple(int(n) for n in match.group(2).split("."))
+    if len(depths) != len(widths):
+        raise ValueError(f"{arch!r}: {len(depths)} stage depths but {len(widths)} stage widths.")
+    group = int(match.group(3))
+    stem = int(match.group(4)) if match.group(4) else 32
+    try:
+        return RegNetSpec(depths, widths, tuple(min(group, w) for w in widths), stem=stem)
+    except ValueError as err:
+        raise ValueError(f"{arch!r}: {err}") from err
+
+
+def parse_arch(arch):
+    """`RegNetSpec` for RegNet strings ("regnet..."), else `ResNetSpec` (see the two parsers).
+
+    Raises:
+      ValueError naming the string and every accepted form.
+    """
+    if (arch or "").startswith("regnet"):
+        return parse_regnet_arch(arch)
+    try:
+        return parse_resnet_arch(arch)
+    except ValueError:
+        raise ValueError(f"unknown architecture {arch!r}; use {ALL_ARCH_HELP}.") from None
+
+
+def _squeeze_excite(x, squeeze, name):
+    """x * sigmoid(fc2(relu(fc1(mean over H, W of x)))); torchvision.ops.SqueezeExcitation."""
+    init = conv_initializer()
+    s = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(x)
+    s = layers.Conv2D(squeeze, 1, kernel_initializer=init, name=f"{name}_se_fc1")(s)
+    s = layers.ReLU(name=f"{name}_se_relu")(s)
+    s = layers.Conv2D(x.shape[-1], 1, kernel_initializer=init, name=f"{name}_se_fc2")(s)
+    s = layers.Activation("sigmoid", name=f"{name}_se_gate")(s)
+    return layers.Multiply(name=f"{name}_se_scale")([x, s])
+
+
+def _regnet_block(x, width, stride, group_width, spec, name, out_name, bn):
+    """One Y block (torchvision's ResBottleneckBlock): [B, H, W, C] -> [B, H/stride, W/s, width]."""
+    width_in = x.shape[-1]
+    inner = int(round(width * spec.bottleneck_ratio))
+    shortcut = x
+    if stride != 1 or width_in != width:
+        shortcut = _conv(x, width, 1, stride, f"{name}_proj_conv")
+        shortcut = bn(f"{name}_proj_bn")(shortcut)
+    y = _conv(x, inner, 1, 1, f"{name}_a_conv")
+    y = bn(f"{name}_a_bn")(y)
+    y = layers.ReLU(name=f"{name}_a_relu")(y)
+    y = _conv(y, inner, 3, stride, f"{name}_b_conv", groups=inner // group_width)
+    y = bn(f"{name}_b_bn")(y)
+    y = layers.ReLU(name=f"{name}_b_relu")(y)
+    if spec.se_ratio:
+        y = _squeeze_excite(y, int(round(spec.se_ratio * width_in)), name)
+    y = _conv(y, width, 1, 1, f"{name}_c_conv")
+    y = bn(f"{name}_c_bn")(y)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=out_name)(y)
+
+
+def _regnet_features(x, spec, small_stem, bn):
+    """The RegNet trunk of `spec` grown on `x` ([B, H, W, 3] -> [B, H/32, W/32, widths[-1]]).
+
+    small_stem: the stem conv runs at stride 1 (pycls' CIFAR stem, ResStemCifar), so 32 px
+    images reach the last stage at 2 x 2 instead of 1 x 1.
+    """
+    x = _conv(x, spec.stem, 3, 1 if small_stem else 2, "stem_conv")
+    x = bn("stem_bn")(x)
+    x = layers.ReLU(name="stem")(x)
+    stages = zip(spec.depths, spec.widths, spec.group_widths, strict=True)
+    for s, (depth, width, group_width) in enumerate(stages, start=1):
+        for b in range(depth):
+            out_name = f"stage{s}" if b == depth - 1 else f"stage{s}_block{b}_out"
+            x = _regnet_block(
+                x, width, 2 if b == 0 else 1, group_width, spec, f"stage{s}_block{b}", out_name, bn
+            )
+    return x
+
+
+def build_regnet(
+    arch, image_size=224, norm="imagenet", small_stem=False, any_input_size=False, name=None
+):
+    """A RegNet: images [B, S, S, 3] in [0, 1] -> features [B, spec.feature_dim].
+
+    Args:
+      arch: `RegNetSpec` or architecture string (see `parse_regnet_arch`).
+      image_size: side S (ignored with any_input_size except for the input signature).
+      norm: one of `NORM_MODES`, applied by the first layer.
+      small_stem: stem conv at stride 1 (for 32 px images) instead of 2.
+      any_input_size: input shape [B, None, None, 3].
+      name: model name (default: the arch string).
+
+    Returns:
+      keras.Model "images" -> "features", BN momentum/eps = torch's; layer names "stem",
+      "stage1".."stageN" as the ResNets', convertible from torchvision (layouts.py).
+    """
+    spec = parse_regnet_arch(arch) if isinstance(arch, str) else arch
+    if norm not in NORM_MODES:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORM_MODES}.")
+    side = None if any_input_size else int(image_size)
+    images = keras.Input(shape=(side, side, 3), dtype="float32", name="images")
+    x = InputNormalization(norm, name="input_normalization")(images)
+    x = _regnet_features(x, spec, bool(small_stem), batch_norm)
+    features = layers.GlobalAveragePooling2D(name="features")(x)
+    model_name = name or (arch if isinstance(arch, str) else "regnet")
+    return keras.Model(images, features, name=re.sub(r"[^A-Za-z0-9_]", "_", model_name))
+
+
+def build_arch(spec, image_size=224, norm="imagenet", max_pool="torch", **kwargs):
+    """`build_resnet` for a `ResNetSpec`, `build_regnet` for a `RegNetSpec` (which has no
+    max-pool: `max_pool` is ignored)."""
+    if isinstance(spec, RegNetSpec):
+        return build_regnet(spec, image_size, norm, **kwargs)
+    return build_resnet(spec, image_size, norm, max_pool, **kwargs)

@@ -36,7 +36,7 @@ def resolve_teacher_specs(specs, workdir, image_size):
     for i, raw in enumerate(specs):
         spec = teachers_lib.parse_teacher_spec(raw, i)
         if spec.kind == "recipe":
-            run_dir = os.path.join(workdir or "", f"teacher_{spec.recipe}")
+            run_dir = teachers_lib.recipe_dir(workdir or "", spec.recipe)
             if not workdir or not os.path.isfile(os.path.join(run_dir, train.DONE_MARKER)):
                 raise ValueError(
                     f"--teacher={raw}: a recipe teacher must be trained first; give the --workdir "
@@ -50,9 +50,13 @@ def resolve_teacher_specs(specs, workdir, image_size):
 
 
 def run(cache_cfg, workdir=None):
-    """Writes the caches described by a `config.CacheConfig`; returns their directories."""
+    """Writes the caches described by a `config.CacheConfig`; returns their directories.
+
+    `workdir` (default: `cache_cfg.workdir`) is the run whose recipe teachers are cached.
+    """
     from kd_keras import data, teacher_cache
 
+    workdir = workdir or cache_cfg.workdir
     teachers = resolve_teacher_specs(cache_cfg.teachers, workdir, cache_cfg.data.image_size)
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
@@ -96,7 +100,7 @@ def main(argv):
 
     cli.quiet_logging()
     with cli.one_line_errors("kd_keras.cache_teacher", (ValueError, FileNotFoundError)):
-        run(config_lib.cache_config_from_flags(flags.FLAGS), workdir=flags.FLAGS.workdir)
+        run(config_lib.cache_config_from_flags(flags.FLAGS))
 
 
 if __name__ == "__main__":

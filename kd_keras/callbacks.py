@@ -8,6 +8,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_keras import checkpointing
+
 
 class NonFiniteLoss(RuntimeError):
     """Raised when the training loss becomes NaN or infinite."""
@@ -81,7 +83,7 @@ class KNNMonitor(keras.callbacks.Callback):
 
     After each `every`-th epoch (epoch numbers as Keras counts them, so a resumed run continues
     the same schedule), features of a bounded labelled memory and query set are extracted
-    with `embed_model` (training=False) and classified with `kd_keras.knn.knn_accuracy`
+    with `embed_model` (training=False) and classified with `kd_keras.eval.knn.knn_accuracy`
     (cosine, majority vote). Scalars go to TensorBoard under `logdir` (tags
     "knn_monitor/knn_top1_k{k}", step = epoch number, 1-based), and every measurement is
     appended to the JSON file `history_path` as {"epoch", "step", metrics...}, replacing an
@@ -113,7 +115,7 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def measure(self):
         """k-NN metrics of the current weights: {"knn_top1_k{k}": float, ...}."""
-        from kd_keras import features, knn
+        from kd_keras.eval import features, knn
 
         xtr, ytr = features.extract_features(self.embed_model, self.train_dataset)
         xte, yte = features.extract_features(self.embed_model, self.test_dataset)
@@ -138,10 +140,7 @@ class KNNMonitor(keras.callbacks.Callback):
             entries = [e for e in read_knn_history(self.history_path) if e["epoch"] != done]
             entries.append({"epoch": done, "step": step, **metrics})
             entries.sort(key=lambda e: e["epoch"])
-            tmp = f"{self.history_path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(entries, f, indent=2)
-            os.replace(tmp, self.history_path)
+            checkpointing.write_json(self.history_path, entries)
 
 
 def read_knn_history(path):

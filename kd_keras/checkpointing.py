@@ -87,6 +87,21 @@ def write_atomic(path, text):
         ) from err
 
 
+
+def write_json(path, obj, indent=2):
+    """Writes `obj` as JSON to `path` atomically (see `write_atomic`: old or new file, never a
+    part).
+
+    Args:
+      path: file to (re)place.
+      obj: anything `json.dumps` accepts.
+      indent: JSON indentation (2, as every kd_keras results/manifest file).
+    Raises:
+      TypeError: `obj` is not JSON-serialisable (nothing is written).
+      CheckpointWriteError: the write failed (`path` untouched).
+    """
+    write_atomic(path, json.dumps(obj, indent=indent))
+
 def checkpoint_bytes(model):
     """The `.weights.h5` file `model.save_weights` would write, as bytes (built in memory)."""
     buffer = io.BytesIO()

@@ -22,22 +22,26 @@ import sys
 
 from absl import flags
 
-METHODS = ("simreg", "regress", "regress_bn", "supervised", "swav", "oss", "oss_offline")
+from kd_keras import choices
+from kd_keras.methods import registry
+
+# The --method choices and their properties come from the method registry (TF-free).
+METHODS = registry.names()
 # Methods trained on multi-crop views with online clustering (SwAV and OSS).
-CLUSTERING_METHODS = ("swav", "oss", "oss_offline")
+CLUSTERING_METHODS = registry.where(lambda spec: spec.multicrop)
 # Methods that need --teacher.
-TEACHER_METHODS = ("simreg", "regress", "regress_bn", "oss_offline")
-OPTIMIZERS = ("sgd", "lars")
+TEACHER_METHODS = registry.where(lambda spec: spec.needs_teacher)
+# Methods whose train step can take cached teacher features instead of running the teachers.
+CACHE_METHODS = registry.where(lambda spec: spec.can_cache_teacher)
+OPTIMIZERS = choices.OPTIMIZERS
 DROPOUT_POSITIONS = ("output", "input")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-AUGMENTATIONS = ("weak", "strong", "none")
-AUG_MODES = ("same", "different")
-HEADS = ("linear", "mlp2", "mlp4")
+AUGMENTATIONS = choices.AUGMENTATIONS
+AUG_MODES = choices.AUG_MODES
+HEADS = choices.HEADS
 NORMS = ("imagenet", "unit", "minus_one_one", "native")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = choices.SCHEDULES
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-# Methods whose train step can take cached teacher features instead of running the teachers.
-CACHE_METHODS = ("simreg", "regress", "regress_bn")
 
 FLAGS = flags.FLAGS
 
@@ -135,13 +139,49 @@ def check_finite_floats(flag_values=FLAGS):
             raise ValueError(f"--{name} must be a finite number, got {value}.")
 
 
+def register_method(spec):
+    """Registers a method after the flags exist (plug-ins, tests): adds it to --method's
+    choices and defines its own flags. Declarations listed in `registry.DECLARATIONS` need
+    no call: `define_flags` reads them."""
+    registry.register(spec)
+    if "method" not in FLAGS:
+        return spec
+    choices = FLAGS["method"].parser.enum_values
+    if spec.name not in choices:
+        choices.append(spec.name)
+    own = spec.own_flags()
+    if spec.define_flags is not None and not all(name in FLAGS for name in own):
+        spec.define_flags(flags)
+    return spec
+
+
 def define_flags():
     """Defines kd_keras' flags once (idempotent, so tests may call it repeatedly)."""
     if "method" in FLAGS:
         return
-    # Run.
+    _define_run_flags()
+    _define_data_flags()
+    _define_network_flags()
+    _define_optim_flags()
+    _define_speed_flags()
+    _define_cluster_flags()
+    _define_eval_flags()
+    # Each method's own flags (see kd_keras.methods.registry).
+    for spec in registry.specs():
+        if spec.define_flags is not None:
+            spec.define_flags(flags)
+
+
+def _define_run_flags():
+    """Run: workdir, method, seed, strategy, saving, logging."""
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results, export.")
-    flags.DEFINE_enum("method", "simreg", METHODS, "Training method.")
+    flags.DEFINE_enum(
+        "method",
+        "simreg",
+        METHODS,
+        "Training method: "
+        + "; ".join(f"{s.name}: {s.summary}" for s in registry.specs() if s.summary),
+    )
     flags.DEFINE_integer("seed", 0, "Global seed (weights, shuffling, augmentation).")
     flags.DEFINE_enum(
         "strategy",
@@ -173,7 +213,10 @@ def define_flags():
     )
     flags.DEFINE_integer("log_images", 4, "Augmented views written to TensorBoard (0 = none).")
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0 silent, 1 progress bar, 2 line).")
-    # Data.
+
+
+def _define_data_flags():
+    """Data and augmentation."""
     flags.DEFINE_string(
         "dataset",
         "digits",
@@ -208,7 +251,10 @@ def define_flags():
         "Keep tf.data's parallel maps in order (batches identical run to run); false lets "
         "them emit elements as they finish (faster; each view is still keyed by its example).",
     )
-    # Networks.
+
+
+def _define_network_flags():
+    """Student, teachers and the prediction head."""
     flags.DEFINE_string("student", "resnet18", "Student backbone name.")
     flags.DEFINE_enum("student_norm", "imagenet", NORMS, "Input normalisation of the student.")
     flags.DEFINE_enum(
@@ -230,7 +276,10 @@ def define_flags():
     flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
     flags.DEFINE_enum("head", "mlp4", HEADS, "SimReg prediction head.")
     flags.DEFINE_list("head_hidden_dims", None, "Override hidden sizes of the head.")
-    # Optimisation (SimReg B.3 defaults).
+
+
+def _define_optim_flags():
+    """Optimisation (SimReg B.3 defaults), for every method."""
     flags.DEFINE_integer("batch_size", 256, "Global batch size (split across replicas).")
     flags.DEFINE_integer("epochs", 130, "Training epochs.")
     flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch; default: examples // batch.")
@@ -242,7 +291,26 @@ def define_flags():
     flags.DEFINE_float(
         "weight_decay", 1e-4, "L2 weight decay added to the gradient (PyTorch SGD semantics)."
     )
-    # Speed: precision, XLA, cached teacher features.
+    # Optimiser choice, for every method (SwAV / OSS use LARS with a cosine to --final_lr).
+    flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "sgd: momentum SGD; lars: SwAV's LARS.")
+    flags.DEFINE_float(
+        "final_lr",
+        0.0,
+        "Learning rate at the end of the cosine (batch 256, see --lr_scaling); "
+        "--schedule=cosine only.",
+    )
+    flags.DEFINE_float(
+        "lars_trust", 0.001, "LARS trust coefficient (SwAV: 0.001); --optimizer=lars."
+    )
+    flags.DEFINE_bool(
+        "lars_exclude_bn_bias",
+        False,
+        "LARS: plain SGD (no adaptation, no decay) for BN/bias; --optimizer=lars.",
+    )
+
+
+def _define_speed_flags():
+    """Speed: precision, XLA, cached teacher features."""
     flags.DEFINE_enum(
         "precision",
         "float32",
@@ -270,16 +338,10 @@ def define_flags():
         "or give the parent directory of per-teacher caches): the teachers are not run during "
         "training; each view is replayed from (seed, example, epoch mod E).",
     )
-    # Optimiser choice (SwAV / OSS use LARS with a cosine to --final_lr).
-    flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "sgd: momentum SGD; lars: SwAV's LARS.")
-    flags.DEFINE_float(
-        "final_lr", 0.0, "Learning rate at the end of the cosine (batch 256, see --lr_scaling)."
-    )
-    flags.DEFINE_float("lars_trust", 0.001, "LARS trust coefficient (SwAV: 0.001).")
-    flags.DEFINE_bool(
-        "lars_exclude_bn_bias", False, "LARS: plain SGD (no adaptation, no decay) for BN/bias."
-    )
-    # Online clustering: SwAV and OSS (paper 000, appendix A.1 / A.8).
+
+
+def _define_cluster_flags():
+    """Online clustering: SwAV and OSS (paper 000, appendix A.1 / A.8)."""
     flags.DEFINE_string("online_teacher", "resnet50", "--method=oss: the teacher backbone.")
     flags.DEFINE_enum(
         "export_network", "student", ["student", "teacher"], "--method=oss: which one to export."
@@ -315,7 +377,10 @@ def define_flags():
         "freeze_prototypes_steps", 0, "The prototypes get no update before this step."
     )
     flags.DEFINE_integer("classifier_hidden", 100, "OSS feature classifier hidden width.")
-    # Evaluation.
+
+
+def _define_eval_flags():
+    """The k-NN evaluation and monitor."""
     flags.DEFINE_list("knn_k", ["1", "20"], "k values of the k-NN evaluation.")
     flags.DEFINE_integer("eval_batch_size", 256, "Batch size of feature extraction.")
     flags.DEFINE_integer(
@@ -379,6 +444,10 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"
+    final_lr: float = 0.0
+    lars_trust: float = 0.001
+    lars_exclude_bn_bias: bool = False
 
     def scaled_lr(self):
         """Peak learning rate for the global batch (linear scaling rule from batch 256)."""
@@ -401,10 +470,6 @@ class EvalConfig:
 class ClusterConfig:
     """SwAV / OSS settings (defaults: OSS appendix A.1)."""
 
-    optimizer: str = "sgd"
-    final_lr: float = 0.0
-    lars_trust: float = 0.001
-    lars_exclude_bn_bias: bool = False
     online_teacher: str = "resnet50"
     export_network: str = "student"
     small_crop_size: int = 96
@@ -451,16 +516,26 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    # The method's own flags ({flag name: value}, see registry.MethodSpec.options).
+    method_options: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    @property
+    def spec(self):
+        """The `registry.MethodSpec` of `method` (ValueError naming --method if unknown)."""
+        return registry.get(self.method)
+
+    def options(self):
+        """The method's own options dataclass (None for a method without own flags)."""
+        return self.spec.make_options(self.method_options)
+
     def save(self, path):
         """Writes the resolved configuration as JSON (atomically)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        from kd_keras import checkpointing  # not at the top: config imports no TensorFlow
+
+        checkpointing.write_atomic(path, self.to_json() + "\n")
 
 
 def _positive(name, value, allow_none=False):
@@ -479,17 +554,79 @@ def _int_list(name, values):
         ) from err
 
 
+class _Values(dict):
+    """{flag name: value} readable as attributes too (`v.lr`), like absl's FlagValues;
+    `defaults` holds each flag's own default."""
+
+    __getattr__ = dict.__getitem__
+
+    def changed(self, name):
+        """Whether flag `name` differs from its default (given, or the method's default)."""
+        return self[name] != self.defaults[name]
+
+
+def _effective_values(fv, spec):
+    """Every flag's value, with the method's `flag_defaults` for flags given nowhere."""
+    values = _Values(fv.flag_values_dict())
+    values.defaults = {name: fl.default for name, fl in fv._flags().items()}
+    for name, value in spec.flag_defaults.items():
+        if name not in fv:
+            raise ValueError(f"--method={spec.name}: flag_defaults names no flag --{name}.")
+        if not fv[name].present:
+            values[name] = value
+    return values
+
+
+def _section(cls, values, **parsed):
+    """The dataclass `cls` with every field from the flag of the same name, or `parsed`."""
+    return cls(
+        **{
+            f.name: parsed[f.name] if f.name in parsed else values[f.name]
+            for f in dataclasses.fields(cls)
+        }
+    )
+
+
 def config_from_flags(flag_values=FLAGS):
     """Builds and validates a `Config` from parsed flags.
 
     Raises:
-      ValueError: naming the flag, for missing or impossible values.
+      ValueError: naming the flag, for missing or impossible values, and for flags that the
+        chosen method, optimizer or schedule would not use.
     """
     fv = flag_values
     check_finite_floats(fv)
     if not fv.workdir:
         raise ValueError("--workdir is required: the run directory for checkpoints and results.")
-    save_freq = fv.save_freq
+    spec = registry.get(fv.method)
+    v = _effective_values(fv, spec)
+    save_freq = _check_run_flags(v)
+    _check_optim_flags(v)
+    knn_k = _int_list("knn_k", v.knn_k)
+    if any(k < 1 for k in knn_k):
+        raise ValueError(f"--knn_k values must be >= 1, got {knn_k}.")
+    cfg = Config(
+        workdir=os.path.abspath(os.path.expanduser(v.workdir)),
+        save_freq=save_freq,
+        data=_section(DataConfig, v),
+        model=_model_config(v),
+        optim=_section(OptimConfig, v),
+        eval=_section(EvalConfig, v, knn_k=knn_k),
+        cluster=_cluster_config(v),
+        method_options={name: v[name] for name in spec.own_flags()},
+        **{
+            f.name: v[f.name]
+            for f in dataclasses.fields(Config)
+            if f.name not in _SECTIONS and f.name not in ("workdir", "save_freq", "method_options")
+        },
+    )
+    check_method_flags(cfg, spec, v)
+    return cfg
+
+
+def _check_run_flags(v):
+    """Checks the run / data / evaluation numbers; returns the parsed --save_freq."""
+    save_freq = v.save_freq
     if save_freq != "epoch":
         try:
             save_freq = int(save_freq)
@@ -498,113 +635,136 @@ def config_from_flags(flag_values=FLAGS):
                 f"--save_freq must be 'epoch' or an integer, got {save_freq!r}."
             ) from err
         _positive("save_freq", save_freq)
-    _positive("multi_worker_timeout", fv.multi_worker_timeout)
-    if fv.worker_restarts < 0:
-        raise ValueError(f"--worker_restarts must be >= 0, got {fv.worker_restarts}.")
+    _positive("multi_worker_timeout", v.multi_worker_timeout)
+    if v.worker_restarts < 0:
+        raise ValueError(f"--worker_restarts must be >= 0, got {v.worker_restarts}.")
     for name in ("batch_size", "epochs", "image_size", "eval_batch_size", "shuffle_buffer"):
-        _positive(name, fv[name].value)
+        _positive(name, v[name])
     for name in ("steps_per_epoch", "knn_max_train"):
-        _positive(name, fv[name].value, allow_none=True)
-    if fv.knn_monitor_every < 0:
-        raise ValueError(f"--knn_monitor_every must be >= 0, got {fv.knn_monitor_every}.")
+        _positive(name, v[name], allow_none=True)
+    if v.knn_monitor_every < 0:
+        raise ValueError(f"--knn_monitor_every must be >= 0, got {v.knn_monitor_every}.")
     for name in ("knn_monitor_max_train", "knn_monitor_max_test"):
-        _positive(name, fv[name].value)
-    if fv.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {fv.lr}.")
-    if not 0.0 < fv.crop_scale_min <= 1.0:
-        raise ValueError(f"--crop_scale_min must be in (0, 1], got {fv.crop_scale_min}.")
-    if not 0.0 <= fv.momentum < 1.0:
-        raise ValueError(f"--momentum must be in [0, 1), got {fv.momentum}.")
-    if fv.weight_decay < 0:
-        raise ValueError(f"--weight_decay must be >= 0, got {fv.weight_decay}.")
-    if fv.warmup_epochs < 0 or fv.warmup_epochs >= fv.epochs:
+        _positive(name, v[name])
+    if not 0.0 < v.crop_scale_min <= 1.0:
+        raise ValueError(f"--crop_scale_min must be in (0, 1], got {v.crop_scale_min}.")
+    return save_freq
+
+
+def _check_optim_flags(v):
+    """Checks the optimisation numbers and that each given optimizer flag is used."""
+    if v.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {v.lr}.")
+    if not 0.0 <= v.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {v.momentum}.")
+    if v.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be >= 0, got {v.weight_decay}.")
+    if v.warmup_epochs < 0 or v.warmup_epochs >= v.epochs:
         raise ValueError(
-            f"--warmup_epochs must be in [0, --epochs={fv.epochs}), got {fv.warmup_epochs}."
+            f"--warmup_epochs must be in [0, --epochs={v.epochs}), got {v.warmup_epochs}."
         )
-    knn_k = _int_list("knn_k", fv.knn_k)
-    if any(k < 1 for k in knn_k):
-        raise ValueError(f"--knn_k values must be >= 1, got {knn_k}.")
+    if v.final_lr < 0 or v.final_lr > v.lr:
+        raise ValueError(f"--final_lr must be in [0, --lr={v.lr}], got {v.final_lr}.")
+    if v.lars_trust <= 0:
+        raise ValueError(f"--lars_trust must be positive, got {v.lars_trust}.")
+    if v.schedule == "constant":
+        for name in ("final_lr", "warmup_epochs"):
+            if v[name]:
+                raise ValueError(
+                    f"--{name}={v[name]} has no effect with --schedule=constant; drop it or "
+                    "use --schedule=cosine."
+                )
+    if v.optimizer != "lars":
+        for name in ("lars_trust", "lars_exclude_bn_bias"):
+            if v.changed(name):
+                raise ValueError(
+                    f"--{name}={v[name]} applies to --optimizer=lars, got "
+                    f"--optimizer={v.optimizer}."
+                )
+
+
+def _model_config(v):
     hidden = None
-    if fv.head_hidden_dims:
-        hidden = _int_list("head_hidden_dims", fv.head_hidden_dims)
-    teachers = tuple(fv.teacher)
-    cluster = _cluster_config(fv)
-    if fv.method in TEACHER_METHODS and not teachers:
-        raise ValueError(f"--method={fv.method} distils a teacher: give at least one --teacher.")
-    if fv.method in ("regress", "regress_bn") and fv.head != "linear":
-        raise ValueError(
-            f"--method={fv.method} is a baseline with a linear head; set --head=linear "
-            f"(got --head={fv.head})."
-        )
-    teacher_caches = tuple(os.path.abspath(os.path.expanduser(p)) for p in fv.teacher_cache)
-    if teacher_caches and fv.method not in CACHE_METHODS:
-        raise ValueError(
-            f"--teacher_cache works with --method in {CACHE_METHODS}, got --method={fv.method}."
-        )
-    small_stem = {"auto": None, "true": True, "false": False}[fv.small_stem]
-    return Config(
-        workdir=os.path.abspath(os.path.expanduser(fv.workdir)),
-        method=fv.method,
-        seed=fv.seed,
-        strategy=fv.strategy,
-        sync_bn=fv.sync_bn,
-        export=fv.export,
-        evaluate=fv.evaluate,
-        save_freq=save_freq,
-        multi_worker_timeout=fv.multi_worker_timeout,
-        worker_restarts=fv.worker_restarts,
-        log_images=fv.log_images,
-        verbose=fv.verbose,
-        precision=fv.precision,
-        jit_compile=fv.jit_compile,
-        op_determinism=fv.op_determinism,
-        data=DataConfig(
-            dataset=fv.dataset,
-            data_dir=fv.data_dir,
-            download=fv.download,
-            train_split=fv.train_split,
-            eval_split=fv.eval_split,
-            image_size=fv.image_size,
-            augment=fv.augment,
-            aug_mode=fv.aug_mode,
-            crop_scale_min=fv.crop_scale_min,
-            shuffle_buffer=fv.shuffle_buffer,
-            cache_decoded=fv.cache_decoded,
-            deterministic=fv.deterministic,
-        ),
-        model=ModelConfig(
-            student=fv.student,
-            student_norm=fv.student_norm,
-            small_stem=small_stem,
-            teachers=teachers,
-            teacher_recipe_backbone=fv.teacher_recipe_backbone,
-            teacher_recipe_epochs=fv.teacher_recipe_epochs,
-            teacher_recipe_lr=fv.teacher_recipe_lr,
-            head=fv.head,
-            head_hidden_dims=hidden,
-            teacher_caches=teacher_caches,
-        ),
-        optim=OptimConfig(
-            batch_size=fv.batch_size,
-            epochs=fv.epochs,
-            steps_per_epoch=fv.steps_per_epoch,
-            lr=fv.lr,
-            lr_scaling=fv.lr_scaling,
-            schedule=fv.schedule,
-            warmup_epochs=fv.warmup_epochs,
-            momentum=fv.momentum,
-            weight_decay=fv.weight_decay,
-        ),
-        eval=EvalConfig(
-            knn_k=knn_k,
-            eval_batch_size=fv.eval_batch_size,
-            knn_max_train=fv.knn_max_train,
-            knn_monitor_every=fv.knn_monitor_every,
-            knn_monitor_max_train=fv.knn_monitor_max_train,
-            knn_monitor_max_test=fv.knn_monitor_max_test,
-        ),
-        cluster=cluster,
+    if v.head_hidden_dims:
+        hidden = _int_list("head_hidden_dims", v.head_hidden_dims)
+    return _section(
+        ModelConfig,
+        v,
+        small_stem={"auto": None, "true": True, "false": False}[v.small_stem],
+        teachers=tuple(v.teacher),
+        head_hidden_dims=hidden,
+        teacher_caches=tuple(os.path.abspath(os.path.expanduser(p)) for p in v.teacher_cache),
     )
+
+
+def _applies_to(flag, methods, method):
+    return ValueError(f"--{flag} applies to --method in {methods}, got --method={method}.")
+
+
+def check_method_flags(cfg, spec, values=None):
+    """Rejects flags `spec`'s method cannot use, then runs the method's own `validate`.
+
+    Args:
+      cfg: the built `Config`.
+      spec: its `registry.MethodSpec`.
+      values: the effective flag values ({name: value}); None skips the checks of flags
+        against their defaults (a `Config` built in code).
+    Raises:
+      ValueError: naming the flag.
+    """
+    m = cfg.method
+    if spec.needs_teacher and not cfg.model.teachers:
+        raise ValueError(f"--method={m} distils a teacher: give at least one --teacher.")
+    if cfg.model.teachers and not spec.needs_teacher:
+        raise _applies_to("teacher", TEACHER_METHODS, m)
+    if cfg.model.teacher_caches and not spec.can_cache_teacher:
+        raise ValueError(
+            f"--teacher_cache works with --method in {CACHE_METHODS}, got --method={m}."
+        )
+    if cfg.optim.optimizer not in spec.optimizers:
+        raise ValueError(
+            f"--optimizer={cfg.optim.optimizer}: --method={m} trains with {spec.optimizers}."
+        )
+    if spec.views == "single" and cfg.data.aug_mode != "same":
+        raise ValueError(
+            f"--aug_mode={cfg.data.aug_mode} needs two views; --method={m} trains on one."
+        )
+    if values is not None:
+        _check_unused_defaults(cfg, spec, values)
+    if spec.validate is not None:
+        spec.validate(cfg)
+
+
+def _check_unused_defaults(cfg, spec, values):
+    """Flags of one kind of method given (away from their default) for another kind."""
+    m = cfg.method
+    changed = values.changed
+    unused = []
+    if spec.multicrop:
+        unused += [n for n in ("augment", "aug_mode", "crop_scale_min")]
+    else:
+        unused += [f.name for f in dataclasses.fields(ClusterConfig)]
+    if not spec.teacher_features:
+        unused += ["head", "head_hidden_dims"]
+    for name in unused:
+        if changed(name):
+            users = (
+                CLUSTERING_METHODS
+                if name in _CLUSTER_FLAGS
+                else (
+                    registry.where(lambda s: s.teacher_features)
+                    if name.startswith("head")
+                    else registry.where(lambda s: not s.multicrop)
+                )
+            )
+            raise _applies_to(name, users, m)
+    for other in registry.specs():
+        if other.name == m:
+            continue
+        for name in other.own_flags():
+            if name not in spec.own_flags() and changed(name):
+                users = registry.where(lambda s, n=name: n in s.own_flags())
+                raise _applies_to(name, users, m)
 
 
 def _float_pair(name, values, lower=0.0, upper=None):
@@ -619,8 +779,9 @@ def _float_pair(name, values, lower=0.0, upper=None):
     return pair
 
 
-def _cluster_config(fv):
-    """Validates the SwAV / OSS flags (checked for every method, so typos surface early)."""
+def _cluster_config(v):
+    """Validates the SwAV / OSS values (checked for every method, so typos surface early;
+    the checks that need the method are `clustering_spec.validate_clustering`)."""
     for name in (
         "small_crop_size",
         "num_large_crops",
@@ -630,85 +791,74 @@ def _cluster_config(fv):
         "sinkhorn_iters",
         "classifier_hidden",
     ):
-        _positive(name, fv[name].value)
+        _positive(name, v[name])
     for name in ("num_small_crops", "queue_length", "queue_start_epoch", "freeze_prototypes_steps"):
-        if fv[name].value < 0:
-            raise ValueError(f"--{name} must be >= 0, got {fv[name].value}.")
-    if fv.method in CLUSTERING_METHODS and fv.num_large_crops != 2:
-        raise ValueError(
-            f"--num_large_crops must be 2 for --method={fv.method} (codes come from the two "
-            f"large crops), got {fv.num_large_crops}."
-        )
-    if fv.method in CLUSTERING_METHODS and fv.small_crop_size > fv.image_size:
-        raise ValueError(
-            f"--small_crop_size={fv.small_crop_size} is larger than the large crops "
-            f"(--image_size={fv.image_size})."
-        )
+        if v[name] < 0:
+            raise ValueError(f"--{name} must be >= 0, got {v[name]}.")
     try:
-        dropout = tuple(float(v) for v in fv.proj_dropout)
+        dropout = tuple(float(r) for r in v.proj_dropout)
     except ValueError as err:
-        raise ValueError(f"--proj_dropout must be two rates, got {fv.proj_dropout}.") from err
+        raise ValueError(f"--proj_dropout must be two rates, got {v.proj_dropout}.") from err
     if len(dropout) != 2 or not all(0.0 <= r < 1.0 for r in dropout):
-        raise ValueError(f"--proj_dropout rates must be in [0, 1), got {fv.proj_dropout}.")
-    if fv.color_strength < 0 or not 0.0 <= fv.blur_prob <= 1.0:
+        raise ValueError(f"--proj_dropout rates must be in [0, 1), got {v.proj_dropout}.")
+    if v.color_strength < 0 or not 0.0 <= v.blur_prob <= 1.0:
         raise ValueError(
             f"--color_strength must be >= 0 and --blur_prob in [0, 1], got "
-            f"{fv.color_strength} and {fv.blur_prob}."
+            f"{v.color_strength} and {v.blur_prob}."
         )
-    if fv.temperature <= 0 or fv.sinkhorn_epsilon <= 0:
+    if v.temperature <= 0 or v.sinkhorn_epsilon <= 0:
         raise ValueError("--temperature and --sinkhorn_epsilon must be positive.")
-    if fv.final_lr < 0 or fv.final_lr > fv.lr:
-        raise ValueError(f"--final_lr must be in [0, --lr={fv.lr}], got {fv.final_lr}.")
-    if fv.lars_trust <= 0:
-        raise ValueError(f"--lars_trust must be positive, got {fv.lars_trust}.")
-    if fv.queue_length and fv.method in CLUSTERING_METHODS and fv.queue_length % fv.batch_size:
-        raise ValueError(
-            f"--queue_length={fv.queue_length} must be a multiple of the global "
-            f"--batch_size={fv.batch_size} (OSS: 3840 = 15 x 256)."
-        )
-    # Every field has a flag of the same name; these are parsed from strings first.
-    parsed = {
-        "large_crop_scale": _float_pair("large_crop_scale", fv.large_crop_scale, upper=1.0),
-        "small_crop_scale": _float_pair("small_crop_scale", fv.small_crop_scale, upper=1.0),
-        "proj_dropout": dropout,
-    }
-    return ClusterConfig(
-        **{
-            f.name: parsed[f.name] if f.name in parsed else fv[f.name].value
-            for f in dataclasses.fields(ClusterConfig)
-        }
+    return _section(
+        ClusterConfig,
+        v,
+        large_crop_scale=_float_pair("large_crop_scale", v.large_crop_scale, upper=1.0),
+        small_crop_scale=_float_pair("small_crop_scale", v.small_crop_scale, upper=1.0),
+        proj_dropout=dropout,
     )
 
 
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "eval": EvalConfig,
+    "cluster": ClusterConfig,
+}
+_CLUSTER_FLAGS = frozenset(f.name for f in dataclasses.fields(ClusterConfig))
+
+
 def config_from_json(path):
-    """Reads a `Config` written by `Config.save` (e.g. from a previous run directory)."""
+    """Reads a `Config` written by `Config.save` (e.g. from a previous run directory).
+
+    Runs written before the optimizer flags applied to every method kept --optimizer,
+    --final_lr and --lars_* in their "cluster" section; they are read into "optim".
+    """
     with open(path) as f:
         raw = json.load(f)
-    sections = {
-        "data": DataConfig,
-        "model": ModelConfig,
-        "optim": OptimConfig,
-        "eval": EvalConfig,
-        "cluster": ClusterConfig,
-    }
+    for key in [k for k in raw.get("cluster", {}) if k in _field_names(OptimConfig)]:
+        raw.setdefault("optim", {})[key] = raw["cluster"].pop(key)
     kwargs = {}
     for key, value in raw.items():
-        if key in sections:
-            fields = {f.name for f in dataclasses.fields(sections[key])}
+        if key in _SECTIONS:
+            fields = _field_names(_SECTIONS[key])
             value = {
                 k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items() if k in fields
             }
-            kwargs[key] = sections[key](**value)
+            kwargs[key] = _SECTIONS[key](**value)
         else:
             kwargs[key] = value
     return Config(**kwargs)
 
 
+def _field_names(cls):
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation command line (python -m kd_keras.evaluate).
 
-EVAL_PROTOCOLS = ("knn", "linear", "finetune1", "finetune10", "mse_cos")
-KNN_VOTES = ("majority", "weighted")
+EVAL_PROTOCOLS = ("knn", "linear", "finetune1", "finetune10", "mse_cos", "transfer")
+KNN_VOTES = choices.KNN_VOTES
 LINEAR_PRESETS = ("simreg", "swav")
 LINEAR_PATHS = ("cached", "augmented")
 
@@ -770,6 +920,51 @@ def define_evaluate_flags():
     flags.DEFINE_integer(
         "projector_examples", 256, "Labelled test examples for TensorBoard's projector (0 = off)."
     )
+    _define_transfer_flags()
+
+
+# SimReg B.4's weight decays, 10^-10 .. 10^-2 (kd_keras.eval.transfer.B4_WEIGHT_DECAYS).
+TRANSFER_WEIGHT_DECAYS = tuple(10.0**e for e in range(-10, -1))
+
+
+def _define_transfer_flags():
+    """Flags of --protocols=transfer (kd_keras.eval.transfer; docs/transfer.md)."""
+    flags.DEFINE_string(
+        "transfer_data",
+        None,
+        "--protocols=transfer: the other dataset, an image folder root/<split>/<class>/*.jpg "
+        "('folder:/path' or a directory), 'tfds:NAME' prepared on disk, or 'digits'.",
+    )
+    flags.DEFINE_string("transfer_data_dir", None, "TFDS data directory of --transfer_data.")
+    flags.DEFINE_string("transfer_train_split", "train", "Training split of --transfer_data.")
+    flags.DEFINE_string(
+        "transfer_val_split",
+        "auto",
+        "Validation split of the grid search: a split name; 'auto' (the dataset's own "
+        "val/validation split when it has one other than the test split, else a seeded "
+        "stratified part of train); 'from_train' (always that part of train).",
+    )
+    flags.DEFINE_string("transfer_test_split", "test", "Split of --transfer_data scored.")
+    flags.DEFINE_float(
+        "transfer_val_fraction", 0.2, "Part of train held out for validation when it is split."
+    )
+    flags.DEFINE_list(
+        "transfer_weight_decays",
+        [f"{v:g}" for v in TRANSFER_WEIGHT_DECAYS],
+        "Weight decays searched (scikit-learn C = 1 / (wd * n)); default SimReg B.4's grid.",
+    )
+    flags.DEFINE_integer("transfer_max_iter", 1000, "L-BFGS iterations per fit at most.")
+    flags.DEFINE_integer(
+        "transfer_blas_threads",
+        1,
+        "BLAS threads of the classifier fits: 1 is fastest for small feature matrices and on "
+        "a busy machine; 0 = the library default (all cores), for large ones.",
+    )
+    flags.DEFINE_integer(
+        "transfer_max_examples",
+        None,
+        "At most this many examples per split of --transfer_data (every n-th).",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -803,6 +998,16 @@ class EvaluateConfig:
     eval_dir: str | None = None
     from_checkpoint: bool = False
     projector_examples: int = 256
+    transfer_data: str | None = None
+    transfer_data_dir: str | None = None
+    transfer_train_split: str = "train"
+    transfer_val_split: str = "auto"
+    transfer_test_split: str = "test"
+    transfer_val_fraction: float = 0.2
+    transfer_weight_decays: tuple[float, ...] = TRANSFER_WEIGHT_DECAYS
+    transfer_max_iter: int = 1000
+    transfer_blas_threads: int = 1
+    transfer_max_examples: int | None = None
 
 
 def evaluate_config_from_flags(flag_values=FLAGS):
@@ -843,6 +1048,7 @@ def evaluate_config_from_flags(flag_values=FLAGS):
     image_size = given("image_size")
     if image_size is not None:
         _positive("image_size", image_size)
+    transfer = _transfer_settings(fv, protocols)
     return EvaluateConfig(
         model=os.path.abspath(os.path.expanduser(fv.model)),
         protocols=protocols,
@@ -867,6 +1073,65 @@ def evaluate_config_from_flags(flag_values=FLAGS):
         eval_dir=os.path.abspath(os.path.expanduser(fv.eval_dir)) if fv.eval_dir else None,
         from_checkpoint=fv.from_checkpoint,
         projector_examples=fv.projector_examples,
+        **transfer,
+    )
+
+
+def _transfer_settings(fv, protocols):
+    """The transfer_* fields of `EvaluateConfig`, validated; ValueError naming the flag."""
+    if "transfer" in protocols and not fv.transfer_data:
+        raise ValueError(
+            "--transfer_data is required by --protocols=transfer: an image folder, "
+            "'tfds:NAME' or 'digits'."
+        )
+    try:
+        decays = tuple(float(v) for v in fv.transfer_weight_decays)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"--transfer_weight_decays must be a list of numbers, got {fv.transfer_weight_decays}."
+        ) from err
+    if not decays or not all(math.isfinite(v) and v > 0 for v in decays):
+        raise ValueError(
+            f"--transfer_weight_decays must be positive numbers, got {fv.transfer_weight_decays}."
+        )
+    if not 0.0 < fv.transfer_val_fraction < 1.0:
+        raise ValueError(
+            f"--transfer_val_fraction must be in (0, 1), got {fv.transfer_val_fraction}."
+        )
+    _positive("transfer_max_iter", fv.transfer_max_iter)
+    if fv.transfer_blas_threads < 0:
+        raise ValueError(
+            f"--transfer_blas_threads must be >= 0 (0: all cores), got {fv.transfer_blas_threads}."
+        )
+    _positive("transfer_max_examples", fv.transfer_max_examples, allow_none=True)
+    splits = {}
+    for name in ("transfer_train_split", "transfer_val_split", "transfer_test_split"):
+        splits[name] = fv[name].value.strip()
+        if not splits[name]:
+            raise ValueError(f"--{name} must not be empty.")
+    if splits["transfer_train_split"] == splits["transfer_test_split"]:
+        raise ValueError(
+            f"--transfer_test_split={splits['transfer_test_split']} is the training split; "
+            "the classifier would be scored on its own training data."
+        )
+    val = splits["transfer_val_split"]
+    if val in (splits["transfer_train_split"], splits["transfer_test_split"]):
+        raise ValueError(
+            f"--transfer_val_split={val} is also the train or test split; name another split, "
+            "'auto' or 'from_train'."
+        )
+    data = fv.transfer_data
+    if data and not (data == "digits" or data.startswith(("tfds:", "folder:"))):
+        data = os.path.abspath(os.path.expanduser(data))
+    return dict(
+        transfer_data=data or None,
+        transfer_data_dir=fv.transfer_data_dir,
+        transfer_val_fraction=fv.transfer_val_fraction,
+        transfer_weight_decays=decays,
+        transfer_max_iter=fv.transfer_max_iter,
+        transfer_blas_threads=fv.transfer_blas_threads,
+        transfer_max_examples=fv.transfer_max_examples,
+        **splits,
     )
 
 
@@ -892,7 +1157,10 @@ def define_cache_flags():
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """What `kd_keras.cache_teacher` writes: the views of `data` and `seed` for `epochs`."""
+    """What `kd_keras.cache_teacher` writes: the views of `data` and `seed` for `epochs`.
+
+    `workdir` is the training run whose `recipe:` teachers are cached (None: no recipes).
+    """
 
     cache_dir: str
     teachers: tuple[str, ...]
@@ -901,6 +1169,7 @@ class CacheConfig:
     batch_size: int = 256
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    workdir: str | None = None
 
 
 def cache_config_from_flags(flag_values=FLAGS):
@@ -926,18 +1195,15 @@ def cache_config_from_flags(flag_values=FLAGS):
         shard_size=fv.cache_shard_size,
         batch_size=fv.cache_batch_size,
         seed=fv.seed,
-        data=DataConfig(
-            dataset=fv.dataset,
-            data_dir=fv.data_dir,
-            download=fv.download,
-            train_split=fv.train_split,
-            image_size=fv.image_size,
-            augment=fv.augment,
-            aug_mode=fv.aug_mode,
-            crop_scale_min=fv.crop_scale_min,
-            cache_decoded=fv.cache_decoded,
-            deterministic=fv.deterministic,
+        # The views are the training run's: every data flag except the evaluation split and
+        # the shuffle buffer (caches are written in file order).
+        data=_section(
+            DataConfig,
+            fv.flag_values_dict(),
+            eval_split=None,
+            shuffle_buffer=DataConfig.shuffle_buffer,
         ),
+        workdir=fv.workdir,
     )
 
 

@@ -75,6 +75,8 @@ class _Assignment:
 def _backbone_plan(model, spec, layout, prefix):
     simclr = layout.key_style == "simclr"
     names = layouts.simclr_keys(spec) if simclr else None
+    regnet = isinstance(spec, backbones.RegNetSpec)
+    torch_key = layouts.torchvision_regnet_key if regnet else layouts.torchvision_key
     plan = []
     for layer in model.layers:
         if not layer.weights:
@@ -84,7 +86,7 @@ def _backbone_plan(model, spec, layout, prefix):
             if simclr:
                 key, transform = names[(layer.name, wname)], "none"
             else:
-                key = layouts.torchvision_key(layer.name, wname)
+                key = torch_key(layer.name, wname)
                 transform = "conv" if wname == "kernel" else "none"
             plan.append(_Assignment(weight, weight.path, prefix + key, transform))
     return plan
@@ -237,11 +239,14 @@ def convert(cfg):
             f"--layout={layout.name} does not apply to a {source.format} checkpoint "
             f"({source.path})."
         )
+    family = _family(spec)
+    if family == "regnet" and layout.key_style == "simclr":
+        raise ValueError(f"--arch={cfg.arch}: SimCLR checkpoints hold ResNets, not RegNets.")
     container, state = layouts.choose_container(source, layout)
-    prefix = layouts.choose_prefix(state, layout)
+    prefix = layouts.choose_prefix(state, layout, family)
     norm = layout.norm if cfg.norm in (None, "layout") else cfg.norm
 
-    model = backbones.build_resnet(
+    model = backbones.build_arch(
         spec, norm=norm, max_pool=layout.max_pool, any_input_size=True, name=_model_name(cfg)
     )
     plan = _backbone_plan(model, spec, layout, prefix)
@@ -271,9 +276,13 @@ def convert(cfg):
 
 def _parse_arch(arch):
     try:
-        return backbones.parse_resnet_arch(arch)
+        return backbones.parse_arch(arch)
     except ValueError as err:
         raise ValueError(f"--arch: {err}") from err
+
+
+def _family(spec):
+    return "regnet" if isinstance(spec, backbones.RegNetSpec) else "resnet"
 
 
 def _model_name(cfg):
@@ -344,7 +353,7 @@ def _manifest(cfg, source, layout, container, spec, norm, plan, skipped):
         "layout": layout.name,
         "layout_description": layout.description,
         "arch": cfg.arch,
-        "resnet": {
+        _family(spec): {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()
         },
         "feature_dim": spec.feature_dim,
@@ -354,7 +363,8 @@ def _manifest(cfg, source, layout, container, spec, norm, plan, skipped):
             "std": list(backbones.IMAGENET_STD) if norm == "imagenet" else None,
             "input": "float32 RGB images in [0, 1]; normalised by the model's first layer",
         },
-        "max_pool": layout.max_pool,
+        # RegNets have no max-pool.
+        "max_pool": layout.max_pool if _family(spec) == "resnet" else None,
         "bn_epsilon": backbones.BN_EPSILON,
         "mapping": {item.key: item.path for item in plan},
         "skipped": skipped,
@@ -431,7 +441,7 @@ def define_flags():
         "Checkpoint to convert: .pth/.pth.tar (torch zip or legacy), .safetensors, or a TF "
         "checkpoint prefix/directory.",
     )
-    flags.DEFINE_string("arch", "resnet50", f"Architecture: {backbones.ARCH_HELP}.")
+    flags.DEFINE_string("arch", "resnet50", f"Architecture: {backbones.ALL_ARCH_HELP}.")
     flags.DEFINE_string("out", None, "Output directory (must not exist unless --overwrite).")
     flags.DEFINE_string(
         "layout", None, f"Checkpoint layout, one of {layouts.LAYOUT_NAMES} (default: detect)."

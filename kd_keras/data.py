@@ -50,6 +50,7 @@ DIGITS_DEFAULT_SIZE = 32
 # Name of the attribute through which load_split hands make_train_dataset the undecoded
 # records of a split, so shuffling happens on file names / encoded bytes, not on decoded
 # float images (a 10k-element buffer of decoded ImageNet images would need tens of GB).
+# Read it through `lazy_source`.
 _LAZY_ATTR = "_kd_keras_lazy_source"
 
 # Constant folded into the per-epoch shuffle seed so that shuffle order and view seeds are
@@ -88,7 +89,7 @@ class SplitInfo:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LazySource:
+class LazySource:
     """Undecoded records plus the function that turns one into ``(ok, example)``.
 
     ``encoded`` (when set) maps a record to its file contents, string ``[]``, so that staged
@@ -98,6 +99,12 @@ class _LazySource:
     records: tf.data.Dataset
     decode: Callable
     encoded: Callable | None = None
+
+
+def lazy_source(examples):
+    """The `LazySource` behind a split from `load_split` (folders, TFDS), or None when its
+    examples are decoded already (digits) or it is another dataset."""
+    return getattr(examples, _LAZY_ATTR, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +222,10 @@ def _write_check_cache(key, bad):
     path = _check_cache_path(key)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"bad": bad}, f)
-        os.replace(tmp, path)
-    except OSError as err:
+        from kd_keras import checkpointing
+
+        checkpointing.write_json(path, {"bad": bad}, indent=None)
+    except OSError as err:  # CheckpointWriteError included
         logging.info("kd_keras.data: image check not cached (%s)", err)
 
 
@@ -474,7 +480,7 @@ def _drop_undecodable(root, split, paths, labels):
 
 
 def _lazy_examples(records, decode, encoded=None):
-    """Decoded examples dataset that also carries its undecoded records (see _LAZY_ATTR).
+    """Decoded examples dataset that also carries its undecoded records (see `lazy_source`).
 
     ``ignore_errors`` only matters for a file that broke after the split's check.
     """
@@ -484,7 +490,7 @@ def _lazy_examples(records, decode, encoded=None):
         .filter(lambda ok, ex: ok)
         .map(lambda ok, ex: ex)
     )
-    setattr(examples, _LAZY_ATTR, _LazySource(records, decode, encoded))
+    setattr(examples, _LAZY_ATTR, LazySource(records, decode, encoded))
     return examples
 
 
@@ -527,7 +533,7 @@ def _load_tfds(source, name, split, data_dir, download):
     class_names = tuple(getattr(label_feature, "names", ()) or ()) if has_labels else ()
     num_classes = int(getattr(label_feature, "num_classes", 0) or 0) if has_labels else 0
 
-    # Keep images encoded until after the training shuffle (see _LAZY_ATTR).
+    # Keep images encoded until after the training shuffle (see `lazy_source`).
     lazy = isinstance(image_feature, tfds.features.Image)
     decoders = {"image": tfds.decode.SkipDecoding()} if lazy else None
     raw = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders=decoders)
@@ -714,6 +720,42 @@ def make_train_dataset(
       Dataset of dicts: view_fn's keys with a leading batch dimension, plus "label" int32
       [B] and "index" int64 [B]; prefetched.
     """
+    _check_train_arguments(
+        batch_size, shuffle_buffer, num_epochs, view_epochs, num_shards, shard_index
+    )
+    lazy = lazy_source(examples)
+    if cache_decoded:
+        source = examples.cache()
+        lazy = None
+    else:
+        source = lazy.records if lazy is not None else examples
+    one_epoch = _EpochPipeline(
+        source=source,
+        lazy=lazy,
+        view_fn=view_fn,
+        seed=seed,
+        batch_size=batch_size,
+        out_batch_size=(shard_batch_size or batch_size // num_shards)
+        if num_shards > 1
+        else (batch_size),
+        shuffle_buffer=shuffle_buffer,
+        drop_remainder=drop_remainder,
+        deterministic=deterministic,
+        epoch_seed=epoch_seed,
+        start_epoch=start_epoch,
+        skip_batches=skip_batches,
+        view_epochs=view_epochs,
+        num_shards=num_shards,
+        shard_index=shard_index,
+    )
+    if num_epochs is None:
+        epochs = tf.data.Dataset.counter(start_epoch, dtype=tf.int64)
+    else:
+        epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs, dtype=tf.int64)
+    return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def _check_train_arguments(batch_size, shuffle_buffer, num_epochs, view_epochs, num_shards, index):
     _check_positive("--batch_size", batch_size)
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}.")
@@ -722,36 +764,56 @@ def make_train_dataset(
     if view_epochs is not None:
         _check_positive("view_epochs", view_epochs)
     _check_positive("num_shards", num_shards)
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {index}.")
     if batch_size % num_shards:
         raise ValueError(f"--batch_size {batch_size} is not divisible by {num_shards} workers.")
-    out_batch_size = batch_size
-    if num_shards > 1:
-        out_batch_size = shard_batch_size or batch_size // num_shards
-    lazy = getattr(examples, _LAZY_ATTR, None)
-    if cache_decoded:
-        source = examples.cache()
-        lazy = None
-    else:
-        source = lazy.records if lazy is not None else examples
 
-    staged = hasattr(view_fn, "per_example") and hasattr(view_fn, "per_batch")
-    from_bytes = staged and lazy is not None and lazy.encoded is not None
 
-    def _apply_view(example, epoch):
+@dataclasses.dataclass(frozen=True)
+class _EpochPipeline:
+    """One epoch of `make_train_dataset` (its arguments, checked): called with the epoch
+    number (int64 scalar tensor), returns that epoch's batches."""
+
+    source: tf.data.Dataset  # records (lazy) or decoded examples
+    lazy: LazySource | None
+    view_fn: Callable
+    seed: int
+    batch_size: int
+    out_batch_size: int
+    shuffle_buffer: int
+    drop_remainder: bool
+    deterministic: bool | None
+    epoch_seed: bool
+    start_epoch: int
+    skip_batches: int
+    view_epochs: int | None
+    num_shards: int
+    shard_index: int
+
+    @property
+    def staged(self):
+        return hasattr(self.view_fn, "per_example") and hasattr(self.view_fn, "per_batch")
+
+    @property
+    def from_bytes(self):
+        return self.staged and self.lazy is not None and self.lazy.encoded is not None
+
+    def views(self, example, epoch):
         """One example's views; staged views take the file bytes (crop before decoding)."""
         extra = {}
-        if view_epochs is not None:
-            epoch = epoch % view_epochs
+        if self.view_epochs is not None:
+            epoch = epoch % self.view_epochs
             extra["view_epoch"] = epoch
-        pair = view_seed(seed, example["index"], epoch, epoch_seed)
-        if from_bytes:
-            views = view_fn.per_example(pair, encoded=lazy.encoded(example), to_float=_to_float)
-        elif staged:
-            views = view_fn.per_example(pair, image=example["image"])
+        pair = view_seed(self.seed, example["index"], epoch, self.epoch_seed)
+        if self.from_bytes:
+            views = self.view_fn.per_example(
+                pair, encoded=self.lazy.encoded(example), to_float=_to_float
+            )
+        elif self.staged:
+            views = self.view_fn.per_example(pair, image=example["image"])
         else:
-            views = view_fn(example["image"], pair)
+            views = self.view_fn(example["image"], pair)
         if not isinstance(views, Mapping):
             raise ValueError(f"view_fn must return a dict of tensors, got {type(views).__name__}.")
         clash = {"label", "index", "view_epoch"} & set(views)
@@ -759,68 +821,67 @@ def make_train_dataset(
             raise ValueError(f"view_fn output uses reserved keys {sorted(clash)}.")
         return {**views, "label": example["label"], "index": example["index"], **extra}
 
-    def _one_epoch(epoch):
-        ds = source
-        if shuffle_buffer > 0:
-            # fold_in returns [hash(seed pair), epoch]: its first entry ignores the epoch,
-            # so hash the whole pair down to one int64 for shuffle's scalar seed.
-            shuffle_seed = tf.random.stateless_uniform(
-                [],
-                seed=view_seed(seed, _SHUFFLE_SALT, epoch),
-                minval=None,
-                maxval=None,
-                dtype=tf.int64,
-                alg="philox",
-            )
-            # TF's get_seed compares (global seed, op seed) with (0, 0); when the user's global
-            # seed is 0 (tf.random.set_seed(0), keras.utils.set_random_seed(0)) that compares
-            # our tensor seed as a Python bool and fails. Our seed fully determines the order,
-            # so drop the global seed from this function's graph.
-            if not tf.executing_eagerly():
-                tf.compat.v1.get_default_graph().seed = None
-            ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        if skip_batches:
+    def shuffled(self, ds, epoch):
+        """`ds` in the order of `epoch` (seeded by (seed, epoch) alone)."""
+        # fold_in returns [hash(seed pair), epoch]: its first entry ignores the epoch,
+        # so hash the whole pair down to one int64 for shuffle's scalar seed.
+        shuffle_seed = tf.random.stateless_uniform(
+            [],
+            seed=view_seed(self.seed, _SHUFFLE_SALT, epoch),
+            minval=None,
+            maxval=None,
+            dtype=tf.int64,
+            alg="philox",
+        )
+        # TF's get_seed compares (global seed, op seed) with (0, 0); when the user's global
+        # seed is 0 (tf.random.set_seed(0), keras.utils.set_random_seed(0)) that compares
+        # our tensor seed as a Python bool and fails. Our seed fully determines the order,
+        # so drop the global seed from this function's graph.
+        if not tf.executing_eagerly():
+            tf.compat.v1.get_default_graph().seed = None
+        return ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+
+    def records(self, epoch):
+        """This epoch's (undecoded) records: shuffled, resumed, this shard's share."""
+        ds = self.source
+        if self.shuffle_buffer > 0:
+            ds = self.shuffled(ds, epoch)
+        if self.skip_batches:
             skip = tf.where(
-                epoch == start_epoch,
-                tf.constant(skip_batches * batch_size, tf.int64),
+                epoch == self.start_epoch,
+                tf.constant(self.skip_batches * self.batch_size, tf.int64),
                 tf.constant(0, tf.int64),
             )
             ds = ds.skip(skip)
-        if num_shards > 1:
+        if self.num_shards > 1:
             # Cut the epoch into whole global batches first, then keep this shard's records of
             # each: shards never overlap and all see the same number of batches.
+            k, n = self.shard_index, self.num_shards
             ds = (
-                ds.batch(batch_size, drop_remainder=True)
-                .map(lambda recs: {k: v[shard_index::num_shards] for k, v in recs.items()})
+                ds.batch(self.batch_size, drop_remainder=True)
+                .map(lambda recs: {key: v[k::n] for key, v in recs.items()})
                 .unbatch()
-            )
-        if lazy is not None and not from_bytes:
-            ds = (
-                ds.map(
-                    lazy.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
-                )
-                .filter(lambda ok, ex: ok)
-                .map(lambda ok, ex: ex)
-            )
-        ds = ds.map(
-            lambda ex: _apply_view(ex, epoch),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=deterministic,
-        )
-        # Only a file that broke after the split's check fails here; drop it, don't crash.
-        ds = ds.ignore_errors(log_warning=True).batch(out_batch_size, drop_remainder=drop_remainder)
-        if staged:
-            # Colour ops on whole batches of small crops (StagedViews).
-            ds = ds.map(
-                view_fn.per_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
             )
         return ds
 
-    if num_epochs is None:
-        epochs = tf.data.Dataset.counter(start_epoch, dtype=tf.int64)
-    else:
-        epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs, dtype=tf.int64)
-    return epochs.flat_map(_one_epoch).prefetch(tf.data.AUTOTUNE)
+    def __call__(self, epoch):
+        ds = self.records(epoch)
+        parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=self.deterministic)
+        if self.lazy is not None and not self.from_bytes:
+            ds = (
+                ds.map(self.lazy.decode, **parallel)
+                .filter(lambda ok, ex: ok)
+                .map(lambda ok, ex: ex)
+            )
+        ds = ds.map(lambda ex: self.views(ex, epoch), **parallel)
+        # Only a file that broke after the split's check fails here; drop it, don't crash.
+        ds = ds.ignore_errors(log_warning=True).batch(
+            self.out_batch_size, drop_remainder=self.drop_remainder
+        )
+        if self.staged:
+            # Colour ops on whole batches of small crops (StagedViews).
+            ds = ds.map(self.view_fn.per_batch, **parallel)
+        return ds
 
 
 def make_eval_dataset(examples: tf.data.Dataset, transform_fn: Callable | None, batch_size: int):
@@ -876,3 +937,11 @@ def check_batch_size(global_batch_size: int, num_replicas: int, num_examples: in
             f"--batch_size {global_batch_size}."
         )
     return global_batch_size // num_replicas
+
+
+def default_eval_split(dataset):
+    """The evaluation split of `dataset` when none is named: "test" for the embedded digits and
+    TFDS datasets (which name it so), "val" for image folders (ImageNet's layout)."""
+    if dataset.startswith("tfds:") or dataset == "digits":
+        return "test"
+    return "val"

@@ -3,7 +3,9 @@
 import keras
 import tensorflow as tf
 
-HEAD_KINDS = ("linear", "mlp2", "mlp4")
+from kd_keras import choices
+
+HEAD_KINDS = choices.HEADS
 
 # PyTorch's BatchNorm1d defaults (momentum 0.1 there == 0.9 here, epsilon 1e-5); the papers'
 # heads were trained with them and Keras' own defaults (0.99, 1e-3) differ.

@@ -9,6 +9,7 @@ other tensors are deliberately skipped (each with the reason written to the mani
 that is neither mapped nor matched by a rule is an error: nothing is dropped silently.
 
   torchvision  torchvision / timm ResNets, converted BYOL      conv1.weight, layer1.0..., fc
+               torchvision RegNets                             stem.0.weight, trunk_output..., fc
   byol         converted BYOL (torchvision names)              as torchvision
   moco         MoCo v1/v2 (module.encoder_q.)                  encoder_k, queue, MLP fc skipped
   moco_v3      MoCo v3 ResNet-50 (module.base_encoder.)        momentum_encoder, predictor, fc
@@ -52,7 +53,8 @@ LAYOUTS = {
     for layout in (
         Layout(
             "torchvision",
-            "torchvision/timm ResNet (conv1, bn1, layer1..4, fc)",
+            "torchvision/timm ResNet (conv1, bn1, layer1..4, fc) or torchvision RegNet "
+            "(stem, trunk_output, fc)",
             skip_rules=((r"^(module\.)?fc\.(weight|bias)$", "ImageNet classifier (fc)"),),
         ),
         Layout(
@@ -164,6 +166,10 @@ def detect_layout(source):
         keys, "layer1.0.conv1.weight", "module.layer1.0.conv1.weight"
     ):
         return "torchvision"
+    if _has(keys, "stem.0.weight", "module.stem.0.weight") and _any_prefix(
+        keys, ("trunk_output.", "module.trunk_output.")
+    ):
+        return "torchvision"
     raise _unknown(source, keys)
 
 
@@ -187,9 +193,16 @@ def choose_container(source, layout):
     )
 
 
-def choose_prefix(state, layout):
-    """The backbone key prefix of `layout` present in `state` (first key probe: the stem)."""
-    probe = "conv2d/kernel" if layout.key_style == "simclr" else "conv1.weight"
+# The stem conv's key in each architecture family: it locates the backbone's key prefix.
+STEM_KEYS = {"resnet": "conv1.weight", "regnet": "stem.0.weight"}
+
+
+def choose_prefix(state, layout, family="resnet"):
+    """The backbone key prefix of `layout` present in `state` (first key probe: the stem).
+
+    family: "resnet" or "regnet" (torchvision's RegNets name their stem `stem.0`).
+    """
+    probe = "conv2d/kernel" if layout.key_style == "simclr" else STEM_KEYS[family]
     for prefix in layout.prefixes:
         if f"{prefix}{probe}" in state:
             return prefix
@@ -237,6 +250,44 @@ def torchvision_key(layer_name, weight_name):
     """Source key (without prefix) of one Keras weight, e.g. ("stem_bn", "moving_var...")."""
     module = torchvision_module(layer_name)
     suffix = "weight" if weight_name == "kernel" else _BN_TORCH[weight_name]
+    return f"{module}.{suffix}"
+
+
+_REGNET_BLOCK_LAYER = re.compile(r"stage(\d+)_block(\d+)_(a|b|c|proj)_(conv|bn)$")
+_REGNET_SE_LAYER = re.compile(r"stage(\d+)_block(\d+)_se_(fc1|fc2)$")
+
+
+def torchvision_regnet_module(layer_name):
+    """torchvision module path of a kd_keras RegNet layer with weights, e.g.
+    "stage2_block0_b_conv" -> "trunk_output.block2.block2-0.f.b.0",
+    "stage1_block0_proj_bn" -> "trunk_output.block1.block1-0.proj.1",
+    "stage3_block1_se_fc1" -> "trunk_output.block3.block3-1.f.se.fc1", "stem_bn" -> "stem.1".
+
+    torchvision's Conv2dNormActivation holds the conv at index 0 and the BN at 1; its blocks
+    are named block<stage>-<index from 0>.
+    """
+    if layer_name in ("stem_conv", "stem_bn"):
+        return "stem.0" if layer_name == "stem_conv" else "stem.1"
+    match = _REGNET_BLOCK_LAYER.match(layer_name)
+    if match:
+        stage, block, part, kind = match.groups()
+        where = "proj" if part == "proj" else f"f.{part}"
+        index = 0 if kind == "conv" else 1
+        return f"trunk_output.block{stage}.block{stage}-{block}.{where}.{index}"
+    match = _REGNET_SE_LAYER.match(layer_name)
+    if match:
+        stage, block, fc = match.groups()
+        return f"trunk_output.block{stage}.block{stage}-{block}.f.se.{fc}"
+    raise ValueError(f"layer {layer_name!r} has no torchvision RegNet counterpart")
+
+
+def torchvision_regnet_key(layer_name, weight_name):
+    """Source key (without prefix) of one Keras RegNet weight (conv kernel/bias or BN)."""
+    module = torchvision_regnet_module(layer_name)
+    if weight_name in ("kernel", "bias"):
+        suffix = "weight" if weight_name == "kernel" else "bias"
+    else:
+        suffix = _BN_TORCH[weight_name]
     return f"{module}.{suffix}"
 
 

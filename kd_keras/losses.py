@@ -23,35 +23,58 @@ def l2_normalize(x, axis=-1, epsilon=1e-12):
     return tf.math.l2_normalize(x, axis=axis, epsilon=epsilon)
 
 
-def simreg_loss(prediction, target):
-    """SimReg loss: squared Euclidean distance between l2-normalised vectors.
+def simreg_distances(prediction, target):
+    """Per-example SimReg distance: squared Euclidean distance of l2-normalised vectors.
 
-    For unit vectors ||p - t||^2 = 2 - 2 cos(p, t), so the loss lies in [0, 4].
+    For unit vectors ||p - t||^2 = 2 - 2 cos(p, t), so each value lies in [0, 4].
 
     Args:
       prediction: student prediction-head output, float [B, D].
       target: teacher features, float [B, D] (treated as a constant).
     Returns:
-      float32 scalar: mean over the batch of 2 - 2 cos(prediction, target).
+      float32 [B].
     """
     _check_same_shape(prediction, target)
     p = l2_normalize(prediction)
     t = tf.stop_gradient(l2_normalize(target))
-    return tf.reduce_mean(tf.reduce_sum(tf.square(p - t), axis=-1))
+    return tf.reduce_sum(tf.square(p - t), axis=-1)
 
 
-def regress_loss(prediction, target):
-    """'Regress' baseline: squared Euclidean distance of unnormalised features.
+def simreg_loss(prediction, target):
+    """SimReg loss: the batch mean of `simreg_distances` (= mean of 2 - 2 cos).
+
+    Args:
+      prediction: student prediction-head output, float [B, D].
+      target: teacher features, float [B, D] (treated as a constant).
+    Returns:
+      float32 scalar.
+    """
+    return tf.reduce_mean(simreg_distances(prediction, target))
+
+
+def regress_distances(prediction, target):
+    """Per-example 'Regress' distance: squared Euclidean distance of unnormalised features.
 
     Args:
       prediction: float [B, D]; target: float [B, D] (treated as a constant).
     Returns:
-      float32 scalar: mean over the batch of sum over D of (prediction - target)^2.
+      float32 [B]: sum over D of (prediction - target)^2.
     """
     _check_same_shape(prediction, target)
     p = tf.cast(prediction, tf.float32)
     t = tf.stop_gradient(tf.cast(target, tf.float32))
-    return tf.reduce_mean(tf.reduce_sum(tf.square(p - t), axis=-1))
+    return tf.reduce_sum(tf.square(p - t), axis=-1)
+
+
+def regress_loss(prediction, target):
+    """'Regress' baseline loss: the batch mean of `regress_distances`.
+
+    Args:
+      prediction: float [B, D]; target: float [B, D] (treated as a constant).
+    Returns:
+      float32 scalar.
+    """
+    return tf.reduce_mean(regress_distances(prediction, target))
 
 
 def cosine_similarity(a, b):

@@ -1,7 +1,61 @@
-"""LARS as SwAV (and OSS) use it: apex's LARC(clip=False) around torch SGD, for Keras 3."""
+"""Optimizers: the one factory every training method uses (`make_optimizer`), LARS as SwAV
+(and OSS) use it (apex's LARC(clip=False) around torch SGD), and TorchSGD (torch.optim.SGD
+momentum) for the evaluation protocols; for Keras 3."""
+
+import numbers
 
 import keras
 import tensorflow as tf
+
+from kd_keras import schedules
+
+LARS_EXCLUDED = ("bias", "bn", "batch_normalization")  # --lars_exclude_bn_bias
+
+
+def learning_rate_schedule(optim, steps_per_epoch):
+    """The learning rate of --schedule, in optimizer steps.
+
+    cosine: linear warm-up from 0 over --warmup_epochs, then a cosine from the peak to
+    --final_lr at the last step (`schedules.WarmupCosine`). constant: the peak throughout (a
+    plain float, so the optimizer keeps it as a variable, as runs have always stored it).
+    Both rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+
+    Args:
+      optim: `config.OptimConfig`.
+      steps_per_epoch: optimizer steps per epoch.
+    """
+    peak = optim.scaled_lr()
+    if optim.schedule == "constant":
+        return peak
+    return schedules.WarmupCosine(
+        peak,
+        optim.epochs * steps_per_epoch,
+        final_lr=optim.final_lr * peak / optim.lr,
+        warmup_steps=int(round(optim.warmup_epochs * steps_per_epoch)),
+    )
+
+
+def make_optimizer(optim, steps_per_epoch):
+    """The optimizer of --optimizer with `learning_rate_schedule`, for every method.
+
+    sgd: momentum SGD (the weight decay is coupled, added through the method's loss, see
+    `coupled_weight_decay`); lars: `LARS`, which applies the weight decay itself.
+    """
+    schedule = learning_rate_schedule(optim, steps_per_epoch)
+    if optim.optimizer == "lars":
+        return LARS(
+            schedule,
+            momentum=optim.momentum,
+            weight_decay=optim.weight_decay,
+            trust_coefficient=optim.lars_trust,
+            exclude_from_adaptation=list(LARS_EXCLUDED) if optim.lars_exclude_bn_bias else None,
+        )
+    return keras.optimizers.SGD(schedule, momentum=optim.momentum)
+
+
+def coupled_weight_decay(optim):
+    """The L2 a method adds through its loss: 0 under LARS, which applies the decay itself."""
+    return 0.0 if optim.optimizer == "lars" else optim.weight_decay
 
 
 @keras.saving.register_keras_serializable(package="kd_keras")
@@ -152,3 +206,45 @@ def _float(value):
         return float(value)
     except (TypeError, ValueError):
         return float("nan")  # NaN fails every range check
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class TorchSGD(keras.optimizers.Optimizer):
+    """SGD with PyTorch's momentum convention (dampening 0, not Nesterov).
+
+    For every variable w with gradient g:  v = momentum * v + g;  w = w - lr * v.
+    (Keras' SGD stores lr * g in the velocity, so it lags torch after a learning-rate change.)
+    Weight decay is not applied here; add it to the loss (`kd_keras.eval.linear_probe` does).
+
+    Args:
+      learning_rate: float or LearningRateSchedule.
+      momentum: in [0, 1).
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, name="torch_sgd", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, numbers.Real)
+            or not 0 <= momentum < 1
+        ):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.velocities = [self.add_variable_from_reference(v, name="velocity") for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = tf.cast(learning_rate, variable.dtype)
+        g = tf.cast(gradient, variable.dtype)
+        v = self.velocities[self._get_variable_index(variable)]
+        self.assign(v, self.momentum * v + g)
+        self.assign_sub(variable, lr * v)
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum"] = self.momentum
+        return config

@@ -120,3 +120,102 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps,
             "warmup_start_lr": self.warmup_start_lr,
         }
+
+
+# Epoch-based schedules of the evaluation protocols (linear probe, fine-tuning), stepped per
+# epoch like PyTorch's MultiStepLR / CosineAnnealingLR.
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """lr = initial_lr * factor ** (number of milestones <= epoch), epoch = step // steps_per_epoch.
+
+    `step` is the optimizer's iteration count before the update (0 for the first step), so
+    the first step of epoch e is step e * steps_per_epoch.
+
+    Args:
+      initial_lr: rate during the first epochs (> 0).
+      steps_per_epoch: optimizer steps per epoch (>= 1).
+      milestones: increasing epochs (>= 1) at which the rate is multiplied by `factor`.
+      factor: decay multiplier (SimReg: 0.1).
+    """
+
+    def __init__(self, initial_lr, steps_per_epoch, milestones, factor=0.1):
+        self.initial_lr = _positive_float(initial_lr, "initial_lr")
+        self.steps_per_epoch = _whole_number(steps_per_epoch, "steps_per_epoch", 1)
+        self.milestones = tuple(_whole_number(m, "milestones", 1) for m in milestones)
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"milestones must be strictly increasing, got {milestones!r}")
+        self.factor = _positive_float(factor, "factor")
+
+    def __call__(self, step):
+        epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
+        passed = tf.zeros([], tf.float32)
+        for milestone in self.milestones:
+            passed += tf.cast(epoch >= milestone, tf.float32)
+        return self.initial_lr * tf.pow(self.factor, passed)
+
+    def get_config(self):
+        return {
+            "initial_lr": self.initial_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "milestones": list(self.milestones),
+            "factor": self.factor,
+        }
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class EpochCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Cosine decay updated once per epoch (PyTorch CosineAnnealingLR stepped every epoch).
+
+    With e = min(step // steps_per_epoch, epochs):
+      lr = final_lr + 0.5 * (initial_lr - final_lr) * (1 + cos(pi * e / epochs)),
+    so epoch 0 trains at initial_lr, epoch epochs/2 at the midpoint, and the last trained epoch
+    (epochs - 1) at slightly above final_lr.
+
+    Args:
+      initial_lr: rate of epoch 0 (> 0).
+      steps_per_epoch: optimizer steps per epoch (>= 1).
+      epochs: length of the decay in epochs (>= 1).
+      final_lr: rate reached at epoch `epochs` (>= 0).
+    """
+
+    def __init__(self, initial_lr, steps_per_epoch, epochs, final_lr=0.0):
+        self.initial_lr = _positive_float(initial_lr, "initial_lr")
+        self.steps_per_epoch = _whole_number(steps_per_epoch, "steps_per_epoch", 1)
+        self.epochs = _whole_number(epochs, "epochs", 1)
+        if (
+            isinstance(final_lr, bool)
+            or not isinstance(final_lr, numbers.Real)
+            or not 0 <= final_lr <= initial_lr
+        ):
+            raise ValueError(f"final_lr must be a number in [0, initial_lr], got {final_lr!r}")
+        self.final_lr = float(final_lr)
+
+    def __call__(self, step):
+        epoch = tf.minimum(tf.cast(step, tf.int64) // self.steps_per_epoch, self.epochs)
+        progress = tf.cast(epoch, tf.float32) / float(self.epochs)
+        span = self.initial_lr - self.final_lr
+        return self.final_lr + 0.5 * span * (1.0 + tf.cos(math.pi * progress))
+
+    def get_config(self):
+        return {
+            "initial_lr": self.initial_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.epochs,
+            "final_lr": self.final_lr,
+        }
+
+
+def _whole_number(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+    return int(value)
+
+
+def _positive_float(value, name):
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)

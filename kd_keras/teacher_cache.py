@@ -33,6 +33,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from kd_keras import checkpointing
+
 MANIFEST = "manifest.json"
 FEATURES_DIR = "features"
 FORMAT = "kd_keras.teacher_cache"
@@ -80,7 +82,7 @@ def dataset_fingerprint(examples, info):
 
     n = info.num_examples
     stride = max(1, n // _FINGERPRINT_SAMPLES)
-    lazy = getattr(examples, data._LAZY_ATTR, None)
+    lazy = data.lazy_source(examples)
     if lazy is not None:
         sample = (
             lazy.records.filter(lambda r: r["index"] % stride == 0)
@@ -427,9 +429,46 @@ def write_caches(
         scale=(data_cfg.crop_scale_min, 1.0),
         keys=(view_key,),
     )
-
-    dataset_id = dataset_identity(examples, info)
     views_id = {**view_identity(data_cfg, seed, view_key), "epochs": int(epochs)}
+    manifests = _new_manifests(
+        cache_dirs, teachers, dataset_identity(examples, info), views_id, data_cfg, shard_size
+    )
+    n = info.num_examples
+    arrays = [
+        _open_shards(d, t.feature_dim, n, epochs, shard_size)
+        for d, t in zip(cache_dirs, teachers, strict=True)
+    ]
+    written = [np.zeros((epochs, n), bool) for _ in teachers]
+    ds = data.make_train_dataset(
+        examples,
+        teacher_view,
+        batch_size,
+        seed=seed,
+        shuffle_buffer=0,
+        drop_remainder=False,
+        deterministic=data_cfg.deterministic,
+        cache_decoded=data_cfg.cache_decoded,
+        num_epochs=epochs,
+        view_epochs=epochs,
+    )
+    forward = [tf.function(t.__call__, reduce_retracing=True) for t in teachers]
+    batches_per_epoch = -(-n // batch_size)
+    for step, batch in enumerate(ds):
+        index = batch["index"].numpy()
+        epoch = batch["view_epoch"].numpy()
+        for k, fn in enumerate(forward):
+            feats = _checked_features(fn(batch[view_key]), teachers[k].name)
+            _store(arrays[k], feats, epoch, index, shard_size)
+            written[k][epoch, index] = True
+        if (step + 1) % batches_per_epoch == 0:
+            log(f"cached epoch {(step + 1) // batches_per_epoch}/{epochs}")
+    for k, cache_dir in enumerate(cache_dirs):
+        _finish_cache(cache_dir, arrays[k], written[k], manifests[k])
+    return manifests
+
+
+def _new_manifests(cache_dirs, teachers, dataset_id, views_id, data_cfg, shard_size):
+    """The manifest of each cache to write; an existing different complete cache is an error."""
     manifests = []
     for cache_dir, teacher in zip(cache_dirs, teachers, strict=True):
         manifest = {
@@ -453,73 +492,57 @@ def write_caches(
                     "); remove it or choose another --cache_dir."
                 )
         manifests.append(manifest)
-
-    n = info.num_examples
-    num_shards = -(-n // shard_size)
-    arrays = []
-    for cache_dir, teacher in zip(cache_dirs, teachers, strict=True):
-        if os.path.isfile(os.path.join(cache_dir, MANIFEST)):
-            os.remove(os.path.join(cache_dir, MANIFEST))  # rewriting: incomplete until the end
-        os.makedirs(os.path.join(cache_dir, FEATURES_DIR), exist_ok=True)
-        arrays.append(
-            {
-                (e, s): np.lib.format.open_memmap(
-                    shard_path(cache_dir, e, s),
-                    mode="w+",
-                    dtype=STORAGE_DTYPE,
-                    shape=(min(shard_size, n - s * shard_size), teacher.feature_dim),
-                )
-                for e in range(epochs)
-                for s in range(num_shards)
-            }
-        )
-    written = [np.zeros((epochs, n), bool) for _ in teachers]
-
-    ds = data.make_train_dataset(
-        examples,
-        teacher_view,
-        batch_size,
-        seed=seed,
-        shuffle_buffer=0,
-        drop_remainder=False,
-        deterministic=data_cfg.deterministic,
-        cache_decoded=data_cfg.cache_decoded,
-        num_epochs=epochs,
-        view_epochs=epochs,
-    )
-    forward = [tf.function(t.__call__, reduce_retracing=True) for t in teachers]
-    batches_per_epoch = -(-n // batch_size)
-    for step, batch in enumerate(ds):
-        index = batch["index"].numpy()
-        epoch = batch["view_epoch"].numpy()
-        for k, fn in enumerate(forward):
-            feats = np.asarray(fn(batch[view_key]), np.float32)
-            if not np.all(np.isfinite(feats)):
-                raise ValueError(f"teacher {teachers[k].name}: non-finite features.")
-            if np.abs(feats).max(initial=0.0) > FLOAT16_MAX:
-                raise ValueError(
-                    f"teacher {teachers[k].name}: features exceed the float16 range "
-                    f"(max |x| = {np.abs(feats).max():.3g})."
-                )
-            for e, s in set(zip(epoch.tolist(), (index // shard_size).tolist(), strict=True)):
-                sel = (epoch == e) & (index // shard_size == s)
-                arrays[k][(e, s)][index[sel] % shard_size] = feats[sel].astype(STORAGE_DTYPE)
-            written[k][epoch, index] = True
-        if (step + 1) % batches_per_epoch == 0:
-            log(f"cached epoch {(step + 1) // batches_per_epoch}/{epochs}")
-    for k, cache_dir in enumerate(cache_dirs):
-        if not written[k].all():
-            missing = int((~written[k]).sum())
-            raise ValueError(
-                f"teacher cache {cache_dir}: {missing} (epoch, example) pairs were not produced "
-                "(undecodable images?); run `kd_keras.data.verify_images` and remove them."
-            )
-        for array in arrays[k].values():
-            array.flush()
-        manifest = manifests[k]
-        manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat()
-        tmp = os.path.join(cache_dir, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(cache_dir, MANIFEST))
     return manifests
+
+
+def _open_shards(cache_dir, feature_dim, n, epochs, shard_size):
+    """{(epoch, shard): float16 memmap [rows, feature_dim]}; the old manifest is removed
+    first, so the cache reads as incomplete until `_finish_cache`."""
+    if os.path.isfile(os.path.join(cache_dir, MANIFEST)):
+        os.remove(os.path.join(cache_dir, MANIFEST))
+    os.makedirs(os.path.join(cache_dir, FEATURES_DIR), exist_ok=True)
+    num_shards = -(-n // shard_size)
+    return {
+        (e, s): np.lib.format.open_memmap(
+            shard_path(cache_dir, e, s),
+            mode="w+",
+            dtype=STORAGE_DTYPE,
+            shape=(min(shard_size, n - s * shard_size), feature_dim),
+        )
+        for e in range(epochs)
+        for s in range(num_shards)
+    }
+
+
+def _checked_features(features, name):
+    """float32 [B, d] numpy; ValueError when not finite or outside the float16 range."""
+    feats = np.asarray(features, np.float32)
+    if not np.all(np.isfinite(feats)):
+        raise ValueError(f"teacher {name}: non-finite features.")
+    if np.abs(feats).max(initial=0.0) > FLOAT16_MAX:
+        raise ValueError(
+            f"teacher {name}: features exceed the float16 range "
+            f"(max |x| = {np.abs(feats).max():.3g})."
+        )
+    return feats
+
+
+def _store(arrays, feats, epoch, index, shard_size):
+    """Writes each row of `feats` [B, d] to its (epoch, example) place in the shards."""
+    for e, s in set(zip(epoch.tolist(), (index // shard_size).tolist(), strict=True)):
+        sel = (epoch == e) & (index // shard_size == s)
+        arrays[(e, s)][index[sel] % shard_size] = feats[sel].astype(STORAGE_DTYPE)
+
+
+def _finish_cache(cache_dir, arrays, written, manifest):
+    """Flushes the shards and writes the manifest last (atomically): the cache is complete."""
+    if not written.all():
+        missing = int((~written).sum())
+        raise ValueError(
+            f"teacher cache {cache_dir}: {missing} (epoch, example) pairs were not produced "
+            "(undecodable images?); run `kd_keras.data.verify_images` and remove them."
+        )
+    for array in arrays.values():
+        array.flush()
+    manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat()
+    checkpointing.write_json(os.path.join(cache_dir, MANIFEST), manifest, indent=1)

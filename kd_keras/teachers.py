@@ -76,6 +76,11 @@ _NORMS = ("unit", "imagenet", "minus_one_one", "native")
 _OPTIONS = ("path", "name", "norm", "size", "pool", "output", "layout")
 
 
+def recipe_dir(workdir, recipe):
+    """Where a run trains (and later runs find) its `recipe:<recipe>` teacher."""
+    return os.path.join(workdir, f"teacher_{recipe}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     """A parsed --teacher value."""
@@ -143,23 +148,7 @@ def parse_teacher_spec(spec, index=0):
         name = _safe_name(options.get("name", f"recipe_{recipe}"))
         return TeacherSpec("recipe", "", name, norm or "unit", recipe=recipe, **common)
     if location.startswith("app:"):
-        app, sep, weights = location[4:].partition("=")
-        if not sep or not weights:
-            raise ValueError(
-                f"--teacher={spec!r}: use app:NAME=/path/to/weights.h5 (a local weights file; "
-                "kd_keras never downloads weights implicitly)."
-            )
-        if not hasattr(keras.applications, app):
-            raise ValueError(f"--teacher={spec!r}: keras.applications has no {app!r}.")
-        weights = os.path.abspath(os.path.expanduser(weights))
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--teacher: weights file {weights} does not exist.")
-        if norm in (None, "native") and app not in _APP_PREPROCESS:
-            raise ValueError(
-                f"--teacher={spec!r}: no known preprocessing for {app}; give norm=... explicitly."
-            )
-        name = _safe_name(options.get("name", app.lower()))
-        return TeacherSpec("app", weights, name, norm or "native", app=app, **common)
+        return _parse_app_spec(spec, location, options, norm, common)
 
     path = os.path.abspath(os.path.expanduser(location))
     if not os.path.exists(path):
@@ -186,6 +175,27 @@ def parse_teacher_spec(spec, index=0):
     return TeacherSpec(kind, path, _safe_name(name), norm or "unit", **common)
 
 
+def _parse_app_spec(spec, location, options, norm, common):
+    """The `TeacherSpec` of `app:NAME=/path/weights.h5` (a keras.applications architecture)."""
+    app, sep, weights = location[4:].partition("=")
+    if not sep or not weights:
+        raise ValueError(
+            f"--teacher={spec!r}: use app:NAME=/path/to/weights.h5 (a local weights file; "
+            "kd_keras never downloads weights implicitly)."
+        )
+    if not hasattr(keras.applications, app):
+        raise ValueError(f"--teacher={spec!r}: keras.applications has no {app!r}.")
+    weights = os.path.abspath(os.path.expanduser(weights))
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"--teacher: weights file {weights} does not exist.")
+    if norm in (None, "native") and app not in _APP_PREPROCESS:
+        raise ValueError(
+            f"--teacher={spec!r}: no known preprocessing for {app}; give norm=... explicitly."
+        )
+    name = _safe_name(options.get("name", app.lower()))
+    return TeacherSpec("app", weights, name, norm or "native", app=app, **common)
+
+
 def _is_converted_dir(path):
     return os.path.isfile(os.path.join(path, CONVERTED_MANIFEST)) and os.path.isfile(
         os.path.join(path, CONVERTED_BACKBONE)
@@ -202,7 +212,7 @@ def _parse_torch_spec(spec, location, options, norm, common):
             "torch:resnet50=/ckpt/swav_800ep_pretrain.pth.tar)."
         )
     try:
-        backbones.parse_resnet_arch(arch)
+        backbones.parse_arch(arch)
     except ValueError as err:
         raise ValueError(f"--teacher={spec!r}: {err}") from err
     layout = options.get("layout")

@@ -2,6 +2,12 @@
 
   python -m kd_keras.train --flagfile=flags/simreg.cfg --workdir=/tmp/run
 
+A run is the sequence of named steps in `_run_in_workdir` (prepare_run, load_data,
+load_teachers, prepare_views, build_model, make_callbacks, fit, final_evaluation,
+export_run), each filling in a `Run`. What differs between methods (views, builder,
+teachers, callbacks, exported networks, extra k-NN entries, NaN hint) comes from the method
+registry (kd_keras.methods.registry), never from branches on the method's name here.
+
 Re-running the same command after an interruption resumes from the last checkpoint; re-running a
 finished run re-evaluates and re-exports without training again.
 """
@@ -9,7 +15,6 @@ finished run re-evaluates and re-exports without training again.
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -55,28 +60,6 @@ def select_strategy(name, multi_worker_timeout=600.0):
     return tf.distribute.get_strategy()
 
 
-def learning_rate_schedule(optim, steps_per_epoch):
-    """Cosine (or constant) schedule over all steps with optional linear warm-up."""
-    import keras
-
-    peak = optim.scaled_lr()
-    total = optim.epochs * steps_per_epoch
-    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
-    if optim.schedule == "constant":
-        return peak
-    if warmup:
-        return keras.optimizers.schedules.CosineDecay(
-            0.0, total - warmup, warmup_target=peak, warmup_steps=warmup, alpha=0.0
-        )
-    return keras.optimizers.schedules.CosineDecay(peak, total, alpha=0.0)
-
-
-def default_eval_split(dataset):
-    if dataset.startswith("tfds:") or dataset == "digits":
-        return "test"
-    return "val"
-
-
 def fit_from_step(method, data_from, done_steps, steps_per_epoch, epochs, **fit_kwargs):
     """Runs `method.fit` for the steps left after `done_steps`, exactly as an uninterrupted run.
 
@@ -119,51 +102,19 @@ def fit_from_step(method, data_from, done_steps, steps_per_epoch, epochs, **fit_
 
 
 def build_student(cfg, input_size):
-    from kd_keras import backbones
+    """The student backbone of `cfg` (see `registry.build_student`)."""
+    from kd_keras.methods import registry
 
-    return backbones.build_backbone(
-        cfg.model.student,
-        input_size,
-        small_stem=cfg.model.small_stem,
-        norm=cfg.model.student_norm,
-        sync_bn=cfg.sync_bn,
-        # SwAV / OSS feed crops of two sizes through the same network.
-        any_input_size=cfg.method in config_lib.CLUSTERING_METHODS,
-    )
+    return registry.build_student(cfg, input_size)
 
 
 def build_method(cfg, student, teachers, num_classes, steps_per_epoch=1, teacher_networks=None):
-    """The keras.Model of --method around `student` (un-compiled)."""
-    from kd_keras import heads, methods
+    """The keras.Model of --method around `student` (un-compiled; see
+    `registry.build_method`, which raises ValueError naming an unknown --method)."""
+    from kd_keras.methods import registry
 
-    if cfg.method in config_lib.CLUSTERING_METHODS:
-        from kd_keras.methods import factory
-
-        return factory.build_clustering_method(cfg, student, steps_per_epoch, teacher_networks)
-    if cfg.method == "supervised":
-        return methods.Supervised(
-            student, num_classes, weight_decay=cfg.optim.weight_decay, name="supervised"
-        )
-    m = student.output_shape[-1]
-    head_list = [
-        heads.prediction_head(
-            m,
-            t.feature_dim,
-            cfg.model.head,
-            hidden_dims=cfg.model.head_hidden_dims,
-            sync_bn=cfg.sync_bn,
-            name=f"head_{t.name}",
-        )
-        for t in teachers
-    ]
-    return methods.SimReg(
-        student,
-        teachers,
-        head_list,
-        variant=cfg.method,
-        sync_bn=cfg.sync_bn,
-        weight_decay=cfg.optim.weight_decay,
-        name=cfg.method,
+    return registry.build_method(
+        cfg, student, teachers, num_classes, steps_per_epoch, frozen=teacher_networks
     )
 
 
@@ -239,11 +190,6 @@ def open_teacher_caches(cfg, teachers, train_examples, train_info):
 
 
 RECIPES = ("supervised",)
-NAN_HINTS = {
-    "default": "Try a lower --lr.",
-    "clustering": "The embeddings or the Sinkhorn codes became non-finite; try a lower --lr, "
-    "a larger --sinkhorn_epsilon or --freeze_prototypes_steps.",
-}
 
 
 def train_recipe_teacher(cfg, spec):
@@ -254,7 +200,9 @@ def train_recipe_teacher(cfg, spec):
     """
     if spec.recipe not in RECIPES:
         raise UsageError(f"--teacher=recipe:{spec.recipe}: unknown recipe; known: {RECIPES}.")
-    run_dir = os.path.join(cfg.workdir, f"teacher_{spec.recipe}")
+    from kd_keras import teachers as teachers_lib
+
+    run_dir = teachers_lib.recipe_dir(cfg.workdir, spec.recipe)
     if os.path.isfile(os.path.join(run_dir, DONE_MARKER)):
         log.info("reusing recipe teacher %s", run_dir)
         return run_dir
@@ -264,14 +212,18 @@ def train_recipe_teacher(cfg, spec):
         method="supervised",
         export=True,
         model=dataclasses.replace(
-            cfg.model, student=cfg.model.teacher_recipe_backbone, teachers=()
+            cfg.model, student=cfg.model.teacher_recipe_backbone, teachers=(), teacher_caches=()
         ),
+        # The recipe is SGD with the run's schedule down to 0, whatever the student uses.
         optim=dataclasses.replace(
             cfg.optim,
             epochs=cfg.model.teacher_recipe_epochs,
             lr=cfg.model.teacher_recipe_lr,
             warmup_epochs=min(cfg.optim.warmup_epochs, cfg.model.teacher_recipe_epochs - 1),
+            optimizer="sgd",
+            final_lr=0.0,
         ),
+        method_options={},
     )
     print(
         f"Training recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
@@ -294,34 +246,81 @@ def run_and_return_model(cfg, extra_callbacks=()):
     kd_keras.runlock: a second run in the same workdir fails at once naming the holder.
     """
     from kd_keras import distributed, runlock
+    from kd_keras.methods import registry
 
+    spec = registry.get(cfg.method)  # an unknown method fails here, before anything runs
     # The strategy first: a multi-worker one must exist before TensorFlow runs any op.
     strategy = select_strategy(cfg.strategy, cfg.multi_worker_timeout)
     multi_worker = cfg.strategy == "multi_worker"
     role = distributed.worker_role(cfg.workdir, multi_worker, CHECKPOINT_DIR, LOG_DIR)
     with runlock.hold(os.path.dirname(role.checkpoint_dirs[0])):
-        return _run_in_workdir(cfg, extra_callbacks, strategy, role)
+        return _run_in_workdir(Run(cfg, spec, strategy, role), extra_callbacks)
 
 
-def _run_in_workdir(cfg, extra_callbacks, strategy, role):
+@dataclasses.dataclass
+class Run:
+    """The state one training run builds up, step by step (see `_run_in_workdir`)."""
+
+    cfg: object
+    spec: object  # registry.MethodSpec
+    strategy: object
+    role: object  # distributed.WorkerRole
+    train_examples: object = None
+    train_info: object = None
+    eval_examples: object = None
+    eval_info: object = None
+    eval_split: str | None = None
+    steps_per_epoch: int = 1
+    teachers: tuple = ()
+    caches: tuple = ()
+    view_fn: object = None
+    done_steps: int = 0
+    student: object = None
+    method: object = None
+
+    @property
+    def multi_worker(self):
+        return self.cfg.strategy == "multi_worker"
+
+    @property
+    def labelled_eval(self):
+        return (
+            self.eval_info is not None
+            and self.train_info.has_labels
+            and (self.eval_info.has_labels)
+        )
+
+
+def _run_in_workdir(r, extra_callbacks):
     """`run_and_return_model` once the strategy is made and the workdir is locked."""
+    prepare_run(r.cfg, r.role)
+    load_data(r)
+    load_teachers(r)
+    prepare_views(r)
+    build_model(r)
+    cbs = make_callbacks(r, extra_callbacks)
+    t0 = time.time()
+    last_logs = fit(r, cbs)
+    results = run_summary(r, last_logs, time.time() - t0)
+    if r.cfg.evaluate and r.role.is_chief and r.eval_info is not None:
+        results.update(final_evaluation(r, results["steps"]))
+    if r.cfg.export and r.role.is_chief:
+        results.update(export_run(r))
+    if r.role.is_chief:
+        _write_results(r.cfg.workdir, results)
+        _write_done_marker(r.cfg.workdir)
+        _print_summary(results)
+    r.role.finish(r.strategy)
+    return results, r.method
+
+
+def prepare_run(cfg, role):
+    """Creates the workdir, saves config.json (warning when it differs from an earlier one),
+    seeds everything and applies the process-wide settings."""
     import keras
 
-    from kd_keras import (
-        augment,
-        callbacks,
-        checkpointing,
-        data,
-        distributed,
-        export,
-        features,
-        knn,
-        precision,
-        preemption,
-        teacher_cache,
-    )
+    from kd_keras import precision
 
-    multi_worker = cfg.strategy == "multi_worker"
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
     if os.path.isfile(config_path):
@@ -336,137 +335,167 @@ def _run_in_workdir(cfg, extra_callbacks, strategy, role):
     if role.is_chief:
         cfg.save(config_path)
     keras.utils.set_random_seed(cfg.seed)
-    replicas = strategy.num_replicas_in_sync
-
-    # Data.
-    eval_split = cfg.data.eval_split or default_eval_split(cfg.data.dataset)
-    load = dict(
-        data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size, download=cfg.data.download
-    )
-    train_examples, train_info = data.load_split(cfg.data.dataset, cfg.data.train_split, **load)
-    data.check_batch_size(cfg.optim.batch_size, replicas, train_info.num_examples)
-    if cfg.method == "supervised" and not train_info.has_labels:
-        raise UsageError(f"--method=supervised needs labels; {cfg.data.dataset} has none.")
-    steps_per_epoch = cfg.optim.steps_per_epoch or train_info.num_examples // cfg.optim.batch_size
-    size = cfg.data.image_size
-
-    clustering = cfg.method in config_lib.CLUSTERING_METHODS
-    if clustering:
-        from kd_keras.methods import factory
-    distils = cfg.method not in ("supervised", *config_lib.CLUSTERING_METHODS)
-    teachers = resolve_teachers(cfg, strategy) if distils else []
-    caches = open_teacher_caches(cfg, teachers, train_examples, train_info)
     if cfg.op_determinism:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()  # process-wide, cannot be undone
     precision.warn_if_unsupported(cfg.precision)
 
-    view_fn = augment.make_view_fn(
-        cfg.data.augment, size, cfg.data.aug_mode, scale=(cfg.data.crop_scale_min, 1.0)
+
+def load_data(r):
+    """Loads the training split (and the evaluation split, when there is one)."""
+    from kd_keras import data
+
+    cfg = r.cfg
+    r.eval_split = cfg.data.eval_split or data.default_eval_split(cfg.data.dataset)
+    load = dict(
+        data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size, download=cfg.data.download
     )
-    if cfg.data.aug_mode == "same" or caches:
-        # One augmented image feeds both networks (or the teachers' features come from a
-        # cache); don't carry a duplicate through tf.data.
-        view_fn = view_fn.select(("student",))
-
-    if clustering:
-        view_fn = factory.multicrop_view_fn(cfg)  # {"large": [2, S, S, 3], "small": [V, s, s, 3]}
-
-    # Where a resumed run picks up: the optimizer step of the newest checkpoint (in a
-    # multi-worker run, the newest one every worker has) -> (data epoch, batches into it).
-    # Fit epochs need not match data epochs (--steps_per_epoch), so the data position is
-    # derived from the step count.
-    data_steps = train_info.num_examples // cfg.optim.batch_size
-    # Unreadable (truncated) checkpoints are renamed aside first, so the newest readable one wins.
-    checkpointing.set_aside_unreadable(role.checkpoint_dirs[0])
-    done_steps = distributed.resume_step(strategy, role.checkpoint_dirs)
-
-    def train_data(step, num_shards=1, shard_index=0, shard_batch_size=None):
-        """The training batches from optimizer step `step` on (one worker's share)."""
-        start_epoch, skip_batches = divmod(step, data_steps)
-        ds = data.make_train_dataset(
-            train_examples,
-            view_fn,
-            cfg.optim.batch_size,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            cache_decoded=cfg.data.cache_decoded,
-            start_epoch=start_epoch,
-            skip_batches=skip_batches,
-            deterministic=cfg.data.deterministic,
-            view_epochs=caches[0].epochs if caches else None,
-            num_shards=num_shards,
-            shard_index=shard_index,
-            shard_batch_size=shard_batch_size,
-        )
-        if caches:
-            ds = teacher_cache.attach_features(ds, caches)
-        return ds
-
-    def fit_data(step):
-        if not multi_worker:
-            return train_data(step)
-        # Each worker builds only its share of every global batch (kd_keras.data sharding),
-        # so no two workers see the same example in a step or an epoch.
-        return strategy.distribute_datasets_from_function(
-            lambda ctx: train_data(
-                step,
-                ctx.num_input_pipelines,
-                ctx.input_pipeline_id,
-                ctx.get_per_replica_batch_size(cfg.optim.batch_size),
-            )
-        )
-
-    train_ds = train_data(done_steps)
-
-    def eval_transform(image):
-        return augment.center_crop(image, size)
-
-    eval_info = None
-    eval_examples = None
+    r.train_examples, r.train_info = data.load_split(cfg.data.dataset, cfg.data.train_split, **load)
+    data.check_batch_size(
+        cfg.optim.batch_size, r.strategy.num_replicas_in_sync, r.train_info.num_examples
+    )
+    if r.spec.needs_labels and not r.train_info.has_labels:
+        raise UsageError(f"--method={cfg.method} needs labels; {cfg.data.dataset} has none.")
+    r.steps_per_epoch = cfg.optim.steps_per_epoch or (
+        r.train_info.num_examples // cfg.optim.batch_size
+    )
     try:
-        eval_examples, eval_info = data.load_split(cfg.data.dataset, eval_split, **load)
+        r.eval_examples, r.eval_info = data.load_split(cfg.data.dataset, r.eval_split, **load)
     except (FileNotFoundError, ValueError) as err:
         if cfg.data.eval_split:  # asked for explicitly: its absence is an error
             raise
-        log.warning("no evaluation split (%s), k-NN evaluation skipped: %s", eval_split, err)
+        log.warning("no evaluation split (%s), k-NN evaluation skipped: %s", r.eval_split, err)
 
-    def eval_views(examples):
-        ds = data.make_eval_dataset(examples, eval_transform, cfg.eval.eval_batch_size)
-        return ds.map(lambda b: {"student": b["image"], "label": b["label"]})
 
-    # Model. Re-seed here so the student's initialisation does not depend on whether a recipe
+def load_teachers(r):
+    """The feature teachers of methods that distil them, and their --teacher_cache."""
+    if r.spec.teacher_features:
+        r.teachers = tuple(resolve_teachers(r.cfg, r.strategy))
+    r.caches = tuple(open_teacher_caches(r.cfg, r.teachers, r.train_examples, r.train_info))
+
+
+def prepare_views(r):
+    """The view function of the method's view kind, and the step a resumed run starts at."""
+    from kd_keras import checkpointing, distributed
+
+    r.view_fn = view_fn_for(r.cfg, r.spec, bool(r.caches))
+    # Unreadable (truncated) checkpoints are renamed aside first, so the newest readable one wins.
+    checkpointing.set_aside_unreadable(r.role.checkpoint_dirs[0])
+    # Where a resumed run picks up: the optimizer step of the newest checkpoint (in a
+    # multi-worker run, the newest one every worker has).
+    r.done_steps = distributed.resume_step(r.strategy, r.role.checkpoint_dirs)
+
+
+def view_fn_for(cfg, spec, cached_teachers=False):
+    """The training views of `spec.views`.
+
+    single: one augmented view "student"; pair: "student" and "teacher", one image for both
+    with --aug_mode=same or when the teachers' features come from a cache (no duplicate is
+    carried through tf.data then); multicrop: {"large": [2, S, S, 3], "small": [V, s, s, 3]}.
+    """
+    from kd_keras import augment
+
+    if spec.multicrop:
+        from kd_keras.methods import factory
+
+        return factory.multicrop_view_fn(cfg)
+    d = cfg.data
+    view_fn = augment.make_view_fn(
+        d.augment, d.image_size, d.aug_mode, scale=(d.crop_scale_min, 1.0)
+    )
+    if spec.views == "single" or d.aug_mode == "same" or cached_teachers:
+        view_fn = view_fn.select(("student",))
+    return view_fn
+
+
+def train_data(r, step, num_shards=1, shard_index=0, shard_batch_size=None):
+    """The training batches from optimizer step `step` on (one worker's share).
+
+    Fit epochs need not match data epochs (--steps_per_epoch), so the data position (data
+    epoch, batches into it) is derived from the step count.
+    """
+    from kd_keras import data, teacher_cache
+
+    cfg = r.cfg
+    start_epoch, skip_batches = divmod(step, r.train_info.num_examples // cfg.optim.batch_size)
+    ds = data.make_train_dataset(
+        r.train_examples,
+        r.view_fn,
+        cfg.optim.batch_size,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        cache_decoded=cfg.data.cache_decoded,
+        start_epoch=start_epoch,
+        skip_batches=skip_batches,
+        deterministic=cfg.data.deterministic,
+        view_epochs=r.caches[0].epochs if r.caches else None,
+        num_shards=num_shards,
+        shard_index=shard_index,
+        shard_batch_size=shard_batch_size,
+    )
+    if r.caches:
+        ds = teacher_cache.attach_features(ds, r.caches)
+    return ds
+
+
+def fit_data(r, step):
+    """`train_data` from `step`; under multi-worker each worker builds only its share of
+    every global batch (kd_keras.data sharding), so no two workers see the same example."""
+    if not r.multi_worker:
+        return train_data(r, step)
+    return r.strategy.distribute_datasets_from_function(
+        lambda ctx: train_data(
+            r,
+            step,
+            ctx.num_input_pipelines,
+            ctx.input_pipeline_id,
+            ctx.get_per_replica_batch_size(r.cfg.optim.batch_size),
+        )
+    )
+
+
+def build_model(r):
+    """Student, method, optimizer and compile, restored to the resumed step."""
+    import keras
+
+    from kd_keras import checkpointing, optimizers, precision
+    from kd_keras.methods import registry
+
+    cfg, size = r.cfg, r.cfg.data.image_size
+    # Re-seed here so the student's initialisation does not depend on whether a recipe
     # teacher was just trained in this process or reused from an earlier one.
     keras.utils.set_random_seed(cfg.seed)
     # Layers take the dtype policy they are built under; BN, losses and Sinkhorn stay float32.
-    with strategy.scope(), precision.policy_scope(cfg.precision):
-        student = build_student(cfg, size)
-        teacher_networks = None
-        if cfg.method == "oss_offline":
-            teacher_networks = factory.load_clustering_networks(cfg.model.teachers[0], cfg)
-        method = build_method(
-            cfg, student, teachers, train_info.num_classes, steps_per_epoch, teacher_networks
+    with r.strategy.scope(), precision.policy_scope(cfg.precision):
+        r.student = build_student(cfg, size)
+        r.method = registry.build_method(
+            cfg, r.student, r.teachers, r.train_info.num_classes, r.steps_per_epoch
         )
-        if clustering:
-            optimizer = factory.make_optimizer(cfg, steps_per_epoch)
-        else:
-            optimizer = keras.optimizers.SGD(
-                learning_rate=learning_rate_schedule(cfg.optim, steps_per_epoch),
-                momentum=cfg.optim.momentum,
-            )
-        jit_compile, why = precision.choose_jit_compile(cfg.jit_compile, size, clustering)
+        jit_compile, why = precision.choose_jit_compile(cfg.jit_compile, size, r.spec.multicrop)
         log.info("XLA jit_compile=%s (%s)", jit_compile, why)
-        method.compile(optimizer=optimizer, jit_compile=jit_compile)
-        method.build((None, size, size, 3))
-        checkpointing.restore(method, role.checkpoint_dirs, done_steps)
+        r.method.compile(
+            optimizer=optimizers.make_optimizer(cfg.optim, r.steps_per_epoch),
+            jit_compile=jit_compile,
+        )
+        r.method.build((None, size, size, 3))
+        checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
 
-    logdir = role.logdir
+
+def make_callbacks(r, extra_callbacks=()):
+    """NaN guard, the method's own callbacks, checkpoints, pre-emption, TensorBoard, extras,
+    view images and the k-NN monitor, in that order."""
+    import keras
+
+    from kd_keras import callbacks, checkpointing, preemption
+    from kd_keras.methods import registry
+
+    cfg, role = r.cfg, r.role
+    own = registry.resolve(r.spec.callbacks)
     cbs = [
-        callbacks.NaNGuard(
-            hint=NAN_HINTS["clustering" if clustering else "default"],
-            checkpoint_dir=role.checkpoint_dirs[0],
-        ),
+        callbacks.NaNGuard(hint=r.spec.nan_hint, checkpoint_dir=role.checkpoint_dirs[0]),
+        # Before TensorBoard, so that the epoch logs it writes include theirs.
+        *(own(cfg) if own else ()),
         # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
         checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
         # After StepCheckpoint: SIGTERM/SIGINT save the step just finished, then stop the run.
@@ -474,125 +503,186 @@ def _run_in_workdir(cfg, extra_callbacks, strategy, role):
             role.checkpoint_dirs[0],
             agree_every=cfg.save_freq if isinstance(cfg.save_freq, int) else None,
         ),
-        keras.callbacks.TensorBoard(logdir, update_freq="epoch"),
+        keras.callbacks.TensorBoard(role.logdir, update_freq="epoch"),
         *extra_callbacks,
     ]
     if cfg.log_images and role.is_chief:
-        first = next(iter(train_ds.take(1)))
-        views = {k: v for k, v in first.items() if k in ("student", "teacher")}
-        # Multi-crop: the first crop of each resolution group.
-        views.update({k: v[:, 0] for k, v in first.items() if k in ("large", "small")})
-        cbs.append(callbacks.ViewImageLogger(logdir, views, cfg.log_images))
+        cbs.append(_view_logger(r))
     if cfg.eval.knn_monitor_every and role.is_chief:
-        monitor = _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_info)
+        monitor = _knn_monitor(
+            cfg, r.student, r.train_examples, r.train_info, r.eval_examples, r.eval_info
+        )
         if monitor is not None:
             cbs.append(monitor)
+    return cbs
 
-    # Per-epoch validation: MSE/cosine to each teacher (distillation) or accuracy (supervised).
-    validation = None
-    if clustering:
-        # Before TensorBoard, so that the epoch logs it writes include collapse_warning.
-        cbs.insert(1, factory.CollapseWarning(factory.uniform_loss(cfg)))
-    elif eval_examples is not None and (cfg.method != "supervised" or eval_info.has_labels):
-        validation = eval_views(eval_examples)
 
-    t0 = time.time()
+def _view_logger(r):
+    """Logs the first batch's views: student / teacher, or the first crop of each size."""
+    from kd_keras import callbacks
+
+    first = next(iter(train_data(r, r.done_steps).take(1)))
+    views = {k: v for k, v in first.items() if k in ("student", "teacher")}
+    views.update({k: v[:, 0] for k, v in first.items() if k in ("large", "small")})
+    return callbacks.ViewImageLogger(r.role.logdir, views, r.cfg.log_images)
+
+
+def fit(r, cbs):
+    """Trains the steps left; returns the final epoch logs (of the checkpoint when none were
+    left, as in a re-run after a kill in the final phase)."""
+    from kd_keras import checkpointing
+
     history = fit_from_step(
-        method,
-        fit_data,
-        done_steps,
-        steps_per_epoch,
-        cfg.optim.epochs,
-        validation_data=validation,
+        r.method,
+        functools.partial(fit_data, r),
+        r.done_steps,
+        r.steps_per_epoch,
+        r.cfg.optim.epochs,
+        validation_data=_validation_data(r),
         callbacks=cbs,
-        verbose=cfg.verbose,
+        verbose=r.cfg.verbose,
     )
-    train_seconds = time.time() - t0
     last_logs = {k: float(v[-1]) for k, v in history.items() if v}
-    if not last_logs:  # nothing left to train (a re-run after a kill in the final phase)
-        last_logs = checkpointing.last_logs(role.checkpoint_dirs[0])
+    return last_logs or checkpointing.last_logs(r.role.checkpoint_dirs[0])
 
-    results = {
+
+def _validation_data(r):
+    """Per-epoch validation batches ("student" + "label", centre crops), or None: MSE/cosine
+    to each teacher (distillation), accuracy (supervised)."""
+    from kd_keras import augment, data
+
+    if not r.spec.validate_each_epoch or r.eval_examples is None:
+        return None
+    if r.spec.needs_labels and not r.eval_info.has_labels:
+        return None
+    size = r.cfg.data.image_size
+    ds = data.make_eval_dataset(
+        r.eval_examples, lambda im: augment.center_crop(im, size), r.cfg.eval.eval_batch_size
+    )
+    return ds.map(lambda b: {"student": b["image"], "label": b["label"]})
+
+
+def run_summary(r, last_logs, train_seconds):
+    """The results.json entries every run has."""
+    cfg, info = r.cfg, r.train_info
+    return {
         "method": cfg.method,
         "student": cfg.model.student,
-        "teachers": [t.name for t in teachers],
+        "teachers": [t.name for t in r.teachers],
         "dataset": cfg.data.dataset,
         "train_split": cfg.data.train_split,
-        "eval_split": eval_split if eval_info else None,
+        "eval_split": r.eval_split if r.eval_info else None,
         # Undecodable train images, found once when the split was loaded and left out.
-        "skipped_train_files": {
-            "count": train_info.skipped_files,
-            "first": list(train_info.skipped_names),
-        },
+        "skipped_train_files": {"count": info.skipped_files, "first": list(info.skipped_names)},
         "epochs": cfg.optim.epochs,
-        "steps": int(method.optimizer.iterations.numpy()),
-        "final_learning_rate": float(method.optimizer.learning_rate.numpy()),
+        "steps": int(r.method.optimizer.iterations.numpy()),
+        "final_learning_rate": float(r.method.optimizer.learning_rate.numpy()),
         "train_seconds_this_invocation": round(train_seconds, 1),
         "final_logs": last_logs,
     }
 
-    # k-NN evaluation: backbone features, cosine, majority vote (SimReg protocol).
-    # Only the chief evaluates, exports and writes results; the others wait at the end.
-    evaluate = cfg.evaluate and role.is_chief and eval_info is not None
-    if evaluate and train_info.has_labels and eval_info.has_labels:
-        memory = train_examples
-        cap = cfg.eval.knn_max_train
-        if cap and cap < train_info.num_examples:
-            # Files are ordered by class: take every stride-th example, not the first `cap`,
-            # so that the k-NN memory covers every class.
-            stride = -(-train_info.num_examples // cap)
-            memory = train_examples.filter(lambda ex: ex["index"] % stride == 0)
-        train_eval = data.make_eval_dataset(memory, eval_transform, cfg.eval.eval_batch_size)
-        test_eval = data.make_eval_dataset(eval_examples, eval_transform, cfg.eval.eval_batch_size)
-        ks = tuple(
-            k for k in cfg.eval.knn_k if k <= (cfg.eval.knn_max_train or train_info.num_examples)
-        )
 
-        def knn_of(embed):
-            xtr, ytr = features.extract_features(embed, train_eval)
-            xte, yte = features.extract_features(embed, test_eval)
-            return knn.knn_accuracy(xtr, ytr, xte, yte, ks=ks, vote="majority")
+def final_evaluation(r, step):
+    """k-NN of the student, each teacher, the method's other networks and a random student
+    (backbone features, cosine, majority vote: the SimReg protocol). Chief only: under a
+    multi-worker strategy the others wait at the end."""
+    from kd_keras.eval import features, protocols
+    from kd_keras.methods import registry
 
-        knn_results = {
-            "protocol": "knn cosine majority vote, backbone features, centre crop",
-            "student": knn_of(student),
-        }
-        for t in teachers:
-            knn_results[f"teacher_{t.name}"] = knn_of(t)
-        if cfg.method in ("oss", "oss_offline"):
-            knn_results["teacher"] = knn_of(method.teacher_backbone)
-        if cfg.method != "supervised":
-            # Only the chief gets here: under a multi-worker strategy, creating variables in
-            # its scope would start a broadcast that the other workers never join.
-            with strategy.scope() if not multi_worker else contextlib.nullcontext():
-                keras.utils.set_random_seed(cfg.seed + 1)
-                random_student = build_student(cfg, size)
-            knn_results["random_init_student"] = knn_of(random_student)
-        results["knn"] = knn_results
-        _log_knn_to_tensorboard(
-            os.path.join(cfg.workdir, LOG_DIR, "knn"), knn_results, results["steps"]
-        )
-        results["num_train"] = train_info.num_examples
-        results["num_eval"] = eval_info.num_examples
+    if not r.labelled_eval:
+        return {}
+    cfg = r.cfg
+    train_eval, test_eval = _knn_datasets(r)
+    memory_size = features.every_nth_count(r.train_info.num_examples, cfg.eval.knn_max_train)
+    ks = tuple(k for k in cfg.eval.knn_k if k <= memory_size)
 
-    if cfg.export and role.is_chief:
-        exported, exported_name = student, cfg.model.student
-        if clustering:
-            exported, exported_name = factory.exported_backbone(cfg, method)
-            results["networks"] = factory.export_clustering_networks(cfg, method, cfg.workdir)
-        path = export.export_backbone(
-            exported,
-            os.path.join(cfg.workdir, EXPORT_DIR),
-            metadata={"backbone": exported_name, "method": cfg.method, "image_size": size},
-            heads=getattr(method, "heads", None),
-        )
-        results["export"] = path
-    if role.is_chief:
-        _write_json(os.path.join(cfg.workdir, RESULTS), results)
-        checkpointing.write_atomic(os.path.join(cfg.workdir, DONE_MARKER), "done\n")
-        _print_summary(results)
-    role.finish(strategy)
-    return results, method
+    def knn_of(embed):
+        return protocols.knn_of_embedding(embed, train_eval, test_eval, ks, vote="majority")
+
+    networks = {"student": r.student}
+    networks.update({f"teacher_{t.name}": t for t in r.teachers})
+    extra = registry.resolve(r.spec.knn_networks)
+    if extra is not None:
+        networks.update(extra(r.method))
+    if r.spec.knn_random_init:
+        networks["random_init_student"] = _random_student(r)
+    knn_results = {"protocol": "knn cosine majority vote, backbone features, centre crop"}
+    knn_results.update({name: knn_of(net) for name, net in networks.items()})
+    _log_knn_to_tensorboard(os.path.join(cfg.workdir, LOG_DIR, "knn"), knn_results, step)
+    return {
+        "knn": knn_results,
+        "num_train": r.train_info.num_examples,
+        "num_eval": r.eval_info.num_examples,
+    }
+
+
+def _knn_datasets(r):
+    """Centre-crop batches of the k-NN memory (--knn_max_train: every n-th example, since
+    files are ordered by class and the first n would miss classes) and of the eval split."""
+    from kd_keras import augment, data
+    from kd_keras.eval import features
+
+    cfg = r.cfg
+    memory = features.every_nth_examples(
+        r.train_examples, r.train_info.num_examples, cfg.eval.knn_max_train
+    )
+
+    def transform(image):
+        return augment.center_crop(image, cfg.data.image_size)
+
+    batch = cfg.eval.eval_batch_size
+    return (
+        data.make_eval_dataset(memory, transform, batch),
+        data.make_eval_dataset(r.eval_examples, transform, batch),
+    )
+
+
+def _random_student(r):
+    """A student with fresh weights (seed + 1): the k-NN floor the trained one must beat."""
+    import keras
+
+    # Only the chief gets here: under a multi-worker strategy, creating variables in its
+    # scope would start a broadcast that the other workers never join.
+    with r.strategy.scope() if not r.multi_worker else contextlib.nullcontext():
+        keras.utils.set_random_seed(r.cfg.seed + 1)
+        return build_student(r.cfg, r.cfg.data.image_size)
+
+
+def export_run(r):
+    """Exports the method's backbone (the student, unless its exporter says otherwise) as a
+    SavedModel + .keras under `<workdir>/export`; returns the results entries."""
+    from kd_keras import export
+    from kd_keras.methods import registry
+
+    cfg = r.cfg
+    exporter = registry.resolve(r.spec.exporter)
+    if exporter is None:
+        out = registry.Export(r.student, cfg.model.student, heads=getattr(r.method, "heads", None))
+    else:
+        out = exporter(cfg, r.method, cfg.workdir, r.student)
+    path = export.export_backbone(
+        out.backbone,
+        os.path.join(cfg.workdir, EXPORT_DIR),
+        metadata={
+            "backbone": out.backbone_name,
+            "method": cfg.method,
+            "image_size": cfg.data.image_size,
+        },
+        heads=out.heads,
+    )
+    return {**out.results, "export": path}
+
+
+def _write_results(workdir, results):
+    from kd_keras import checkpointing
+
+    checkpointing.write_json(os.path.join(workdir, RESULTS), results)
+
+
+def _write_done_marker(workdir):
+    from kd_keras import checkpointing
+
+    checkpointing.write_atomic(os.path.join(workdir, DONE_MARKER), "done\n")
 
 
 def _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_info):
@@ -601,16 +691,15 @@ def _knn_monitor(cfg, student, train_examples, train_info, eval_examples, eval_i
     Both sets are bounded by taking every n-th example (files are ordered by class, so the
     first n would miss classes) and use the centre-crop evaluation transform.
     """
-    from kd_keras import augment, callbacks, data, features
+    from kd_keras import augment, callbacks, data
+    from kd_keras.eval import features
 
     if eval_examples is None or not (train_info.has_labels and eval_info.has_labels):
         log.warning("--knn_monitor_every needs labelled train and eval splits; monitor off.")
         return None
 
     def bounded(examples, num, cap):
-        stride = -(-num // cap)
-        if stride > 1:
-            examples = features.select_examples(examples, lambda ex: ex["index"] % stride == 0)
+        examples = features.every_nth_examples(examples, num, cap)
         ds = data.make_eval_dataset(
             examples, lambda im: augment.center_crop(im, cfg.data.image_size), 256
         )
@@ -637,13 +726,6 @@ def _log_knn_to_tensorboard(logdir, knn_results, step):
                 for key, value in metrics.items():
                     tf.summary.scalar(f"{who}/{key}", value, step=step)
     writer.flush()
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _print_summary(results):
@@ -684,8 +766,13 @@ def main(argv):
     from kd_keras.preemption import Preempted
 
     errors = (
-        UsageError, ValueError, FileNotFoundError, NonFiniteLoss, TimeoutError,
-        CheckpointWriteError, WorkdirError,
+        UsageError,
+        ValueError,
+        FileNotFoundError,
+        NonFiniteLoss,
+        TimeoutError,
+        CheckpointWriteError,
+        WorkdirError,
     )
     with cli.one_line_errors("kd_keras.train", errors):
         try:

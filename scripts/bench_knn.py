@@ -1,7 +1,7 @@
 """Benchmark: FAISS `knn_classify` against a chunked NumPy brute-force k-NN classifier.
 
 Both classifiers get the same random float32 features and labels and use the same majority vote
-(`kd_keras.knn.vote_neighbors`), so the timings compare the neighbour search: a FAISS flat
+(`kd_keras.eval.knn.vote_neighbors`), so the timings compare the neighbour search: a FAISS flat
 inner-product index versus NumPy matmul + argpartition. Each is timed `--repeats` times after a
 small warm-up (thread pools, first-touch allocations) and the fastest run is reported.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import faiss  # noqa: E402
 
-from kd_keras import knn  # noqa: E402
+from kd_keras.eval import knn  # noqa: E402
 
 NEAR_TIE = 1e-5
 

@@ -5,7 +5,8 @@ that has `torch` and `torchvision`: `pip install -e ".[bench]"`). kd_keras never
 this file does not import kd_keras.
 
 The networks follow kd_keras' definitions: torchvision ResNets (3x3 stem without max-pool at
-<= 64 px, as kd_keras' `small_stem="auto"`), ImageNet normalisation inside the model, SimReg's
+<= 64 px, as kd_keras' `small_stem="auto"`), RegNetY-600MF (torchvision's RegNet on pycls'
+parameters; stem conv at stride 1 at <= 64 px), ImageNet normalisation inside the model, SimReg's
 mlp4 head (Linear 2m, BN, ReLU, Linear m, Linear 2m, BN, ReLU, Linear d), OSS' projection heads
 (Linear 2048, BN, ReLU, Linear 128 with a second dropout pass), 3000 prototypes, Sinkhorn
 (3 iterations, epsilon 0.05), swapped prediction over 2 large + V small crops with the dropout
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "regnety600mf": 608}
+# pycls' RegNetY-600MF through torchvision's RegNet (torchvision publishes no 600MF).
+PYCLS_600MF = dict(depth=15, w_0=48, w_a=32.54, w_m=2.32, group_width=16, se_ratio=0.25)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -34,10 +37,16 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 def backbone(name, image_size):
     if name not in FEATURE_DIMS:
         raise SystemExit(f"bench_torch.py: no PyTorch equivalent of {name!r}")
-    net = getattr(torchvision.models, name)(weights=None)
-    if image_size <= 64:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
+    if name == "regnety600mf":
+        regnet = torchvision.models.regnet
+        net = regnet.RegNet(regnet.BlockParams.from_init_params(**PYCLS_600MF))
+        if image_size <= 64:  # kd_keras' small stem: the stem conv at stride 1
+            net.stem[0] = nn.Conv2d(3, 32, 3, 1, 1, bias=False)
+    else:
+        net = getattr(torchvision.models, name)(weights=None)
+        if image_size <= 64:
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
     net.fc = nn.Identity()
 
     class Normalised(nn.Module):

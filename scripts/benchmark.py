@@ -164,7 +164,7 @@ def run_keras_config(args, name, precision, xla):
     import keras
     import tensorflow as tf
 
-    from kd_keras import augment, config, data, teacher_cache, train
+    from kd_keras import augment, config, data, optimizers, teacher_cache, train
     from kd_keras import precision as precision_lib
 
     method_name = "simreg" if name == "simreg_cached" else name
@@ -209,7 +209,7 @@ def run_keras_config(args, name, precision, xla):
         student = train.build_student(cfg, args.image_size)
         method = train.build_method(cfg, student, teachers, NUM_CLASSES, steps_per_epoch=NUM_IMAGES)
         if method_name in config.CLUSTERING_METHODS:
-            optimizer = factory.make_optimizer(cfg, NUM_IMAGES)
+            optimizer = optimizers.make_optimizer(cfg.optim, NUM_IMAGES)
         else:
             optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
         jit, result["jit_choice"] = precision_lib.choose_jit_compile(
@@ -228,7 +228,8 @@ def run_knn(args):
     import numpy as np
     import tensorflow as tf
 
-    from kd_keras import features, knn, train
+    from kd_keras import train
+    from kd_keras.eval import features, knn
 
     cfg = _cfg(args, "simreg", "float32", False)
     keras.utils.set_random_seed(0)

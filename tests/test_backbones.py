@@ -18,6 +18,7 @@ EXPECTED_DIMS = {
     "resnet_small": 256,
     "resnet_tiny": 64,
     "convnet_tiny": 64,
+    "regnety600mf": 608,
 }
 # torchvision's parameter counts minus the 1000-class fc layer (m * 1000 + 1000).
 TORCHVISION_PARAMS_NO_FC = {

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd_keras import backbones, callbacks, config, data, evaluate, export, knn, subsets, train
+from kd_keras import backbones, callbacks, config, data, evaluate, export, train
+from kd_keras.eval import features, knn, layers, subsets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +86,7 @@ def test_knn_monitor_logs_every_epoch_to_tensorboard_and_json(run):
 
 
 def _monitor_sets(student, max_train, max_test):
-    from kd_keras import augment, features
+    from kd_keras import augment
 
     out = []
     for split, cap in (("train", max_train), ("test", max_test)):
@@ -127,7 +128,7 @@ def test_exported_savedmodel_gives_the_knn_numbers_of_the_in_memory_model(run, t
     # Independent check of one number: majority 1-NN from features of the in-memory student.
     train_ex, _ = data.load_split("digits", "train", image_size_hint=8)
     test_ex, _ = data.load_split("digits", "test", image_size_hint=8)
-    from kd_keras import augment, features
+    from kd_keras import augment
 
     def feats(ex):
         ds = data.make_eval_dataset(ex, lambda im: augment.center_crop(im, 8), 128)
@@ -186,36 +187,36 @@ def test_layers_backbone_stage_and_head(run):
     loaded = evaluate.load_model(run_dir)
     images = np.random.default_rng(2).uniform(size=(4, 8, 8, 3)).astype(np.float32)
     # stage1 of convnet_tiny at 8 px is [4, 4, 16]; 64-d backbone -> grid round(sqrt(4)) = 2.
-    stage, info = evaluate.layer_embedding(loaded, "stage1")
+    stage, info = layers.layer_embedding(loaded, "stage1")
     assert info["feature_dim"] == 64 and "2x2" in info["pooling"]
     fmap = keras.Model(loaded.backbone.inputs, loaded.backbone.get_layer("stage1").output)(
         images
     ).numpy()
     want = fmap.reshape(4, 2, 2, 2, 2, 16).mean(axis=(2, 4)).reshape(4, -1)
     np.testing.assert_allclose(stage(images), want, atol=1e-5)
-    head_mid, info = evaluate.layer_embedding(loaded, "head_tt/relu1")
+    head_mid, info = layers.layer_embedding(loaded, "head_tt/relu1")
     assert info["feature_dim"] == 128  # mlp2: (m, 2m, d)
-    head_out, info = evaluate.layer_embedding(loaded, "head_tt")
+    head_out, info = layers.layer_embedding(loaded, "head_tt")
     np.testing.assert_allclose(
         head_out(images),
         method.heads[0](method.student(images, training=False), training=False),
         atol=1e-5,
     )
     with pytest.raises(evaluate.EvaluationError, match="unknown layer; known: backbone, "):
-        evaluate.layer_embedding(loaded, "stage9")
+        layers.layer_embedding(loaded, "stage9")
     with pytest.raises(evaluate.EvaluationError, match="head_tt/linear1"):
-        evaluate.layer_embedding(loaded, "head_tt/nope")
+        layers.layer_embedding(loaded, "head_tt/nope")
 
 
 def test_adaptive_pool_matches_torch_bins():
     x = np.random.default_rng(3).normal(size=(2, 5, 7, 3)).astype(np.float32)
-    got = evaluate.AdaptiveAveragePooling(3)(x).numpy().reshape(2, 3, 3, 3)
+    got = layers.AdaptiveAveragePooling(3)(x).numpy().reshape(2, 3, 3, 3)
     for i in range(3):
         for j in range(3):
             rows = slice((i * 5) // 3, -(-((i + 1) * 5) // 3))
             cols = slice((j * 7) // 3, -(-((j + 1) * 7) // 3))
             np.testing.assert_allclose(got[:, i, j], x[:, rows, cols].mean(axis=(1, 2)), atol=1e-6)
-    assert evaluate.pooling_grid((None, 4, 4, 16), 512) == 4  # capped by the map size
+    assert layers.pooling_grid((None, 4, 4, 16), 512) == 4  # capped by the map size
 
 
 def test_bad_input_is_one_clear_error(run, tmp_path):
@@ -317,7 +318,7 @@ def test_augmented_linear_probe_and_finetune_record_their_path_and_subset(run, t
     assert results["linear"]["training_images"].startswith("decoded once, kept as uint8")
     tune = next(r for r in results["results"] if r["protocol"] == "finetune1")
     assert tune["fraction"] == 0.01 and tune["num_test"] == linear["num_test"] == 90
-    labels = evaluate.label_array(data.load_split("digits", "train", image_size_hint=8)[0], 1437)
+    labels = features.label_array(data.load_split("digits", "train", image_size_hint=8)[0], 1437)
     subset = subsets.load_subset(tune["subset_file"], labels=labels)  # checks class counts
     assert tune["num_train"] == subset.num_examples == 10  # 1% of ~144 per class rounds to 1
     np.testing.assert_array_equal(subset.indices, subsets.label_subset(labels, 0.01, seed=0))
@@ -337,6 +338,6 @@ def test_bare_savedmodel_serves_the_backbone_layer_only(run, tmp_path):
     )
     assert from_bare["knn"] == from_export["knn"]
     with pytest.raises(evaluate.EvaluationError, match="only 'backbone' is available"):
-        evaluate.layer_embedding(bare, "stage1")
+        layers.layer_embedding(bare, "stage1")
     with pytest.raises(evaluate.EvaluationError, match="need a Keras backbone"):
         evaluate.evaluate(bare, _eval_cfg("bare", tmp_path, protocols=("finetune10",)))

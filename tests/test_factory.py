@@ -12,13 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from kd_keras import config as config_lib
 from kd_keras import export, train
 from kd_keras.callbacks import NonFiniteLoss
+from kd_keras.eval import loading
 from kd_keras.methods import factory
 
 config_lib.define_flags()
 
 CLUSTER = config_lib.ClusterConfig(
-    optimizer="lars",
-    final_lr=0.006,
     online_teacher="convnet_tiny",
     small_crop_size=4,
     num_small_crops=2,
@@ -42,7 +41,13 @@ def _cfg(workdir, method, **cluster):
         data=config_lib.DataConfig(image_size=8, shuffle_buffer=256),
         model=config_lib.ModelConfig(student="convnet_tiny"),
         optim=config_lib.OptimConfig(
-            batch_size=32, epochs=2, steps_per_epoch=2, lr=0.6, weight_decay=1e-6
+            batch_size=32,
+            epochs=2,
+            steps_per_epoch=2,
+            lr=0.6,
+            weight_decay=1e-6,
+            optimizer="lars",
+            final_lr=0.006,
         ),
         eval=config_lib.EvalConfig(knn_k=(1, 5), eval_batch_size=128, knn_max_train=300),
         cluster=dataclasses.replace(CLUSTER, **cluster),
@@ -69,6 +74,13 @@ def test_oss_run_trains_evaluates_and_exports(oss_run):
     images = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(
         np.asarray(embed(images)), method.student(images, training=False), atol=1e-5
+    )
+    # So does the student rebuilt from the newest checkpoint (`evaluate --from_checkpoint`;
+    # the clustering student takes any input size, the run's own size is used).
+    loaded = loading.load_model(str(workdir), from_checkpoint=True)
+    assert loaded.image_size == 8
+    np.testing.assert_allclose(
+        loaded.backbone(images, training=False), method.student(images, training=False), atol=1e-5
     )
     for role in ("teacher", "student"):
         manifest = json.loads((workdir / "networks" / role / "manifest.json").read_text())
@@ -97,6 +109,14 @@ def test_oss_offline_loads_the_frozen_teacher_and_prototypes(oss_run, tmp_path):
     # The teacher's k-NN is the online teacher's (same frozen weights, same data).
     assert results["knn"]["teacher"] == pytest.approx(
         json.loads((teacher_dir / "results.json").read_text())["knn"]["teacher"]
+    )
+    # `evaluate --from_checkpoint` rebuilds the run with its frozen teacher networks and
+    # reads the final student from the newest checkpoint.
+    loaded = loading.load_model(str(tmp_path / "offline"), from_checkpoint=True)
+    assert "checkpoint of step 4" in loaded.source
+    images = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        loaded.backbone(images, training=False), method.student(images, training=False), atol=1e-5
     )
 
 
@@ -179,7 +199,11 @@ def test_flagfiles_parse(tmp_path):
             3840,
             15,
         )
-        assert (paper.optim.lr, c.final_lr, paper.optim.weight_decay) == (0.6, 0.0006, 1e-6)
+        assert (paper.optim.lr, paper.optim.final_lr, paper.optim.weight_decay) == (
+            0.6,
+            0.0006,
+            1e-6,
+        )
         assert (c.num_small_crops, c.small_crop_size, c.proj_dropout) == (6, 96, (0.1, 0.05))
     finally:
         os.chdir(cwd)

@@ -14,7 +14,8 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import checkpointing, evaluate
+from kd_keras import checkpointing
+from kd_keras.eval import loading
 from tests.helpers import h5_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +200,7 @@ def test_evaluate_latest_checkpoint_finds_files_by_name(tmp_path):
     model = _model()
     _saver(model, tmp_path).save(9)
     os.remove(tmp_path / checkpointing.STATE_FILE)
-    assert evaluate.latest_checkpoint(str(tmp_path)).endswith("ckpt-000000009.weights.h5")
+    assert loading.latest_checkpoint(str(tmp_path)).endswith("ckpt-000000009.weights.h5")
 
 
 def _train_cmd(workdir, teacher, *extra):

@@ -1,10 +1,11 @@
-"""kd_keras.finetune: label-subset fine-tuning learns, leaves the given backbone untouched."""
+"""kd_keras.eval.finetune: label-subset fine-tuning learns, leaves the given backbone untouched."""
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kd_keras import augment, backbones, data, finetune, subsets
+from kd_keras import augment, backbones, data
+from kd_keras.eval import finetune, subsets
 
 
 def test_milestones_scale_with_epochs():

@@ -1,10 +1,10 @@
-"""Tests for kd_keras.knn against an independent NumPy brute-force k-NN."""
+"""Tests for kd_keras.eval.knn against an independent NumPy brute-force k-NN."""
 
 import faiss
 import numpy as np
 import pytest
 
-from kd_keras import knn
+from kd_keras.eval import knn
 
 NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 300, 100, 64, 7
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import linear_probe as lp
+from kd_keras.eval import linear_probe as lp
 
 
 def _clusters(num_classes, dim, n, seed, spread=3.0, centre_seed=123):

@@ -73,3 +73,24 @@ def test_warmup_cosine_serialises_and_drives_an_optimizer():
         schedules.WarmupCosine(0.6, 0)
     with pytest.raises(ValueError, match="peak_lr"):
         schedules.WarmupCosine(-0.1, 10)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0.0, 1.0])
+def test_training_schedule_equals_the_keras_cosine_of_earlier_runs(warmup_epochs):
+    # SimReg runs used keras' CosineDecay (with its linear warm-up) before every method
+    # went through optimizers.learning_rate_schedule; resumed runs must see the same rates.
+    from kd_keras import config, optimizers
+
+    o = config.OptimConfig(batch_size=64, epochs=4, lr=0.4, warmup_epochs=warmup_epochs)
+    ours = optimizers.learning_rate_schedule(o, steps_per_epoch=5)
+    peak, total, warm = o.scaled_lr(), 20, int(round(warmup_epochs * 5))
+    if warm:
+        ref = keras.optimizers.schedules.CosineDecay(
+            0.0, total - warm, warmup_target=peak, warmup_steps=warm
+        )
+    else:
+        ref = keras.optimizers.schedules.CosineDecay(peak, total)
+    for step in range(total + 3):
+        assert float(ours(step)) == pytest.approx(float(ref(step)), rel=1e-5, abs=1e-7), step
+    constant = config.OptimConfig(batch_size=64, lr=0.4, schedule="constant")
+    assert optimizers.learning_rate_schedule(constant, 5) == pytest.approx(0.1)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from kd_keras import subsets
+from kd_keras.eval import subsets
 
 
 def _labels():

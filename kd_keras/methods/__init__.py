@@ -1,10 +1,22 @@
-"""Training methods: one keras.Model subclass per method, registered by name."""
+"""Training methods: one keras.Model subclass per method, declared in `registry`.
 
-from kd_keras.methods.oss import OSS
-from kd_keras.methods.simreg import SimReg
-from kd_keras.methods.supervised import Supervised
-from kd_keras.methods.swav import SwAV
+Importing this package imports no TensorFlow (config.py reads the registry); the model
+classes load on first access, e.g. `from kd_keras.methods import SimReg`.
+"""
 
-DISTILLATION_VARIANTS = ("simreg", "regress", "regress_bn")
+import importlib
 
-__all__ = ["OSS", "SimReg", "Supervised", "SwAV", "DISTILLATION_VARIANTS"]
+_CLASSES = {
+    "OSS": "kd_keras.methods.oss",
+    "SimReg": "kd_keras.methods.simreg",
+    "Supervised": "kd_keras.methods.supervised",
+    "SwAV": "kd_keras.methods.swav",
+}
+
+__all__ = ["OSS", "SimReg", "Supervised", "SwAV"]
+
+
+def __getattr__(name):
+    if name in _CLASSES:
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module 'kd_keras.methods' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""Builds SwAV / OSS runs from a `Config`: views, networks, optimizer, export and reload.
+"""Builds SwAV / OSS runs from a `Config`: views, networks, export and reload.
 
-train.py calls these for `--method` in `config.CLUSTERING_METHODS`; everything here takes the
-config dataclasses, never flags.
+The registry (`clustering_spec.py`) names these builders and hooks for `--method` swav, oss
+and oss_offline; everything here takes the config dataclasses, never flags.
 """
 
 import json
@@ -12,10 +12,9 @@ import shutil
 import keras
 import numpy as np
 
-from kd_keras import augment, backbones, clustering, heads, schedules
+from kd_keras import augment, backbones, clustering, heads
 from kd_keras.methods.oss import OSS
 from kd_keras.methods.swav import SwAV
-from kd_keras.optimizers import LARS
 
 NETWORKS_DIR = "networks"
 NETWORK_MANIFEST = "manifest.json"
@@ -67,96 +66,105 @@ def queue_for(cfg):
     return queue
 
 
-def build_clustering_method(cfg, student, steps_per_epoch, teacher_networks=None):
-    """The un-compiled `SwAV` or `OSS` model of `cfg.method`.
-
-    Args:
-      student: backbone from `build_backbone` (the network that is evaluated/exported).
-      steps_per_epoch: optimizer steps per epoch (queue start and GRL horizon).
-      teacher_networks: for "oss_offline", the dict from `load_clustering_networks`.
-    """
-    c = cfg.cluster
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    common = dict(
+def _clustering_kwargs(ctx):
+    """Settings every SwAV / OSS model takes."""
+    c = ctx.cfg.cluster
+    return dict(
         temperature=c.temperature,
         epsilon=c.sinkhorn_epsilon,
         sinkhorn_iters=c.sinkhorn_iters,
-        queue_start_step=c.queue_start_epoch * steps_per_epoch,
+        queue_start_step=c.queue_start_epoch * ctx.steps_per_epoch,
         freeze_prototypes_steps=c.freeze_prototypes_steps,
-        weight_decay=method_weight_decay(cfg),
+        weight_decay=ctx.weight_decay,
     )
-    if cfg.method == "swav":
-        return SwAV(
-            student,
-            _head(cfg, "projection_head", dropout=False),
-            clustering.Prototypes(c.num_prototypes, c.proj_dim, name="prototypes"),
-            queue_for(cfg),
-            name="swav",
-            **common,
-        )
-    if cfg.method == "oss":
-        teacher = build_backbone(cfg, c.online_teacher)
-        return OSS(
-            teacher,
-            _head(cfg, "teacher_head"),
-            student,
-            _head(cfg, "student_head"),
-            clustering.Prototypes(c.num_prototypes, c.proj_dim, name="prototypes"),
-            queue_for(cfg),
-            heads.feature_classifier(c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn),
-            heads.GradientReversal(name="gradient_reversal"),
-            total_steps=total_steps,
-            online=True,
-            use_dropout_views=c.dropout_views,
-            name="oss",
-            **common,
-        )
-    if cfg.method == "oss_offline":
-        if teacher_networks is None:
-            raise ValueError("--method=oss_offline needs a frozen teacher (--teacher=RUN_DIR).")
-        return OSS(
-            teacher_networks["backbone"],
-            teacher_networks["head"],
-            student,
-            _head(cfg, "student_head"),
-            teacher_networks["prototypes"],
-            queue_for(cfg),
-            total_steps=total_steps,
-            online=False,
-            use_dropout_views=c.dropout_views,
-            name="oss_offline",
-            **common,
-        )
-    raise ValueError(f"--method={cfg.method} is not a clustering method.")
 
 
-def make_optimizer(cfg, steps_per_epoch):
-    """LARS (SwAV's flavour) or momentum SGD with warm-up + cosine to --final_lr.
+def _prototypes(cfg):
+    return clustering.Prototypes(
+        cfg.cluster.num_prototypes, cfg.cluster.proj_dim, name="prototypes"
+    )
 
-    Both rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+
+def build_swav(ctx):
+    """The registry's builder of --method=swav (`ctx`: a `registry.BuildContext`)."""
+    cfg = ctx.cfg
+    return SwAV(
+        ctx.student,
+        _head(cfg, "projection_head", dropout=False),
+        _prototypes(cfg),
+        queue_for(cfg),
+        name="swav",
+        **_clustering_kwargs(ctx),
+    )
+
+
+def build_oss(ctx):
+    """The registry's builder of --method=oss: an online teacher trained with the student."""
+    cfg, c = ctx.cfg, ctx.cfg.cluster
+    return OSS(
+        build_backbone(cfg, c.online_teacher),
+        _head(cfg, "teacher_head"),
+        ctx.student,
+        _head(cfg, "student_head"),
+        _prototypes(cfg),
+        queue_for(cfg),
+        heads.feature_classifier(c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn),
+        heads.GradientReversal(name="gradient_reversal"),
+        total_steps=cfg.optim.epochs * ctx.steps_per_epoch,
+        online=True,
+        use_dropout_views=c.dropout_views,
+        name="oss",
+        **_clustering_kwargs(ctx),
+    )
+
+
+def build_oss_offline(ctx):
+    """The registry's builder of --method=oss_offline; `ctx.frozen` is the dict from
+    `load_frozen_teacher` (backbone, head and prototypes of a SwAV / OSS run)."""
+    cfg = ctx.cfg
+    if ctx.frozen is None:
+        raise ValueError("--method=oss_offline needs a frozen teacher (--teacher=RUN_DIR).")
+    return OSS(
+        ctx.frozen["backbone"],
+        ctx.frozen["head"],
+        ctx.student,
+        _head(cfg, "student_head"),
+        ctx.frozen["prototypes"],
+        queue_for(cfg),
+        total_steps=cfg.optim.epochs * ctx.steps_per_epoch,
+        online=False,
+        use_dropout_views=cfg.cluster.dropout_views,
+        name="oss_offline",
+        **_clustering_kwargs(ctx),
+    )
+
+
+def load_frozen_teacher(cfg):
+    """The registry's `frozen_teacher` of oss_offline: its first --teacher, loaded."""
+    return load_clustering_networks(cfg.model.teachers[0], cfg)
+
+
+def teacher_network(method):
+    """The registry's `knn_networks` of OSS: its teacher backbone, reported as "teacher"."""
+    return {"teacher": method.teacher_backbone}
+
+
+def clustering_callbacks(cfg):
+    """The registry's `callbacks` of SwAV / OSS: the collapse warning."""
+    return [CollapseWarning(uniform_loss(cfg))]
+
+
+def export_clustering(cfg, method, workdir, student):
+    """The registry's `exporter` of SwAV / OSS: the backbone of `exported_backbone`, plus
+    every network with its head and prototypes under `<workdir>/networks/` (for oss_offline).
     """
-    o, c = cfg.optim, cfg.cluster
-    scale = o.scaled_lr() / o.lr
-    total = o.epochs * steps_per_epoch
-    warmup = int(round(o.warmup_epochs * steps_per_epoch))
-    schedule = schedules.WarmupCosine(
-        o.scaled_lr(), total, final_lr=c.final_lr * scale, warmup_steps=warmup
+    from kd_keras.methods import registry
+
+    backbone, name = exported_backbone(cfg, method)
+    networks = export_clustering_networks(cfg, method, workdir)
+    return registry.Export(
+        backbone, name, heads=getattr(method, "heads", None), results={"networks": networks}
     )
-    if c.optimizer == "lars":
-        exclude = ["bias", "bn", "batch_normalization"] if c.lars_exclude_bn_bias else None
-        return LARS(
-            schedule,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            trust_coefficient=c.lars_trust,
-            exclude_from_adaptation=exclude,
-        )
-    return keras.optimizers.SGD(schedule, momentum=o.momentum)
-
-
-def method_weight_decay(cfg):
-    """Coupled L2 added through the loss: 0 with LARS, which applies the decay itself."""
-    return 0.0 if cfg.cluster.optimizer == "lars" else cfg.optim.weight_decay
 
 
 def exported_backbone(cfg, method):

@@ -4,6 +4,7 @@ Self-supervised Knowledge Distillation") and its Regress / Regress-BN baselines.
 import keras
 import tensorflow as tf
 
+from kd_keras import heads as heads_lib
 from kd_keras import losses
 from kd_keras.heads import feature_batch_norm
 from kd_keras.methods.base import Method
@@ -131,20 +132,18 @@ class SimReg(Method):
         return [tf.stop_gradient(t(images)) for t in self.teachers]
 
     def _distances(self, predictions, targets, training):
-        """Per-example distance to each teacher: list of float32 [B]."""
+        """Per-example distance to each teacher (the variant's loss before the batch mean):
+        list of float32 [B]."""
         out = []
         for k, (pred, target) in enumerate(zip(predictions, targets, strict=True)):
-            pred = tf.cast(pred, tf.float32)
-            target = tf.cast(target, tf.float32)
             if self.variant == "simreg":
-                diff = losses.l2_normalize(pred) - losses.l2_normalize(target)
+                out.append(losses.simreg_distances(pred, target))
             elif self.variant == "regress":
-                diff = pred - target
+                out.append(losses.regress_distances(pred, target))
             else:
-                diff = self.student_bns[k](pred, training=training) - self.teacher_bns[k](
-                    target, training=training
-                )
-            out.append(tf.reduce_sum(tf.square(diff), axis=-1))
+                pred = self.student_bns[k](tf.cast(pred, tf.float32), training=training)
+                target = self.teacher_bns[k](tf.cast(target, tf.float32), training=training)
+                out.append(losses.regress_distances(pred, target))
         return out
 
     def train_step(self, data):
@@ -171,3 +170,33 @@ class SimReg(Method):
             self.mse_trackers[k].update_state(dist)
             self.cos_trackers[k].update_state(losses.cosine_similarity(predictions[k], targets[k]))
         return {m.name: m.result() for m in self.metrics}
+
+
+def build_simreg(ctx):
+    """The registry's builder: one prediction head per teacher, then `SimReg`.
+
+    Args:
+      ctx: `kd_keras.methods.registry.BuildContext` (its cfg.method is the variant).
+    """
+    cfg = ctx.cfg
+    student_dim = ctx.student.output_shape[-1]
+    head_list = [
+        heads_lib.prediction_head(
+            student_dim,
+            t.feature_dim,
+            cfg.model.head,
+            hidden_dims=cfg.model.head_hidden_dims,
+            sync_bn=cfg.sync_bn,
+            name=f"head_{t.name}",
+        )
+        for t in ctx.teachers
+    ]
+    return SimReg(
+        ctx.student,
+        ctx.teachers,
+        head_list,
+        variant=cfg.method,
+        sync_bn=cfg.sync_bn,
+        weight_decay=ctx.weight_decay,
+        name=cfg.method,
+    )

@@ -63,3 +63,10 @@ class Supervised(Method):
         self.loss_tracker.update_state(self._loss(labels, logits))
         self.accuracy.update_state(labels, logits)
         return {m.name: m.result() for m in self.metrics}
+
+
+def build_supervised(ctx):
+    """The registry's builder (`ctx`: a `kd_keras.methods.registry.BuildContext`)."""
+    return Supervised(
+        ctx.student, ctx.num_classes, weight_decay=ctx.weight_decay, name="supervised"
+    )

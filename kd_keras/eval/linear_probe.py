@@ -14,7 +14,7 @@ is reported. Two protocols are provided as `PRESETS`:
 Two paths, and results say which one was used (``"path"``):
 
 * fast, ``"cached_features"`` (`train_linear_probe`): trains on CACHED features, one feature
-  vector per image extracted once from the centre crop (`kd_keras.features.extract_features`).
+  vector per image extracted once from the centre crop (`kd_keras.eval.features.extract_features`).
   Cached-feature probes are usually somewhat below the faithful numbers and must not be quoted
   as the papers' protocol.
 * faithful, ``"augmented_images"`` (`train_linear_probe_augmented`): every epoch feeds freshly
@@ -46,7 +46,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kd_keras.knn import check_features
+from kd_keras.eval.knn import check_features
+from kd_keras.optimizers import TorchSGD
+from kd_keras.schedules import EpochCosine, EpochStepDecay
 
 PATH_CACHED_FEATURES = "cached_features"
 PATH_AUGMENTED_IMAGES = "augmented_images"
@@ -184,129 +186,6 @@ class FeatureStandardization(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["epsilon"] = self.epsilon
-        return config
-
-
-@keras.saving.register_keras_serializable(package="kd_keras")
-class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """lr = initial_lr * factor ** (number of milestones <= epoch), epoch = step // steps_per_epoch.
-
-    `step` is the optimizer's iteration count before the update (0 for the first step), so
-    the first step of epoch e is step e * steps_per_epoch.
-
-    Args:
-      initial_lr: rate during the first epochs (> 0).
-      steps_per_epoch: optimizer steps per epoch (>= 1).
-      milestones: increasing epochs (>= 1) at which the rate is multiplied by `factor`.
-      factor: decay multiplier (SimReg: 0.1).
-    """
-
-    def __init__(self, initial_lr, steps_per_epoch, milestones, factor=0.1):
-        self.initial_lr = _check_positive_float(initial_lr, "initial_lr")
-        self.steps_per_epoch = _check_int(steps_per_epoch, "steps_per_epoch", 1)
-        self.milestones = tuple(_check_int(m, "milestones", 1) for m in milestones)
-        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
-            raise ValueError(f"milestones must be strictly increasing, got {milestones!r}")
-        self.factor = _check_positive_float(factor, "factor")
-
-    def __call__(self, step):
-        epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
-        passed = tf.zeros([], tf.float32)
-        for milestone in self.milestones:
-            passed += tf.cast(epoch >= milestone, tf.float32)
-        return self.initial_lr * tf.pow(self.factor, passed)
-
-    def get_config(self):
-        return {
-            "initial_lr": self.initial_lr,
-            "steps_per_epoch": self.steps_per_epoch,
-            "milestones": list(self.milestones),
-            "factor": self.factor,
-        }
-
-
-@keras.saving.register_keras_serializable(package="kd_keras")
-class EpochCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Cosine decay updated once per epoch (PyTorch CosineAnnealingLR stepped every epoch).
-
-    With e = min(step // steps_per_epoch, epochs):
-      lr = final_lr + 0.5 * (initial_lr - final_lr) * (1 + cos(pi * e / epochs)),
-    so epoch 0 trains at initial_lr, epoch epochs/2 at the midpoint, and the last trained epoch
-    (epochs - 1) at slightly above final_lr.
-
-    Args:
-      initial_lr: rate of epoch 0 (> 0).
-      steps_per_epoch: optimizer steps per epoch (>= 1).
-      epochs: length of the decay in epochs (>= 1).
-      final_lr: rate reached at epoch `epochs` (>= 0).
-    """
-
-    def __init__(self, initial_lr, steps_per_epoch, epochs, final_lr=0.0):
-        self.initial_lr = _check_positive_float(initial_lr, "initial_lr")
-        self.steps_per_epoch = _check_int(steps_per_epoch, "steps_per_epoch", 1)
-        self.epochs = _check_int(epochs, "epochs", 1)
-        if (
-            isinstance(final_lr, bool)
-            or not isinstance(final_lr, numbers.Real)
-            or not 0 <= final_lr <= initial_lr
-        ):
-            raise ValueError(f"final_lr must be a number in [0, initial_lr], got {final_lr!r}")
-        self.final_lr = float(final_lr)
-
-    def __call__(self, step):
-        epoch = tf.minimum(tf.cast(step, tf.int64) // self.steps_per_epoch, self.epochs)
-        progress = tf.cast(epoch, tf.float32) / float(self.epochs)
-        span = self.initial_lr - self.final_lr
-        return self.final_lr + 0.5 * span * (1.0 + tf.cos(math.pi * progress))
-
-    def get_config(self):
-        return {
-            "initial_lr": self.initial_lr,
-            "steps_per_epoch": self.steps_per_epoch,
-            "epochs": self.epochs,
-            "final_lr": self.final_lr,
-        }
-
-
-@keras.saving.register_keras_serializable(package="kd_keras")
-class TorchSGD(keras.optimizers.Optimizer):
-    """SGD with PyTorch's momentum convention (dampening 0, not Nesterov).
-
-    For every variable w with gradient g:  v = momentum * v + g;  w = w - lr * v.
-    (Keras' SGD stores lr * g in the velocity, so it lags torch after a learning-rate change.)
-    Weight decay is not applied here; add it to the loss (see the module docstring).
-
-    Args:
-      learning_rate: float or LearningRateSchedule.
-      momentum: in [0, 1).
-    """
-
-    def __init__(self, learning_rate=0.01, momentum=0.9, name="torch_sgd", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, numbers.Real)
-            or not 0 <= momentum < 1
-        ):
-            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self.velocities = [self.add_variable_from_reference(v, name="velocity") for v in variables]
-
-    def update_step(self, gradient, variable, learning_rate):
-        lr = tf.cast(learning_rate, variable.dtype)
-        g = tf.cast(gradient, variable.dtype)
-        v = self.velocities[self._get_variable_index(variable)]
-        self.assign(v, self.momentum * v + g)
-        self.assign_sub(variable, lr * v)
-
-    def get_config(self):
-        config = super().get_config()
-        config["momentum"] = self.momentum
         return config
 
 

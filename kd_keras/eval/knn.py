@@ -32,7 +32,9 @@ import numbers
 import faiss
 import numpy as np
 
-VOTES = ("majority", "weighted")
+from kd_keras import choices
+
+VOTES = choices.KNN_VOTES
 
 # Largest x with exp(x) finite in float32 is ~88.72; keep a margin for similarities that exceed
 # 1 by a rounding error.

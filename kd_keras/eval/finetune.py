@@ -1,7 +1,7 @@
 """Semi-supervised fine-tuning with 1% / 10% of the labels (OSS appendix A.4, SwAV protocol).
 
 The whole network (backbone + a new linear classifier) is trained on a class-balanced label
-subset (`kd_keras.subsets.label_subset`), with:
+subset (`kd_keras.eval.subsets.label_subset`), with:
 
 * SGD with PyTorch momentum 0.9 (`TorchSGD`), no weight decay, batch 256, 20 epochs;
 * separate learning rates for the backbone and the classifier: 1%: 0.02 / 5, 10%: 0.01 / 0.2;
@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from kd_keras import augment, data
-from kd_keras.linear_probe import EpochStepDecay, TorchSGD
+from kd_keras.optimizers import TorchSGD
+from kd_keras.schedules import EpochStepDecay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +100,56 @@ def finetune(
     steps_per_epoch = math.ceil(num_train / batch_size)
     milestones = scaled_milestones(preset, epochs)
 
-    # A private copy: fine-tuning must not change the model other protocols evaluate.
+    trunk = _trainable_copy(backbone)
+    classifier = _torch_linear(num_classes, int(trunk.output_shape[-1]), seed)
+    train_step = _train_step_fn(trunk, classifier, preset, steps_per_epoch, milestones)
+
+    def view_fn(image, pair):
+        # to_float_image: training images may be cached as uint8 (kd_keras.evaluate does).
+        image = augment.to_float_image(image)
+        return {"image": augment.weak_view(image, pair, size, scale=CROP_SCALE)}
+
+    train_ds = data.make_train_dataset(
+        train_examples,
+        view_fn,
+        batch_size,
+        seed=seed,
+        shuffle_buffer=max(1, min(num_train, 10000)),
+        drop_remainder=False,
+        num_epochs=epochs,
+    )
+    steps, epoch_loss = _train(train_step, train_ds, steps_per_epoch, epochs, verbose)
+    top1, top5, num_test = _test_accuracy(trunk, classifier, test_dataset)
+    return {
+        "top1": top1,
+        "top5": top5 if num_classes > 5 else None,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "backbone_lr": preset.backbone_lr,
+        "classifier_lr": preset.classifier_lr,
+        "milestones": list(milestones),
+        "steps": steps,
+        "final_train_loss": epoch_loss,
+        "num_train": int(num_train),
+        "num_test": num_test,
+    }
+
+
+def _trainable_copy(backbone):
+    """A private, fully trainable copy: fine-tuning must not change the model other protocols
+    evaluate."""
     trunk = keras.models.clone_model(backbone)
     trunk.set_weights(backbone.get_weights())
     # clone_model copies each layer's trainable flag but not the model's, so a frozen backbone
     # gives a clone whose model-level `trainable = True` would be a no-op: unfreeze per layer.
     for layer in trunk.layers:
         layer.trainable = True
-    dim = int(trunk.output_shape[-1])
-    bound = 1.0 / math.sqrt(dim)  # torch.nn.Linear's initialisation
+    return trunk
+
+
+def _torch_linear(num_classes, dim, seed):
+    """Dense [B, dim] -> [B, num_classes] initialised like torch.nn.Linear (U(+-1/sqrt(dim)))."""
+    bound = 1.0 / math.sqrt(dim)
     classifier = keras.layers.Dense(
         num_classes,
         kernel_initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed),
@@ -115,6 +157,12 @@ def finetune(
         name="classifier",
     )
     classifier.build((None, dim))
+    return classifier
+
+
+def _train_step_fn(trunk, classifier, preset, steps_per_epoch, milestones):
+    """tf.function (images, labels) -> loss: one SGD step, backbone and classifier each with
+    its own learning rate (`preset.backbone_lr`, `preset.classifier_lr`)."""
     opt_trunk = TorchSGD(
         EpochStepDecay(preset.backbone_lr, steps_per_epoch, milestones, preset.decay_factor),
         preset.momentum,
@@ -139,20 +187,11 @@ def finetune(
         opt_head.apply_gradients(zip(grads[len(trunk_vars) :], head_vars, strict=True))
         return loss
 
-    def view_fn(image, pair):
-        # to_float_image: training images may be cached as uint8 (kd_keras.evaluate does).
-        image = augment.to_float_image(image)
-        return {"image": augment.weak_view(image, pair, size, scale=CROP_SCALE)}
+    return train_step
 
-    train_ds = data.make_train_dataset(
-        train_examples,
-        view_fn,
-        batch_size,
-        seed=seed,
-        shuffle_buffer=max(1, min(num_train, 10000)),
-        drop_remainder=False,
-        num_epochs=epochs,
-    )
+
+def _train(train_step, train_ds, steps_per_epoch, epochs, verbose):
+    """(steps, mean loss of the last epoch) of running `train_step` over `train_ds`."""
     epoch_loss = float("nan")
     steps = 0
     losses = []
@@ -166,6 +205,11 @@ def finetune(
             losses = []
     if not np.isfinite(epoch_loss):
         raise ValueError(f"fine-tuning diverged (final loss {epoch_loss}); try a lower lr.")
+    return steps, epoch_loss
+
+
+def _test_accuracy(trunk, classifier, test_dataset):
+    """(top-1, top-5, number of test examples) of classifier(trunk(x)) on centre crops."""
 
     @tf.function
     def predict(images):
@@ -179,16 +223,4 @@ def finetune(
     order = np.argsort(-logits, axis=1, kind="stable")
     top1 = float(np.mean(order[:, 0] == labels))
     top5 = float(np.mean(np.any(order[:, :5] == labels[:, None], axis=1)))
-    return {
-        "top1": top1,
-        "top5": top5 if num_classes > 5 else None,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "backbone_lr": preset.backbone_lr,
-        "classifier_lr": preset.classifier_lr,
-        "milestones": list(milestones),
-        "steps": steps,
-        "final_train_loss": epoch_loss,
-        "num_train": int(num_train),
-        "num_test": int(labels.shape[0]),
-    }
+    return top1, top5, int(labels.shape[0])

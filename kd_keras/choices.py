@@ -1,0 +1,13 @@
+"""The names a flag chooses from, in one TensorFlow-free place.
+
+`kd_keras.config` offers them as flag choices; the modules that implement them (augment,
+heads, knn, optimizers, schedules) check their arguments against the same tuples, so a new
+choice is added here once.
+"""
+
+AUGMENTATIONS = ("weak", "strong", "none")  # augment.make_view_fn kinds (SimReg B.2)
+AUG_MODES = ("same", "different")  # one image for teacher and student, or two
+HEADS = ("linear", "mlp2", "mlp4")  # heads.prediction_head kinds
+KNN_VOTES = ("majority", "weighted")  # knn voting rules (SimReg; DINO's weighted vote)
+OPTIMIZERS = ("sgd", "lars")  # optimizers.make_optimizer
+SCHEDULES = ("cosine", "constant")  # optimizers.learning_rate_schedule
