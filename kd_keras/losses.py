@@ -257,3 +257,219 @@ def domain_classification_loss(logits, label):
         tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32)
     )
     return loss, accuracy
+
+
+# --- Similarity-distribution and contrastive baselines (CompRess, SEED, CRD) -----------------
+#
+# These losses compare a batch with a memory of other samples' features (a bank or queue, see
+# `kd_keras.memory_bank`). Every feature and every memory row is l2-normalised here, and the
+# memory is a constant: no gradient reaches it. The caller scores the batch against the memory
+# BEFORE pushing the batch into it, as the original codes do.
+
+
+def _check_rank(name, x, rank):
+    if x.shape.rank is not None and x.shape.rank != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}.")
+
+
+def _positive(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def memory_logits(features, memory, temperature):
+    """Cosine similarities of a batch to every memory row, divided by a temperature.
+
+    Args:
+      features: float [B, D] (l2-normalised here).
+      memory: float [K, D] bank rows (l2-normalised here, treated as a constant).
+      temperature: T > 0.
+    Returns:
+      float32 [B, K]: cos(features_b, memory_k) / T.
+    """
+    features = tf.convert_to_tensor(features)
+    memory = tf.convert_to_tensor(memory)
+    _check_rank("features", features, 2)
+    _check_rank("memory", memory, 2)
+    if (
+        features.shape[-1] is not None
+        and memory.shape[-1] is not None
+        and features.shape[-1] != memory.shape[-1]
+    ):
+        raise ValueError(
+            f"features have dimension {features.shape[-1]} but the memory rows have "
+            f"{memory.shape[-1]}; the head's output size must equal the bank's row size."
+        )
+    rows = tf.stop_gradient(l2_normalize(memory))
+    return tf.matmul(l2_normalize(features), rows, transpose_b=True) / temperature
+
+
+def compress_loss(student, teacher, student_bank, teacher_bank, temperature=0.04):
+    """CompRess loss (Koohpayegani et al., NeurIPS 2020, Eq. 1-3): KL(p_teacher || p_student).
+
+    With unit vectors s_b (student), t_b (teacher), anchors a^s_k (student bank) and a^t_k
+    (teacher bank), k = 1..K:
+
+      p^t_b(k) = softmax_k(t_b . a^t_k / T),   p^s_b(k) = softmax_k(s_b . a^s_k / T)
+      loss = (1 / B) sum_b sum_k p^t_b(k) (log p^t_b(k) - log p^s_b(k))
+
+    i.e. PyTorch's `kl_div(log_softmax(student), softmax(teacher), reduction="batchmean")`
+    as in CompRess' `nn/compress_loss.py` (class KLD).
+
+    The two variants differ only in the anchors the student is scored against:
+      * CompRess-2q: `student_bank` holds past student features [K, D_s] (the original fills
+        it from a momentum copy of the student), `teacher_bank` past teacher features
+        [K, D_t]; the dimensions may differ.
+      * CompRess-1q: pass the teacher bank twice, ``compress_loss(s, t, bank, bank, T)``;
+        the student must then be projected to the teacher's dimension (D_s = D_t).
+
+    Args:
+      student: float [B, D_s] student features (gradients flow through them).
+      teacher: float [B, D_t] teacher features (a constant).
+      student_bank: float [K, D_s] anchors for the student.
+      teacher_bank: float [K, D_t] anchors for the teacher; same K as `student_bank`.
+      temperature: T > 0 (CompRess: 0.04, `--compress_t` in its train_student.py).
+    Returns:
+      float32 scalar: mean over the batch of KL(p^t_b || p^s_b).
+    """
+    temperature = _positive("temperature", temperature)
+    k_s, k_t = student_bank.shape[0], teacher_bank.shape[0]
+    if k_s is not None and k_t is not None and k_s != k_t:
+        raise ValueError(f"student_bank has {k_s} rows but teacher_bank has {k_t}.")
+    log_p_student = tf.nn.log_softmax(memory_logits(student, student_bank, temperature), axis=-1)
+    teacher_logits = memory_logits(tf.stop_gradient(teacher), teacher_bank, temperature)
+    log_p_teacher = tf.nn.log_softmax(teacher_logits, axis=-1)
+    kl = tf.reduce_sum(tf.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+    return tf.reduce_mean(kl)
+
+
+def seed_loss(student, teacher, teacher_queue, student_temperature=0.2, teacher_temperature=1e-4):
+    """SEED loss (Fang et al., ICLR 2021, Eq. 4-6): soft cross-entropy over [own teacher; queue].
+
+    With unit vectors s_b, t_b and a queue of K past teacher embeddings d_k, the anchors of
+    sample b are (t_b, d_1, ..., d_K), so that
+
+      z^S_b = [s_b . t_b, s_b . d_1, ..., s_b . d_K] / tau_S
+      p^T_b = softmax([t_b . t_b, t_b . d_1, ..., t_b . d_K] / tau_T)
+      loss = -(1 / B) sum_b sum_j p^T_b(j) log softmax(z^S_b)(j)
+
+    as in SEED's `seed/builder.py` (forward) and `tools/utils.py` (soft_cross_entropy).
+
+    Args:
+      student: float [B, D] student embeddings (gradients flow through them).
+      teacher: float [B, D] teacher embeddings (a constant).
+      teacher_queue: float [K, D] queued teacher embeddings.
+      student_temperature: tau_S > 0 (SEED `--temp`, default 0.2).
+      teacher_temperature: tau_T > 0 (SEED `--distill-t`, default 1e-4).
+    Returns:
+      float32 scalar.
+    """
+    tau_s = _positive("student_temperature", student_temperature)
+    tau_t = _positive("teacher_temperature", teacher_temperature)
+    _check_same_shape(student, teacher)
+    s = l2_normalize(student)
+    t = tf.stop_gradient(l2_normalize(teacher))
+    own_s = tf.reduce_sum(s * t, axis=-1, keepdims=True)
+    own_t = tf.reduce_sum(t * t, axis=-1, keepdims=True)
+    # memory_logits divides by its temperature; pass 1 and scale here so the own-pair column
+    # gets the same scale as the queue columns.
+    logits_s = tf.concat([own_s, memory_logits(s, teacher_queue, 1.0)], axis=-1) / tau_s
+    logits_t = tf.concat([own_t, memory_logits(t, teacher_queue, 1.0)], axis=-1) / tau_t
+    targets = tf.nn.softmax(logits_t, axis=-1)
+    return -tf.reduce_mean(tf.reduce_sum(targets * tf.nn.log_softmax(logits_s, axis=-1), axis=-1))
+
+
+def crd_contrast_probabilities(embeddings, memory_rows, temperature, normalizer):
+    """CRD's unnormalised probabilities exp(v . m / T) / Z of an embedding and sampled rows.
+
+    Args:
+      embeddings: float [B, E] (l2-normalised here).
+      memory_rows: float [B, K + 1, E] rows of the OTHER network's memory for each sample,
+        the positive (the sample's own row) first, then K negatives (a constant).
+      temperature: T > 0 (CRD `--nce_t`, 0.07).
+      normalizer: Z > 0, scalar (CRD fixes it from the first batch, `crd/memory.py`).
+    Returns:
+      float32 [B, K + 1].
+    """
+    temperature = _positive("temperature", temperature)
+    embeddings = tf.convert_to_tensor(embeddings)
+    memory_rows = tf.convert_to_tensor(memory_rows)
+    _check_rank("embeddings", embeddings, 2)
+    _check_rank("memory_rows", memory_rows, 3)
+    rows = tf.stop_gradient(l2_normalize(memory_rows))
+    scores = tf.einsum("bke,be->bk", rows, l2_normalize(embeddings))
+    return tf.exp(scores / temperature) / tf.cast(normalizer, tf.float32)
+
+
+def crd_nce_loss(probabilities, num_data, epsilon=1e-7):
+    """CRD's NCE objective for one anchor side (Tian et al., ICLR 2020, Eq. 18).
+
+    With P_0 the positive pair's and P_1..P_K the negatives' probabilities and the uniform
+    noise distribution P_n = 1 / N over the N training samples:
+
+      loss = -(1 / B) sum_b [ log(P_0 / (P_0 + K P_n)) + sum_k log(K P_n / (P_k + K P_n)) ]
+
+    as RepDistiller's `crd/criterion.py` (ContrastLoss) computes it, including its eps in the
+    denominators.
+
+    Args:
+      probabilities: float [B, K + 1] from `crd_contrast_probabilities`, positive first.
+      num_data: N, the number of training samples (size of the memory).
+      epsilon: RepDistiller's eps = 1e-7.
+    Returns:
+      float32 scalar.
+    """
+    probabilities = tf.cast(probabilities, tf.float32)
+    _check_rank("probabilities", probabilities, 2)
+    num_negatives = probabilities.shape[-1] - 1
+    if num_negatives < 1:
+        raise ValueError("probabilities need a positive column and at least one negative.")
+    noise = num_negatives / float(num_data)
+    positive = probabilities[:, 0]
+    negatives = probabilities[:, 1:]
+    log_d1 = tf.math.log(positive / (positive + noise + epsilon))
+    log_d0 = tf.math.log(noise / (negatives + noise + epsilon))
+    return -tf.reduce_mean(log_d1 + tf.reduce_sum(log_d0, axis=-1))
+
+
+def crd_loss(
+    student,
+    teacher,
+    student_memory_rows,
+    teacher_memory_rows,
+    temperature,
+    num_data,
+    student_normalizer,
+    teacher_normalizer,
+):
+    """CRD's contrastive loss without its supervised terms (RepDistiller `CRDLoss`).
+
+    Two symmetric NCE terms: the teacher embedding is the anchor for positives/negatives drawn
+    from the student memory, and the student embedding for those drawn from the teacher memory:
+
+      loss = NCE(P(t_b, M^s[idx_b]) / Z_t) + NCE(P(s_b, M^t[idx_b]) / Z_s)
+
+    where P(v, m_k) = exp(v . m_k / T), idx_b = (own index, K random indices) and NCE is
+    `crd_nce_loss`. Both embeddings carry gradients (the teacher's goes to its trainable
+    embedding layer, CRD's `embed_t`); the memory rows are constants.
+
+    Args:
+      student: float [B, E] student embedding (after CRD's linear Embed).
+      teacher: float [B, E] teacher embedding (after the teacher-side Embed).
+      student_memory_rows: float [B, K + 1, E] rows of the student memory, positive first.
+      teacher_memory_rows: float [B, K + 1, E] rows of the teacher memory, same indices.
+      temperature: T (CRD `--nce_t` = 0.07).
+      num_data: N, the training-set size.
+      student_normalizer: Z of the student-anchored term (CRD's Z_v1).
+      teacher_normalizer: Z of the teacher-anchored term (CRD's Z_v2).
+    Returns:
+      float32 scalar.
+    """
+    p_student = crd_contrast_probabilities(
+        student, teacher_memory_rows, temperature, student_normalizer
+    )
+    p_teacher = crd_contrast_probabilities(
+        teacher, student_memory_rows, temperature, teacher_normalizer
+    )
+    return crd_nce_loss(p_student, num_data) + crd_nce_loss(p_teacher, num_data)

@@ -112,10 +112,21 @@ def test_the_method_lists_are_the_registrys():
         "swav",
         "oss",
         "oss_offline",
+        "compress_1q",
+        "compress_2q",
+        "seed",
+        "crd",
     )
     assert config_lib.CLUSTERING_METHODS == ("swav", "oss", "oss_offline")
-    assert config_lib.TEACHER_METHODS == ("simreg", "regress", "regress_bn", "oss_offline")
-    assert config_lib.CACHE_METHODS == ("simreg", "regress", "regress_bn")
+    baselines = ("compress_1q", "compress_2q", "seed", "crd")
+    assert config_lib.TEACHER_METHODS == (
+        "simreg",
+        "regress",
+        "regress_bn",
+        "oss_offline",
+        *baselines,
+    )
+    assert config_lib.CACHE_METHODS == ("simreg", "regress", "regress_bn", *baselines)
     assert registry.get("supervised").views == "single" and registry.get("oss").multicrop
 
 

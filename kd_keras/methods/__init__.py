@@ -7,13 +7,16 @@ classes load on first access, e.g. `from kd_keras.methods import SimReg`.
 import importlib
 
 _CLASSES = {
+    "CRD": "kd_keras.methods.crd",
+    "CompRess": "kd_keras.methods.compress",
     "OSS": "kd_keras.methods.oss",
+    "SEED": "kd_keras.methods.seed",
     "SimReg": "kd_keras.methods.simreg",
     "Supervised": "kd_keras.methods.supervised",
     "SwAV": "kd_keras.methods.swav",
 }
 
-__all__ = ["OSS", "SimReg", "Supervised", "SwAV"]
+__all__ = ["CRD", "CompRess", "OSS", "SEED", "SimReg", "Supervised", "SwAV"]
 
 
 def __getattr__(name):

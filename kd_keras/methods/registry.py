@@ -65,6 +65,9 @@ DECLARATIONS = (
     "kd_keras.methods.simreg_spec",
     "kd_keras.methods.supervised_spec",
     "kd_keras.methods.clustering_spec",
+    "kd_keras.methods.compress_spec",
+    "kd_keras.methods.seed_spec",
+    "kd_keras.methods.crd_spec",
 )
 
 Hook = str | Callable | None
