@@ -758,6 +758,9 @@ def _check_unused_defaults(cfg, spec, values):
                 )
             )
             raise _applies_to(name, users, m)
+    for name, reason in (spec.unused_flags(cfg) if spec.unused_flags else {}).items():
+        if changed(name):
+            raise ValueError(f"--{name} is not used here: {reason}")
     for other in registry.specs():
         if other.name == m:
             continue

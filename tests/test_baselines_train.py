@@ -68,6 +68,10 @@ def test_method_trains_and_exports_the_student_only(tmp_path, teacher_file, meth
         (["--method=compress_1q", "--compress_momentum=0.9"], "--compress_momentum applies to"),
         (["--method=simreg", "--bank_size=4096"], r"--bank_size applies to --method in"),
         (["--method=crd", "--crd_temperature=0"], "--crd_temperature must be positive"),
+        (
+            ["--method=compress_2q", "--compress_student_features=backbone", "--head=linear"],
+            "--head is not used here: --compress_student_features=backbone",
+        ),
     ],
 )
 def test_bad_flags_are_one_clear_error(tmp_path, argv, message):

@@ -42,7 +42,7 @@ def define_compress_flags(flags):
         d.compress_student_features,
         list(STUDENT_FEATURES),
         "head: the --head output (to the teacher's dimension) is the student side; backbone: "
-        "the backbone's features (plain CompRess-2q; --head is then unused).",
+        "the backbone's features (plain CompRess-2q; giving --head then is an error).",
     )
 
 
@@ -72,6 +72,14 @@ def validate_compress(cfg):
             )
 
 
+def unused_by_compress(cfg):
+    """--head / --head_hidden_dims are not read when 2q compares backbone features."""
+    if cfg.options().compress_student_features != "backbone":
+        return {}
+    why = "--compress_student_features=backbone compares the student's backbone features."
+    return {"head": why, "head_hidden_dims": why}
+
+
 _COMMON = dict(
     builder="kd_keras.methods.compress:build_compress",
     views="pair",
@@ -82,6 +90,7 @@ _COMMON = dict(
     define_flags=define_compress_flags,
     options=CompressOptions,
     validate=validate_compress,
+    unused_flags=unused_by_compress,
 )
 
 registry.register(

@@ -105,6 +105,8 @@ class MethodSpec:
       define_flags: callable `(absl.flags) -> None` defining the method's own flags.
       options: frozen dataclass of the method's own flags (field names = flag names).
       validate: callable `(config.Config) -> None` raising ValueError naming a flag.
+      unused_flags: callable `(config.Config) -> {flag name: reason}`: shared flags this
+        configuration of the method does not read; config rejects each one that was given.
     """
 
     name: str
@@ -127,6 +129,7 @@ class MethodSpec:
     define_flags: Callable | None = None
     options: type | None = None
     validate: Callable | None = None
+    unused_flags: Callable | None = None
 
     def __post_init__(self):
         if self.views not in VIEW_KINDS:
