@@ -128,6 +128,10 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def _is_teacher_flag(arg):
+    return spec_lib.flag_name(arg) == "teacher"
+
+
 def _digest(parts):
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
@@ -142,6 +146,9 @@ class Planner:
     def __init__(self, spec, workdir, scale):
         self.spec, self.workdir, self.scale = spec, workdir, scale
         self.base_args = (f"--flagfile={spec.base}", *(f.text for f in spec.scale_flags(scale)))
+        # The same without --teacher lines, for commands that set the teachers themselves (a
+        # command-line --teacher adds to the other command-line ones).
+        self.base_no_teacher = tuple(a for a in self.base_args if not _is_teacher_flag(a))
         self.jobs = {}  # out directory -> Job, so shared teachers/caches appear once
 
     def plan(self):
@@ -158,8 +165,8 @@ class Planner:
             [*self.base_args, *own, f"--workdir={run_dir}"], where
         )
         needs, teachers = [], []
-        for i, raw in enumerate(fv.teacher if cfg.method in config_lib.TEACHER_METHODS else ()):
-            resolved, job = self._teacher(raw, i, fv, own, where)
+        for raw in fv.teacher if cfg.method in config_lib.TEACHER_METHODS else ():
+            resolved, job = self._teacher(raw, fv, own, where)
             teachers.append(resolved)
             if job is not None:
                 needs.append(job)
@@ -169,15 +176,22 @@ class Planner:
                 job = self._cache(resolved, fv, own)
                 needs.append(job)
                 caches.append(f"--teacher_cache={job.out}")
-        kept = [a for a in own if spec_lib.flag_name(a) != "teacher"]
-        if cfg.method in config_lib.TEACHER_METHODS:
+        base = self.base_args
+        kept = list(own)
+        if teachers:
+            base = self.base_no_teacher
+            kept = [a for a in own if not _is_teacher_flag(a)]
             kept += [f"--teacher={t}" for t in teachers]
-        args = (*self.base_args, *kept, *caches, f"--workdir={run_dir}")
+        args = (*base, *kept, *caches, f"--workdir={run_dir}")
         train = Job("train", section.name, "kd_keras.train", args, run_dir)
         return VariantPlan(section.name, own, tuple(needs), train, self._evals(section, run_dir))
 
-    def _teacher(self, raw, index, fv, own, where):
-        """(the --teacher value the variant gets, the Job that trains it or None)."""
+    def _teacher(self, raw, fv, own, where):
+        """(the --teacher value the variant gets, the Job that trains it or None).
+
+        oss_offline reads its teacher's networks/ folder from a bare run directory, so it gets
+        the directory without options.
+        """
         location, _, options = raw.partition(",")
         if location.startswith(spec_lib.TEACHER_PREFIX):
             name = location[len(spec_lib.TEACHER_PREFIX):]
@@ -194,6 +208,8 @@ class Planner:
             job = self._recipe_teacher(fv, own, where)
         else:
             return raw, None
+        if fv.method == "oss_offline":
+            return job.out, job
         if "name=" not in options:
             options = ",".join(p for p in (options, f"name={name}") if p)
         return f"{job.out},{options}", job
@@ -203,7 +219,7 @@ class Planner:
         epochs = fv.teacher_recipe_epochs
         teacher_own = [a for a in own if spec_lib.flag_name(a) in spec_lib.RECIPE_TEACHER_FLAGS]
         args = [
-            *self.base_args,
+            *self.base_no_teacher,
             *teacher_own,
             "--method=supervised",
             f"--student={fv.teacher_recipe_backbone}",
@@ -215,9 +231,13 @@ class Planner:
         return self._teacher_job("recipe_supervised", args, where)
 
     def _named_teacher(self, section):
+        """A `[teacher NAME]` section: a supervised run unless it sets --method (e.g. swav)."""
         where = f"{self.spec.path}:{section.line}: [teacher {section.name}]"
-        args = [*self.base_args, *(f.text for f in section.flags), "--method=supervised",
-                "--export=true"]
+        own = [f.text for f in section.flags]
+        method = [] if any(spec_lib.flag_name(a) == "method" for a in own) else [
+            "--method=supervised"
+        ]
+        args = [*self.base_no_teacher, *method, *own, "--export=true"]
         return self._teacher_job(section.name, args, where)
 
     def _teacher_job(self, name, args, where):
@@ -234,7 +254,7 @@ class Planner:
         out = os.path.join(self.workdir, "caches", f"{name}-{key}")
         view_own = [a for a in own if spec_lib.flag_name(a) in VIEW_FLAGS]
         args = (
-            *self.base_args, *view_own, f"--teacher={teacher}", f"--cache_dir={out}",
+            *self.base_no_teacher, *view_own, f"--teacher={teacher}", f"--cache_dir={out}",
             f"--cache_epochs={self.spec.cache_epochs}",
         )
         return self._shared(Job("cache", f"{name}-{key}", "kd_keras.cache_teacher", args, out))

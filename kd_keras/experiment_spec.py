@@ -16,9 +16,9 @@ A spec is a small text file (`experiments/*.cfg`); `#` starts a comment line:
     [scale gpu]
     --image_size=112
 
-    [teacher moco]                         # a supervised teacher trained once, used by
-    --student=resnet_small                 # variants as --teacher=teacher:moco
-    --seed=1
+    [teacher moco]                         # a teacher trained once (supervised unless
+    --student=resnet_small                 # it sets --method), used by variants as
+    --seed=1                               # --teacher=teacher:moco
 
     [variant linear]                       # train flags on top of base + scale
     --head=linear
