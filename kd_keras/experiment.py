@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -308,8 +309,7 @@ class Runner:
     def run_job(self, job):
         self.say(f"{job.kind} {job.name}: {job.command_line()}")
         start = time.time()
-        cmd = [sys.executable, *job.command()[1:]]
-        code = subprocess.run(cmd, check=False).returncode
+        code = run_forwarding_signals([sys.executable, *job.command()[1:]])
         seconds = time.time() - start
         self._log(job, seconds, code)
         if code:
@@ -377,6 +377,24 @@ def check_run_command(job):
             f"{job.out} was started by another command ({path}); the variant {job.name} "
             "changed since: rename it, or delete that run directory to retrain it."
         )
+
+
+def run_forwarding_signals(cmd):
+    """Runs `cmd`; returns its exit code. SIGTERM/SIGINT to the runner go to the child and the
+    runner waits for it, so a preempted train can save its checkpoint and exit 75 (with
+    subprocess.run, Ctrl-C would kill the child after a quarter second)."""
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _variant_done(plan):
