@@ -214,3 +214,31 @@ def test_variants_share_one_teacher_and_cache_per_view_setting(tmp_path):
     assert len(experiment.shared_jobs(list(plans.values()))) == 2 + 3
     teacher_job = next(j for j in plans["a"].needs if j.kind == "teacher")
     assert "--method=supervised" in teacher_job.args and "--head=linear" not in teacher_job.args
+
+
+def test_sigterm_to_the_runner_reaches_the_step_and_its_exit_code_returns(tmp_path):
+    import signal
+    import threading
+    import time
+
+    ready = tmp_path / "ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+        "time.sleep(30)\n"
+    )
+
+    def terminate_when_ready():
+        for _ in range(300):
+            if ready.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    start = time.time()
+    assert experiment.run_forwarding_signals([sys.executable, "-c", child]) == 75
+    assert time.time() - start < 20
+    assert signal.getsignal(signal.SIGTERM) == before  # the runner's own handler is back
