@@ -104,7 +104,21 @@ def test_runs_both_variants_and_writes_the_report(finished):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     sessions = sorted(os.listdir(os.path.join(workdir, "hparams")))
     assert [s for s in sessions if not s.startswith("events")] == ["lin", "mlp"]
-    assert os.listdir(os.path.join(workdir, "hparams", "lin"))[0].startswith("events.out")
+    assert _plugins(os.path.join(workdir, "hparams", "lin")) >= {"hparams", "scalars"}
+    assert "hparams" in _plugins(os.path.join(workdir, "hparams"))  # the dashboard's config
+
+
+def _plugins(logdir):
+    """Names of the TensorBoard plugins whose summaries the event files in `logdir` hold."""
+    import tensorflow as tf
+
+    names = set()
+    for name in os.listdir(logdir):
+        if name.startswith("events.out"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+                for value in event.summary.value:
+                    names.add(value.metadata.plugin_data.plugin_name or "scalars")
+    return names
 
 
 def test_second_invocation_skips_finished_and_resumes_interrupted_variant(finished):
