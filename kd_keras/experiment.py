@@ -470,6 +470,8 @@ def main(argv):
             print(f"kd_keras.experiment: {err}; run the same command again to resume.",
                   file=sys.stderr, flush=True)
             code = err.code if isinstance(err.code, int) else 1
+            if code < 0:  # the step was killed by signal -code: the shell's convention
+                code = 128 - code
     sys.exit(code)
 
 
