@@ -1262,3 +1262,89 @@ def launch_config_from_flags(flag_values=FLAGS):
     return LaunchConfig(
         num_workers=fv.num_workers, host=fv.host, ports=ports, max_restarts=fv.max_restarts
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m kd_keras.experiment`: runs the variants of a spec (experiments/*.cfg) through the
+# train / cache_teacher / evaluate command lines. Its own flags plus --workdir (the experiment's
+# directory); the training flags live in the spec, not on its command line.
+
+EXPERIMENT_SCALES = ("cpu", "gpu")
+
+
+def experiment_flag_names():
+    """Flags that only kd_keras.experiment defines."""
+    return ("spec", "scale", "only", "dry_run", "report_only", "teachers_only", "report_dir")
+
+
+def define_experiment_flags():
+    """Defines the flags of kd_keras.experiment (idempotent); reuses --workdir of training."""
+    define_flags()
+    if "spec" in FLAGS:
+        return
+    flags.DEFINE_string("spec", None, "Experiment spec file (experiments/NAME.cfg).")
+    flags.DEFINE_enum(
+        "scale", "cpu", EXPERIMENT_SCALES, "Which [scale ...] section of the spec is applied."
+    )
+    flags.DEFINE_list(
+        "only", None, "Run only these variants (comma-separated names); the report covers all "
+        "variants finished so far."
+    )
+    flags.DEFINE_bool("dry_run", False, "Print the commands the runner would start; run nothing.")
+    flags.DEFINE_bool(
+        "report_only", False, "Train nothing: write report.md/csv, plots and HParams from the "
+        "runs finished so far (e.g. after machines ran --only=... on a shared --workdir)."
+    )
+    flags.DEFINE_string(
+        "report_dir", None, "Where report.md/csv, plots/ and hparams/ go (default: --workdir); "
+        "lets several specs share one --workdir (teachers, caches, identical runs)."
+    )
+    flags.DEFINE_bool(
+        "teachers_only", False, "Train the shared teachers and teacher caches only (run this "
+        "once before spreading variants over several machines)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    spec: str
+    workdir: str
+    scale: str = "cpu"
+    only: tuple[str, ...] = ()
+    dry_run: bool = False
+    report_only: bool = False
+    teachers_only: bool = False
+    report_dir: str | None = None
+
+
+def experiment_config_from_flags(flag_values=FLAGS):
+    """Builds and validates an `ExperimentConfig`.
+
+    Raises:
+      ValueError: naming the flag, for missing or impossible values, and for a training flag
+        given on the experiment's command line (it would be silently ignored).
+    """
+    fv = flag_values
+    if not fv.spec:
+        raise ValueError("--spec is required: an experiment spec such as experiments/NAME.cfg.")
+    if not fv.workdir:
+        raise ValueError("--workdir is required: the experiment directory (runs, report).")
+    own = set(experiment_flag_names()) | {"workdir", "flagfile"}
+    for name, fl in fv._flags().items():
+        if fl.present and name not in own and fv.find_module_defining_flag(name) == __name__:
+            raise ValueError(
+                f"--{name} is a kd_keras.train flag: set it in the spec's [scale] or [variant] "
+                "sections, not on the experiment's command line."
+            )
+    if fv.report_only and fv.teachers_only:
+        raise ValueError("--report_only and --teachers_only exclude each other.")
+    return ExperimentConfig(
+        spec=fv.spec,
+        workdir=os.path.abspath(os.path.expanduser(fv.workdir)),
+        scale=fv.scale,
+        only=tuple(v.strip() for v in (fv.only or ()) if v.strip()),
+        dry_run=fv.dry_run,
+        report_only=fv.report_only,
+        teachers_only=fv.teachers_only,
+        report_dir=os.path.abspath(os.path.expanduser(fv.report_dir)) if fv.report_dir else None,
+    )
