@@ -24,6 +24,7 @@ Variants are independent processes: run `--teachers_only` once, then `--only=...
 machines sharing DIR, then `--report_only` anywhere.
 """
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -133,6 +134,25 @@ def _is_teacher_flag(arg):
     return spec_lib.flag_name(arg) == "teacher"
 
 
+# Distillation flags of the spec's base that a teacher's own run (supervised or SwAV) does not
+# read, so config rejects them there; the teacher's command drops them.
+_STUDENT_ONLY_FLAGS = ("teacher", "teacher_cache", "head", "head_hidden_dims", "aug_mode")
+
+
+def _teacher_run_base(base_args):
+    """`base_args` with flagfiles inlined, without flags only the distilling student reads
+    (--teacher, --head, ... and every method's own flags such as --bank_size)."""
+    from kd_keras.methods import registry
+
+    config_lib.define_flags()
+    fv = copy.deepcopy(flags.FLAGS)
+    fv.unparse_flags()
+    dropped = set(_STUDENT_ONLY_FLAGS)
+    dropped.update(name for spec in registry.specs() for name in spec.own_flags())
+    expanded = config_lib.expand_argv(["kd_keras.train", *base_args], fv)[1:]
+    return tuple(a for a in expanded if spec_lib.flag_name(a) not in dropped)
+
+
 def _digest(parts):
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
@@ -150,6 +170,7 @@ class Planner:
         # The same without --teacher lines, for commands that set the teachers themselves (a
         # command-line --teacher adds to the other command-line ones).
         self.base_no_teacher = tuple(a for a in self.base_args if not _is_teacher_flag(a))
+        self.teacher_base = _teacher_run_base(self.base_args)
         self.jobs = {}  # out directory -> Job, so shared teachers/caches appear once
 
     def plan(self):
@@ -219,8 +240,7 @@ class Planner:
         """The supervised run that `recipe:supervised` means (as kd_keras.train would train it)."""
         epochs = fv.teacher_recipe_epochs
         teacher_own = [a for a in own if spec_lib.flag_name(a) in spec_lib.RECIPE_TEACHER_FLAGS]
-        args = [
-            *self.base_no_teacher,
+        own_args = [
             *teacher_own,
             "--method=supervised",
             f"--student={fv.teacher_recipe_backbone}",
@@ -229,7 +249,7 @@ class Planner:
             f"--warmup_epochs={min(fv.warmup_epochs, epochs - 1)}",
             "--export=true",
         ]
-        return self._teacher_job("recipe_supervised", args, where)
+        return self._teacher_job("recipe_supervised", own_args, where)
 
     def _named_teacher(self, section):
         """A `[teacher NAME]` section: a supervised run unless it sets --method (e.g. swav)."""
@@ -238,13 +258,16 @@ class Planner:
         method = [] if any(spec_lib.flag_name(a) == "method" for a in own) else [
             "--method=supervised"
         ]
-        args = [*self.base_no_teacher, *method, *own, "--export=true"]
-        return self._teacher_job(section.name, args, where)
+        return self._teacher_job(section.name, [*method, *own, "--export=true"], where)
 
-    def _teacher_job(self, name, args, where):
-        key = f"{name}-{_digest(args)}"
+    def _teacher_job(self, name, own_args, where):
+        """The teacher's run: the base's flags a teacher reads, then `own_args`.
+
+        Its directory is named by the digest of the base's own arguments (its flagfile name,
+        not its inlined lines) and `own_args`, so teachers trained before still match."""
+        key = f"{name}-{_digest([*self.base_no_teacher, *own_args])}"
         out = os.path.join(self.workdir, "teachers", key)
-        args = (*args, f"--workdir={out}")
+        args = (*self.teacher_base, *own_args, f"--workdir={out}")
         spec_lib.parse_train_flags(list(args), where)  # the teacher's own command must parse
         return self._shared(Job("teacher", key, "kd_keras.train", args, out))
 
