@@ -35,8 +35,9 @@ import torchvision
 from absl import app, flags
 from torch import nn
 
-from kd_keras import augment, backbones, data, knn
+from kd_keras import augment, backbones, data
 from kd_keras import config as config_lib
+from kd_keras.eval import knn
 
 FLAGS = flags.FLAGS
 SPECS = {"resnet_tiny": (8, 16, 32, 64), "resnet_small": (32, 64, 128, 256)}
@@ -112,10 +113,10 @@ def build_backbone(name, image_size):
 
 
 def lr_at(step, cfg, steps_per_epoch):
-    """kd_keras.schedules.warmup_cosine with factory.make_optimizer's arguments."""
-    o, c = cfg.optim, cfg.cluster
+    """kd_keras.schedules.WarmupCosine with optimizers.learning_rate_schedule's arguments."""
+    o = cfg.optim
     scale = o.scaled_lr() / o.lr
-    peak, final = o.scaled_lr(), c.final_lr * scale
+    peak, final = o.scaled_lr(), o.final_lr * scale
     total = o.epochs * steps_per_epoch
     warm = int(round(o.warmup_epochs * steps_per_epoch))
     n = min(max(step, 0), total)
@@ -213,13 +214,13 @@ def train(cfg):
         queues = nn.ModuleList(
             [MemoryBankModule(size=(c.queue_length, c.proj_dim)) for _ in range(2)]
         )
-    if c.optimizer == "lars":
+    if o.optimizer == "lars":
         optimizer = LARS(
             model.parameters(),
             lr=0.0,
             momentum=o.momentum,
             weight_decay=o.weight_decay,
-            trust_coefficient=c.lars_trust,
+            trust_coefficient=o.lars_trust,
         )
     else:
         optimizer = torch.optim.SGD(

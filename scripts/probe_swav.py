@@ -24,9 +24,10 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from kd_keras import augment, data, features, knn
+from kd_keras import augment, data, optimizers
 from kd_keras import config as config_lib
-from kd_keras.methods import factory
+from kd_keras.eval import features, knn
+from kd_keras.methods import factory, registry
 
 
 def every_nth(examples, n):
@@ -69,9 +70,9 @@ def main():
             cache[views] = [{k: b[k] for k in ("large", "small")} for b in ds.take(args.batches)]
         batches = cache[views]
         keras.utils.set_random_seed(0)
-        backbone = factory.build_backbone(cfg, cfg.model.student)
-        method = factory.build_clustering_method(cfg, backbone, args.batches)
-        method.compile(optimizer=factory.make_optimizer(cfg, args.batches))
+        backbone = registry.build_student(cfg, size)
+        method = registry.build_method(cfg, backbone, steps_per_epoch=args.batches)
+        method.compile(optimizer=optimizers.make_optimizer(cfg.optim, args.batches))
         method.build((None, size, size, 3))
         spec = {k: tf.TensorSpec(v.shape, tf.float32) for k, v in batches[0].items()}
         replay = tf.data.Dataset.from_generator(

@@ -34,7 +34,7 @@ def test_cpu_presets_share_views_and_clustering(tmp_path):
     assert swav.optim == oss.optim and swav.data == oss.data
     # The settings the measurements were made with (the paper's values collapse here).
     c = swav.cluster
-    assert (c.sinkhorn_epsilon, c.color_strength, c.blur_prob, c.optimizer) == (
+    assert (c.sinkhorn_epsilon, c.color_strength, c.blur_prob, swav.optim.optimizer) == (
         0.02,
         0.5,
         0.0,
