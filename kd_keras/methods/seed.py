@@ -112,11 +112,6 @@ class SEED(SingleTeacherDistillation):
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
 
-    def test_step(self, data):
-        """The loss against the current queue; nothing is pushed."""
-        loss = self._loss(self(data["student"], training=False), self.teacher_features(data))
-        self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
 
 
 def build_seed(ctx):

@@ -79,6 +79,13 @@ class SingleTeacherDistillation(Method):
         images = data.get("teacher", data["student"])
         return tf.stop_gradient(tf.cast(self.teacher(images), tf.float32))
 
+    def test_step(self, data):
+        """The loss against the current memories; nothing is pushed. Subclasses scoring a
+        batch with `_loss(student_output, teacher_features)` and a `loss_tracker` use it as is."""
+        loss = self._loss(self(data["student"], training=False), self.teacher_features(data))
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
 
 def global_mean(x):
     """Mean of a per-replica scalar over the replicas (equal local batches): scalar."""
