@@ -376,6 +376,12 @@ def _define_cluster_flags():
     flags.DEFINE_integer(
         "freeze_prototypes_steps", 0, "The prototypes get no update before this step."
     )
+    flags.DEFINE_bool(
+        "feature_classifier",
+        True,
+        "OSS: the feature classifier behind a gradient reversal layer (A.1); false trains "
+        "without it (Figure 5's ablation).",
+    )
     flags.DEFINE_integer("classifier_hidden", 100, "OSS feature classifier hidden width.")
 
 
@@ -491,6 +497,7 @@ class ClusterConfig:
     queue_length: int = 0
     queue_start_epoch: int = 15
     freeze_prototypes_steps: int = 0
+    feature_classifier: bool = True
     classifier_hidden: int = 100
 
 

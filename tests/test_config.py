@@ -60,11 +60,25 @@ def test_linear_lr_scaling():
         (["--save_freq=often"], "--save_freq"),
         (["--knn_k=1,x"], "--knn_k"),
         (["--method=regress", "--head=mlp4"], "--head=linear"),
+        (["--method=oss_offline", "--nofeature_classifier"], "--feature_classifier"),
+        (["--method=simreg", "--nofeature_classifier"], "--feature_classifier"),
     ],
 )
 def test_impossible_values_name_the_flag(tmp_path, argv, flag):
     fv = _fresh([f"--workdir={tmp_path}", "--teacher=recipe:supervised", *argv])
     with pytest.raises(ValueError, match=flag):
+        config_lib.config_from_flags(fv)
+
+
+def test_feature_classifier_switch_is_online_oss_only(tmp_path):
+    fv = _fresh(
+        [f"--workdir={tmp_path}", "--method=oss", "--small_crop_size=16", "--nofeature_classifier"]
+    )
+    assert config_lib.config_from_flags(fv).cluster.feature_classifier is False
+    fv = _fresh(
+        [f"--workdir={tmp_path}", "--method=swav", "--small_crop_size=16", "--nofeature_classifier"]
+    )
+    with pytest.raises(ValueError, match="--feature_classifier is not used here"):
         config_lib.config_from_flags(fv)
 
 

@@ -32,7 +32,15 @@ def _backbone(sync_bn=True):
     return backbones.build_backbone("convnet_tiny", SIZE, sync_bn=sync_bn, any_input_size=True)
 
 
-def _oss(online=True, queue_length=16, queue_start=1, rates=(0.1, 0.05), seed=0, sync_bn=True):
+def _oss(
+    online=True,
+    queue_length=16,
+    queue_start=1,
+    rates=(0.1, 0.05),
+    seed=0,
+    sync_bn=True,
+    classifier=True,
+):
     keras.utils.set_random_seed(seed)
     model = OSS(
         _backbone(sync_bn),
@@ -41,8 +49,8 @@ def _oss(online=True, queue_length=16, queue_start=1, rates=(0.1, 0.05), seed=0,
         heads.ProjectionHead(16, E, rates, sync_bn=sync_bn),
         clustering.Prototypes(K, E),
         clustering.EmbeddingQueue(2, queue_length, E) if queue_length else None,
-        heads.feature_classifier(E, 10, sync_bn=sync_bn),
-        heads.GradientReversal(),
+        heads.feature_classifier(E, 10, sync_bn=sync_bn) if classifier else None,
+        heads.GradientReversal() if classifier else None,
         total_steps=50,
         online=online,
         queue_start_step=queue_start,
@@ -64,6 +72,37 @@ def _swav(queue_length=16, queue_start=1, seed=0):
     model.compile(optimizer=LARS(0.3, weight_decay=1e-6))
     model.build((None, SIZE, SIZE, 3))
     return model
+
+
+def test_oss_without_feature_classifier_is_the_two_swapped_losses():
+    """Figure 5's ablation: the same networks and seeds give the same L_T and L_S as the full
+    method, the loss is their sum, no domain terms are logged and D has no weights to train."""
+    full = _oss(queue_length=0, seed=3)
+    ablated = _oss(queue_length=0, seed=3, classifier=False)
+    # D's initialiser draws come before the prototypes'; give both models the same weights.
+    ablated.prototypes.kernel.assign(full.prototypes.kernel)
+    batch = _batch(seed=5)
+    step = tf.constant(0, tf.int64)
+    got_full = full.compute_losses(batch, step, training=True)
+    got = ablated.compute_losses(batch, step, training=True)
+    assert "loss_domain" not in got and "domain_accuracy" not in got
+    for name in ("loss_teacher", "loss_student"):
+        np.testing.assert_allclose(got[name].numpy(), got_full[name].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        got["loss"].numpy(), (got["loss_teacher"] + got["loss_student"]).numpy(), rtol=1e-6
+    )
+    assert len(ablated.trainable_variables) < len(full.trainable_variables)
+    with pytest.raises(ValueError, match="together"):
+        OSS(
+            _backbone(),
+            heads.ProjectionHead(16, E, (0.1, 0.05)),
+            _backbone(),
+            heads.ProjectionHead(16, E, (0.1, 0.05)),
+            clustering.Prototypes(K, E),
+            None,
+            heads.feature_classifier(E, 10),
+            None,
+        )
 
 
 # ---- an independent NumPy port of the A.1 pseudo-code (float64) ----

@@ -37,6 +37,13 @@ def validate_clustering(cfg):
         )
 
 
+def _no_feature_classifier(cfg):
+    """Only online OSS has the feature classifier (A.8's offline variant and SwAV have none)."""
+    return {
+        "feature_classifier": f"--method={cfg.method} has no feature classifier (online OSS only)."
+    }
+
+
 _COMMON = dict(
     views="multicrop",
     callbacks="kd_keras.methods.factory:clustering_callbacks",
@@ -51,6 +58,7 @@ registry.register(
         name="swav",
         summary="SwAV: swapped prediction of Sinkhorn codes over multi-crop views.",
         builder="kd_keras.methods.factory:build_swav",
+        unused_flags=_no_feature_classifier,
         **_COMMON,
     )
 )
@@ -66,6 +74,7 @@ registry.register(
 registry.register(
     registry.MethodSpec(
         name="oss_offline",
+        unused_flags=_no_feature_classifier,
         summary="OSS offline: a frozen SwAV teacher gives the codes (paper 000, A.8).",
         builder="kd_keras.methods.factory:build_oss_offline",
         needs_teacher=True,

@@ -194,7 +194,6 @@ class CompRess(SingleTeacherDistillation):
         return {"loss": self.loss_tracker.result()}
 
 
-
 def build_compress(ctx):
     """Registry builder of --method=compress_1q / compress_2q (`BuildContext` -> CompRess)."""
     from kd_keras.methods.single_teacher import one_teacher, student_head

@@ -101,6 +101,10 @@ def build_swav(ctx):
 def build_oss(ctx):
     """The registry's builder of --method=oss: an online teacher trained with the student."""
     cfg, c = ctx.cfg, ctx.cfg.cluster
+    classifier = grl = None
+    if c.feature_classifier:
+        classifier = heads.feature_classifier(c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn)
+        grl = heads.GradientReversal(name="gradient_reversal")
     return OSS(
         build_backbone(cfg, c.online_teacher),
         _head(cfg, "teacher_head"),
@@ -108,8 +112,8 @@ def build_oss(ctx):
         _head(cfg, "student_head"),
         _prototypes(cfg),
         queue_for(cfg),
-        heads.feature_classifier(c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn),
-        heads.GradientReversal(name="gradient_reversal"),
+        classifier,
+        grl,
         total_steps=cfg.optim.epochs * ctx.steps_per_epoch,
         online=True,
         use_dropout_views=c.dropout_views,

@@ -69,7 +69,8 @@ class OSS(Method):
       teacher_head, student_head: `kd_keras.heads.ProjectionHead`s with the same E.
       prototypes: `kd_keras.clustering.Prototypes` (shared).
       queue: `kd_keras.clustering.EmbeddingQueue` of teacher embeddings, or None.
-      classifier: the feature classifier D (`kd_keras.heads.feature_classifier`), online only.
+      classifier: the feature classifier D (`kd_keras.heads.feature_classifier`), online only;
+        None (with `grl=None`) trains without it, Figure 5's "no feature classifier" ablation.
       grl: `kd_keras.heads.GradientReversal` in front of D, online only.
       total_steps: N of the GRL schedule alpha(n) = -2 / (1 + exp(-10 n / N)) + 1.
       online: see above.
@@ -112,8 +113,8 @@ class OSS(Method):
                 f"the prototypes have dim {prototypes.dim} but the heads output "
                 f"{teacher_head.output_dim} (--proj_dim)."
             )
-        if online and (classifier is None or grl is None):
-            raise ValueError("online OSS needs the feature classifier and its GRL layer.")
+        if online and (classifier is None) != (grl is None):
+            raise ValueError("online OSS takes the feature classifier and its GRL layer together.")
         self.teacher_backbone = teacher_backbone
         self.teacher_head = teacher_head
         self.student_backbone = student_backbone
@@ -155,7 +156,7 @@ class OSS(Method):
             for net in (self.teacher_net, self.student_net):
                 z = net.head(net.backbone(dummy))
             self.prototypes(z)
-            if self.online:
+            if self.classifier is not None:
                 self.classifier(self.grl(z))
         if self.queue is not None and not self.queue.built:
             self.queue.build()
@@ -196,27 +197,32 @@ class OSS(Method):
             ),
             "queue_used": used,
         }
-        if self.online:
-            out["loss_teacher"] = losses.swapped_prediction_loss(
-                codes, scores_z, self.temperature, denominator
-            )
-            alpha = schedules.grl_alpha(step, self.total_steps)
-            self.grl.set_alpha(alpha)
-            d_t = self.classifier(
-                self.grl(tf.reshape(views_z, [-1, views_z.shape[-1]])), training=training
-            )
-            d_s = self.classifier(
-                self.grl(tf.reshape(views_w, [-1, views_w.shape[-1]])), training=training
-            )
-            ce_t, acc_t = losses.domain_classification_loss(d_t, TEACHER)
-            ce_s, acc_s = losses.domain_classification_loss(d_s, STUDENT)
-            out["loss_domain"] = ce_t + ce_s
-            out["domain_accuracy"] = 0.5 * (acc_t + acc_s)
-            out["grl_alpha"] = tf.cast(alpha, tf.float32)
-            out["loss"] = out["loss_teacher"] + out["loss_student"] + out["loss_domain"]
-        else:
+        if not self.online:
             out["loss"] = out["loss_student"]
+            return out
+        out["loss_teacher"] = losses.swapped_prediction_loss(
+            codes, scores_z, self.temperature, denominator
+        )
+        out["loss"] = out["loss_teacher"] + out["loss_student"]
+        if self.classifier is not None:
+            out.update(self.domain_terms(views_z, views_w, step, training))
+            out["loss"] = out["loss"] + out["loss_domain"]
         return out
+
+    def domain_terms(self, views_z, views_w, step, training):
+        """The feature classifier's cross-entropies (teacher 0, student 1) behind the GRL."""
+        alpha = schedules.grl_alpha(step, self.total_steps)
+        self.grl.set_alpha(alpha)
+        flat = [tf.reshape(v, [-1, v.shape[-1]]) for v in (views_z, views_w)]
+        d_t = self.classifier(self.grl(flat[0]), training=training)
+        d_s = self.classifier(self.grl(flat[1]), training=training)
+        ce_t, acc_t = losses.domain_classification_loss(d_t, TEACHER)
+        ce_s, acc_s = losses.domain_classification_loss(d_s, STUDENT)
+        return {
+            "loss_domain": ce_t + ce_s,
+            "domain_accuracy": 0.5 * (acc_t + acc_s),
+            "grl_alpha": tf.cast(alpha, tf.float32),
+        }
 
     def train_step(self, data):
         step = self.optimizer.iterations

@@ -113,7 +113,6 @@ class SEED(SingleTeacherDistillation):
         return {"loss": self.loss_tracker.result()}
 
 
-
 def build_seed(ctx):
     """Registry builder of --method=seed (`BuildContext` -> SEED)."""
     from kd_keras.methods.single_teacher import one_teacher, student_head
