@@ -7,6 +7,11 @@ choice is added here once.
 
 AUGMENTATIONS = ("weak", "strong", "none")  # augment.make_view_fn kinds (SimReg B.2)
 AUG_MODES = ("same", "different")  # one image for teacher and student, or two
+# augment.resize_crop: "auto" interpolates upsampled crops with plain bilinear (the same values
+# as the antialiased kernel up to float rounding, several times faster) and antialiases the
+# downsampled ones; "antialias" uses TF's antialiased kernel for every crop (the bits of
+# kd_keras before --view_resize, e.g. for an older teacher cache).
+VIEW_RESIZES = ("auto", "antialias")
 HEADS = ("linear", "mlp2", "mlp4")  # heads.prediction_head kinds
 KNN_VOTES = ("majority", "weighted")  # knn voting rules (SimReg; DINO's weighted vote)
 OPTIMIZERS = ("sgd", "lars")  # optimizers.make_optimizer

@@ -148,6 +148,7 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
         data_cfg.image_size,
         data_cfg.aug_mode,
         scale=(data_cfg.crop_scale_min, 1.0),
+        resize=data_cfg.view_resize,
     )
     image = tf.constant(_probe_images(_PROBE_SOURCE_SIZE)[0])
     view = view_fn(image, data.view_seed(seed, 0, 0))[view_fn_key]
@@ -157,6 +158,7 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
         "aug_mode": data_cfg.aug_mode,
         "image_size": int(data_cfg.image_size),
         "crop_scale_min": float(data_cfg.crop_scale_min),
+        "view_resize": data_cfg.view_resize,
         "seed": int(seed),
         "seed_scheme": "stateless_fold_in([seed, index], epoch), philox",
         "probe": np.asarray(summary, np.float32).round(6).tolist(),
@@ -248,10 +250,20 @@ def manifest_differences(manifest, expected):
     checks = {
         "teacher": ("name", "kind", "norm", "size", "pool", "output", "app", "feature_dim"),
         "dataset": ("source", "split", "num_examples", "fingerprint"),
-        "views": ("augment", "aug_mode", "image_size", "crop_scale_min", "seed", "seed_scheme"),
+        "views": (
+            "augment",
+            "aug_mode",
+            "image_size",
+            "crop_scale_min",
+            "view_resize",
+            "seed",
+            "seed_scheme",
+        ),
     }
     for section, keys in checks.items():
         have = manifest.get(section, {})
+        if section == "views":  # caches written before --view_resize antialiased every crop
+            have = {"view_resize": "antialias", **have}
         want = expected[section]
         for key in keys:
             if have.get(key) != want.get(key):
@@ -428,6 +440,7 @@ def write_caches(
         data_cfg.aug_mode,
         scale=(data_cfg.crop_scale_min, 1.0),
         keys=(view_key,),
+        resize=data_cfg.view_resize,
     )
     views_id = {**view_identity(data_cfg, seed, view_key), "epochs": int(epochs)}
     manifests = _new_manifests(

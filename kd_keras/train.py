@@ -402,7 +402,7 @@ def view_fn_for(cfg, spec, cached_teachers=False):
         return factory.multicrop_view_fn(cfg)
     d = cfg.data
     view_fn = augment.make_view_fn(
-        d.augment, d.image_size, d.aug_mode, scale=(d.crop_scale_min, 1.0)
+        d.augment, d.image_size, d.aug_mode, scale=(d.crop_scale_min, 1.0), resize=d.view_resize
     )
     if spec.views == "single" or d.aug_mode == "same" or cached_teachers:
         view_fn = view_fn.select(("student",))

@@ -9,7 +9,9 @@ Workloads (same augmentations on both sides, images/s counts source images):
   decode     the floor: JPEG decode alone (tf.io.decode_jpeg in tf.data / PIL in the loader)
 
 kd_keras runs `kd_keras.data.make_train_dataset` on the folder (shuffled file names, AUTOTUNE
-parallelism); torchvision runs `ImageFolder` + `DataLoader(num_workers=--workers,
+parallelism) with the training default `--view_resize=auto`; side kd_keras_antialias is the
+same code with `--view_resize=antialias` (every crop through the antialiased kernel, the
+bits of earlier versions); torchvision runs `ImageFolder` + `DataLoader(num_workers=--workers,
 shuffle=True)`. Every measurement runs in its own process (no thread pool or page cache state
 of one side helps the other beyond what the OS shares), rounds are interleaved (A B A B ...),
 each child warms up for `--warmup` batches and then counts batches for `--seconds`. Ratios are
@@ -33,7 +35,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("weak", "multicrop", "decode")
-SIDES = ("kd_keras", "torchvision")
+SIDES = ("kd_keras", "kd_keras_antialias", "torchvision")
 
 
 def machine():
@@ -90,16 +92,19 @@ def run_kd_keras(args):
         )
     else:
         examples, _ = data.load_split(f"folder:{args.data}", "train")
+        resize = {"resize": "antialias" if args.side == "kd_keras_antialias" else "auto"}
+        if args.side == "kd_keras_before":
+            resize = {}
         if args.workload == "weak":
             try:
-                views = augment.make_view_fn("weak", 224, "same", keys=("student",))
+                views = augment.make_view_fn("weak", 224, "same", keys=("student",), **resize)
             except TypeError:  # kd_keras before the staged views (--before_repo)
                 base = augment.make_view_fn("weak", 224, "same")
 
                 def views(image, seed):
                     return {"student": base(image, seed)["student"]}
         else:
-            views = augment.make_multicrop_fn(sizes=(224, 96), counts=(2, 6))
+            views = augment.make_multicrop_fn(sizes=(224, 96), counts=(2, 6), **resize)
         ds = data.make_train_dataset(examples, views, args.batch_size, seed=0)
     return _time_batches(iter(ds), lambda b: args.batch_size, args.warmup, args.seconds)
 
@@ -227,8 +232,8 @@ def main():
     for r in range(args.rounds):
         for workload in workloads:
             for side in sides if r % 2 == 0 else sides[::-1]:
-                if side == "kd_keras_before" and workload == "decode":
-                    continue  # the same tf.io decode on both
+                if side in ("kd_keras_before", "kd_keras_antialias") and workload == "decode":
+                    continue  # the same tf.io decode on all
                 result = {**_child(args, side, workload), "round": r}
                 runs.append(result)
                 print(json.dumps(result), flush=True)
@@ -244,12 +249,12 @@ def main():
             if s != "torchvision":
                 ratios = [a / b for a, b in zip(per_side[s], per_side["torchvision"], strict=True)]
                 row[f"ratio_{s}_over_torchvision"] = statistics.median(ratios)
-        if "kd_keras_before" in per_side:
-            ratios = [
-                a / b
-                for a, b in zip(per_side["kd_keras"], per_side["kd_keras_before"], strict=True)
-            ]
-            row["ratio_kd_keras_over_before"] = statistics.median(ratios)
+        for other in ("kd_keras_before", "kd_keras_antialias"):
+            if other in per_side:
+                ratios = [a / b for a, b in zip(per_side["kd_keras"], per_side[other], strict=True)]
+                row[f"ratio_kd_keras_over_{other.removeprefix('kd_keras_')}"] = statistics.median(
+                    ratios
+                )
         summary[workload] = row
     if "decode" in summary:
         floor = summary["decode"]["kd_keras_images_per_s"]

@@ -510,3 +510,62 @@ def test_select_keeps_seeds():
     same = augment.make_view_fn("weak", 8, "same")
     only_teacher = same.select(("teacher",))(image, seed)
     np.testing.assert_array_equal(only_teacher["teacher"].numpy(), same(image, seed)["student"])
+
+
+def _np_bilinear(image, out_h, out_w):
+    """Bilinear interpolation with half-pixel centres and clamped edges, float64."""
+
+    def axis(n_in, n_out):
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, pos - lo
+
+    y0, y1, fy = axis(image.shape[0], out_h)
+    x0, x1, fx = axis(image.shape[1], out_w)
+    img = image.astype(np.float64)
+    rows = img[y0] * (1 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+@pytest.mark.parametrize("in_hw", [(37, 50), (64, 64), (13, 61)])
+def test_resize_crop_modes_interpolate_alike_when_enlarging(in_hw):
+    """Enlarging, the antialiased kernel is plain bilinear; "auto" computes it with
+    ResizeBilinear, so both equal a NumPy bilinear up to float rounding of the positions."""
+    image = np.random.default_rng(1).random((*in_hw, 3)).astype(np.float32)
+    want = _np_bilinear(image, 64, 72)
+    got = {
+        m: augment.resize_crop(tf.constant(image), (64, 72), m).numpy()
+        for m in ("auto", "antialias")
+    }
+    for value in got.values():
+        np.testing.assert_allclose(value, want, atol=3e-5)
+    plain = tf.image.resize(image, (64, 72), method="bilinear", antialias=False).numpy()
+    np.testing.assert_array_equal(got["auto"], plain)
+
+
+def test_resize_crop_auto_antialiases_shrunk_crops_bit_for_bit():
+    image = tf.constant(np.random.default_rng(2).random((90, 50, 3)).astype(np.float32))
+    for size in [(32, 32), (64, 40), (100, 48)]:  # shrunk along at least one axis
+        np.testing.assert_array_equal(
+            augment.resize_crop(image, size, "auto").numpy(),
+            augment.resize_crop(image, size, "antialias").numpy(),
+        )
+    with pytest.raises(ValueError, match="resize"):
+        augment.resize_crop(image, (8, 8), "nearest")
+    with pytest.raises(ValueError, match="resize"):
+        augment.make_view_fn("weak", 16, "same", resize="fast")
+
+
+def test_views_with_auto_resize_keep_the_boxes_flips_and_colours():
+    """Only the interpolation's rounding changes: the same crops, flips and colour draws."""
+    image = tf.constant(np.random.default_rng(3).integers(0, 256, (40, 56, 3)).astype(np.uint8))
+    for maker in (
+        lambda r: augment.make_view_fn("strong", 48, "different", resize=r),
+        lambda r: augment.make_multicrop_fn((48, 24), (2, 3), resize=r),
+    ):
+        for s in range(4):
+            seed = tf.constant([s, 7], tf.int64)
+            auto, exact = maker("auto")(image, seed), maker("antialias")(image, seed)
+            for key in exact:
+                np.testing.assert_allclose(auto[key].numpy(), exact[key].numpy(), atol=1e-4)

@@ -75,3 +75,43 @@ def test_batch_colour_stage_matches_golden(maker, monkeypatch):
         )
     golden = dict(np.load(os.path.join(GOLDEN, "pipeline.npz")))
     _assert_same(golden, maker.pipeline_batches())
+
+
+_AUTO_RESIZE = (
+    "import functools\n"
+    "from kd_keras import augment\n"
+    "for name in ('make_view_fn', 'make_multicrop_fn'):\n"
+    "    setattr(augment, name, functools.partial(getattr(augment, name), resize='auto'))\n"
+)
+
+
+def test_auto_resize_pipeline_is_close_to_golden_and_replays_in_another_process(
+    maker, tmp_path, monkeypatch
+):
+    """--view_resize=auto (the training default) changes only the rounding of enlarged crops:
+    every view within 1e-4 of the golden one, and a second process replays it bit for bit."""
+    from kd_keras import augment
+
+    for name in ("make_view_fn", "make_multicrop_fn"):
+        monkeypatch.setattr(augment, name, functools.partial(getattr(augment, name), resize="auto"))
+    fresh = maker.pipeline_batches()
+    golden = dict(np.load(os.path.join(GOLDEN, "pipeline.npz")))
+    assert sorted(golden) == sorted(fresh)
+    differ = 0
+    for key in golden:
+        if golden[key].dtype.kind == "f":
+            np.testing.assert_allclose(fresh[key], golden[key], atol=1e-4, err_msg=key)
+            differ += int(not np.array_equal(fresh[key], golden[key]))
+        else:
+            np.testing.assert_array_equal(fresh[key], golden[key], err_msg=key)
+    assert differ, "auto resize gave the golden bits: the test no longer tells the modes apart"
+    out = tmp_path / "replay.npz"
+    code = (
+        _AUTO_RESIZE + "import importlib.util, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('m', {maker.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"np.savez({str(out)!r}, **m.pipeline_batches())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    _assert_same(dict(np.load(out)), fresh)

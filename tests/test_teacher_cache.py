@@ -176,6 +176,21 @@ def test_manifest_check_names_each_mismatch(cache_dir, teacher_file, digits):
     with pytest.raises(ValueError, match=r"views\.augment"):
         bad = _expected(teacher, examples, info, _data_cfg(augment="weak"), SEED)
         teacher_cache.check_manifest(cache_dir, manifest, bad)
+    # The resize mode changes the views' rounding, which the 6-decimal probe may not see.
+    assert _data_cfg().view_resize == "auto"
+    with pytest.raises(ValueError, match=r"views\.view_resize"):
+        bad = _expected(teacher, examples, info, _data_cfg(view_resize="antialias"), SEED)
+        teacher_cache.check_manifest(cache_dir, manifest, bad)
+    # A cache written before --view_resize antialiased every crop and still fits such a run.
+    legacy = {
+        **manifest,
+        "views": {k: v for k, v in manifest["views"].items() if k != "view_resize"},
+    }
+    antialiased = _expected(teacher, examples, info, _data_cfg(view_resize="antialias"), SEED)
+    antialiased["views"]["probe"] = legacy["views"]["probe"]
+    teacher_cache.check_manifest(cache_dir, legacy, antialiased)
+    with pytest.raises(ValueError, match=r"views\.view_resize"):
+        teacher_cache.check_manifest(cache_dir, legacy, good)
     test_examples, test_info = data.load_split("digits", "test", image_size_hint=SIZE)
     with pytest.raises(ValueError, match=r"dataset\.split.*dataset\.fingerprint"):
         bad = _expected(teacher, test_examples, test_info, _data_cfg(), SEED)

@@ -30,6 +30,7 @@ def multicrop_view_fn(cfg):
         scales=(c.large_crop_scale, c.small_crop_scale),
         color_strength=c.color_strength,
         blur_p=c.blur_prob,
+        resize=cfg.data.view_resize,
     )
 
 
