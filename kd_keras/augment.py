@@ -1037,7 +1037,8 @@ class StagedViews:
                 lambda: cut(_decode_full(encoded)),
             )
         view = tf.clip_by_value(resize_crop(to_float(crop), recipe.size, recipe.resize), 0.0, 1.0)
-        view = tf.where(_uniform(seed_flip) < 0.5, tf.reverse(view, axis=[1]), view)
+        # tf.cond, not tf.where: only the flipped half of the crops pays for the reversal.
+        view = tf.cond(_uniform(seed_flip) < 0.5, lambda: tf.reverse(view, axis=[1]), lambda: view)
         view.set_shape([*recipe.size, 3])
         if self.colour_stage == "example":
             return {"view": recipe.colour_one(view, *colour_seeds)}

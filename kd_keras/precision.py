@@ -46,7 +46,8 @@ def policy_scope(precision):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _cpu_flags():
+def machine_cpu_flags():
+    """This machine's /proc/cpuinfo flags (an empty set where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -57,7 +58,8 @@ def _cpu_flags():
     return set()
 
 
-def _gpu_capabilities():
+def machine_gpu_capabilities():
+    """(major, minor) compute capability of each visible GPU."""
     caps = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
@@ -80,8 +82,8 @@ def support_warning(precision, gpu_capabilities=None, cpu_flags=None):
     """
     if precision == "float32":
         return None
-    caps = _gpu_capabilities() if gpu_capabilities is None else list(gpu_capabilities)
-    flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
+    caps = machine_gpu_capabilities() if gpu_capabilities is None else list(gpu_capabilities)
+    flags = machine_cpu_flags() if cpu_flags is None else set(cpu_flags)
     if precision == "mixed_float16":
         if not caps:
             return (
@@ -141,7 +143,9 @@ def choose_jit_compile(
     convolutions (the RegNets) also stay without XLA on a CPU: XLA's CPU grouped convolution is
     slow, and `backbones.GroupedConv2D` falls back to a dense block-diagonal kernel under XLA,
     which made a RegNetY-600MF step at 32 px 13x slower (4.4 s vs 0.33 s, docs/regnet.md). An explicit
-    ``--jit_compile`` / ``--nojit_compile`` always wins.
+    ``--jit_compile`` / ``--nojit_compile`` always wins. Where this rule says XLA on a CPU,
+    a long enough single-replica run times the step both ways instead
+    (`kd_keras.xla_choice`): the same setup measured 0.71-0.83x with XLA in a later session.
 
     Args:
       requested: the flag's value, True / False / None.
@@ -155,10 +159,10 @@ def choose_jit_compile(
     """
     if requested is not None:
         return bool(requested), "as asked by --jit_compile" if requested else "--nojit_compile"
-    gpus = _gpu_capabilities() if gpu_capabilities is None else gpu_capabilities
+    gpus = machine_gpu_capabilities() if gpu_capabilities is None else gpu_capabilities
     if gpus:
         return True, "auto: GPU found"
-    flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
+    flags = machine_cpu_flags() if cpu_flags is None else set(cpu_flags)
     kind = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
     if multi_crop:
         return False, f"auto: {kind} CPU, multi-crop method (XLA measured slower)"

@@ -475,13 +475,44 @@ def build_model(r):
         jit_compile, why = precision.choose_jit_compile(
             cfg.jit_compile, size, r.spec.multicrop, grouped_convs=_has_grouped_convs(r.student)
         )
-        log.info("XLA jit_compile=%s (%s)", jit_compile, why)
+        measure = jit_compile and _measure_xla(r)
         r.method.compile(
             optimizer=optimizers.make_optimizer(cfg.optim, r.steps_per_epoch),
-            jit_compile=jit_compile,
+            jit_compile=jit_compile and not measure,
         )
         r.method.build((None, size, size, 3))
         checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+        if measure:
+            jit_compile, why = _measured_jit_compile(r)
+            r.method.jit_compile = jit_compile
+            r.method.train_function = None  # fit makes it again with the chosen setting
+    log.info("XLA jit_compile=%s (%s)", jit_compile, why)
+
+
+def _measure_xla(r):
+    """Whether --jit_compile unset is decided by timing (`kd_keras.xla_choice`): a CPU-only,
+    single-replica run long enough to repay the timing; otherwise the rule's choice stands."""
+    from kd_keras import precision, xla_choice
+
+    steps_left = r.cfg.optim.epochs * r.steps_per_epoch - r.done_steps
+    return (
+        r.cfg.jit_compile is None
+        and not precision.machine_gpu_capabilities()
+        and r.strategy.num_replicas_in_sync == 1
+        and not r.multi_worker
+        and steps_left >= xla_choice.MIN_STEPS_TO_MEASURE
+    )
+
+
+def _measured_jit_compile(r):
+    from kd_keras import precision, xla_choice
+
+    def first_batch():
+        return next(iter(train_data(r, r.done_steps)))
+
+    return xla_choice.choose_by_measurement(
+        r.cfg, r.method, first_batch, r.strategy, precision.machine_cpu_flags(), log=log.info
+    )
 
 
 def _has_grouped_convs(model):
