@@ -134,6 +134,9 @@ def test_swav_run_and_collapse_value(tmp_path):
     assert results["steps"] == 4 and np.isfinite(results["final_logs"]["loss"])
     assert results["final_logs"]["collapse_warning"] in (0.0, 1.0)
     assert (tmp_path / "swav" / "networks" / "network" / "prototypes.npy").is_file()
+    # Its export takes crops of any side; evaluation uses the side it was trained on.
+    loaded = loading.load_model(str(tmp_path / "swav"))
+    assert loaded.image_size == 8 and "export" in loaded.source
     cfg = _cfg(tmp_path, "oss")
     n = 2 + CLUSTER.num_small_crops
     assert factory.uniform_loss(cfg) == pytest.approx(np.log(10) * (2 * n - 1) / (2 * n - 2))

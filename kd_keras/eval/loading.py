@@ -188,11 +188,20 @@ def _load_export(export_dir):
                 f"--model: {keras_file} gives {backbone.output_shape[-1]}-d features but the "
                 f"SavedModel next to it gives {dim}-d."
             )
-        size = size or _input_side(backbone.input_shape, keras_file)
     manifest_path = os.path.join(export_dir, export.MANIFEST)
+    manifest = {}
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
+    any_side = backbone is None or (
+        len(backbone.input_shape) == 4 and backbone.input_shape[1] is None
+    )
+    if not size and any_side and manifest.get("image_size"):
+        # Multi-crop backbones (SwAV, OSS) take any side; the export records the trained one.
+        size = int(manifest["image_size"])
+    elif not size and backbone is not None:
+        size = _input_side(backbone.input_shape, keras_file)
+    if manifest:
         stored = manifest.get("feature_dim")
         if stored is not None and int(stored) != dim:
             raise EvaluationError(
