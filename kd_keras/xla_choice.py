@@ -3,7 +3,7 @@
 Whether XLA pays on a CPU depends on the machine, the networks and the input size, and it
 does not hold still: the SimReg step ResNet-50 -> ResNet-18 at 112 px ran 1.59x faster with
 XLA in one session on the 2-core EPYC VM of docs/benchmarks.md and 0.71-0.83x in a later one
-(the same flags, another day's host). A fixed rule is wrong somewhere, so for the cases the rule
+(the same flags, another day's host and a refactored optimizer set-up). A fixed rule is wrong somewhere, so for the cases the rule
 in `kd_keras.precision.choose_jit_compile` would hand to XLA (single-crop methods, inputs of
 at least 64 px, no GPU) a long enough run measures instead:
 
