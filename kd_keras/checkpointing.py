@@ -53,7 +53,6 @@ _NAME = re.compile(r"^ckpt-(\d{9})\.weights\.h5$")
 class CheckpointWriteError(OSError):
     """A checkpoint (or its state file) could not be written; nothing half-written is left."""
 
-
 log = logging.getLogger("kd_keras")
 
 
@@ -88,6 +87,7 @@ def write_atomic(path, text):
         ) from err
 
 
+
 def write_json(path, obj, indent=2):
     """Writes `obj` as JSON to `path` atomically (see `write_atomic`: old or new file, never a
     part).
@@ -101,7 +101,6 @@ def write_json(path, obj, indent=2):
       CheckpointWriteError: the write failed (`path` untouched).
     """
     write_atomic(path, json.dumps(obj, indent=indent))
-
 
 def checkpoint_bytes(model):
     """The `.weights.h5` file `model.save_weights` would write, as bytes (built in memory)."""
@@ -180,10 +179,7 @@ def set_aside_unreadable(directory):
             os.replace(path, path + UNREADABLE_SUFFIX)
             log.warning(
                 "checkpoint %s (step %d) cannot be read; set aside as %s, resuming from an "
-                "earlier one",
-                path,
-                step,
-                path + UNREADABLE_SUFFIX,
+                "earlier one", path, step, path + UNREADABLE_SUFFIX,
             )
             moved.append(path + UNREADABLE_SUFFIX)
     return moved
@@ -337,12 +333,8 @@ class StepCheckpoint(keras.callbacks.Callback):
         for n in newer.values():
             src = os.path.join(self.directory, n)
             os.replace(src, src + SUPERSEDED_SUFFIX)
-            log.warning(
-                "checkpoint %s is newer than this run's step %d; kept as %s",
-                src,
-                step,
-                src + SUPERSEDED_SUFFIX,
-            )
+            log.warning("checkpoint %s is newer than this run's step %d; kept as %s",
+                        src, step, src + SUPERSEDED_SUFFIX)
         self.last_saved = step
 
 

@@ -1307,29 +1307,21 @@ def define_experiment_flags():
         "scale", "cpu", EXPERIMENT_SCALES, "Which [scale ...] section of the spec is applied."
     )
     flags.DEFINE_list(
-        "only",
-        None,
-        "Run only these variants (comma-separated names); the report covers all "
-        "variants finished so far.",
+        "only", None, "Run only these variants (comma-separated names); the report covers all "
+        "variants finished so far."
     )
     flags.DEFINE_bool("dry_run", False, "Print the commands the runner would start; run nothing.")
     flags.DEFINE_bool(
-        "report_only",
-        False,
-        "Train nothing: write report.md/csv, plots and HParams from the "
-        "runs finished so far (e.g. after machines ran --only=... on a shared --workdir).",
+        "report_only", False, "Train nothing: write report.md/csv, plots and HParams from the "
+        "runs finished so far (e.g. after machines ran --only=... on a shared --workdir)."
     )
     flags.DEFINE_string(
-        "report_dir",
-        None,
-        "Where report.md/csv, plots/ and hparams/ go (default: --workdir); "
-        "lets several specs share one --workdir (teachers, caches, identical runs).",
+        "report_dir", None, "Where report.md/csv, plots/ and hparams/ go (default: --workdir); "
+        "lets several specs share one --workdir (teachers, caches, identical runs)."
     )
     flags.DEFINE_bool(
-        "teachers_only",
-        False,
-        "Train the shared teachers and teacher caches only (run this "
-        "once before spreading variants over several machines).",
+        "teachers_only", False, "Train the shared teachers and teacher caches only (run this "
+        "once before spreading variants over several machines)."
     )
 
 

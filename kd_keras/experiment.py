@@ -45,17 +45,8 @@ config_lib.define_experiment_flags()
 
 # Flags that decide the views a teacher cache stores (cache_teacher's own inputs).
 VIEW_FLAGS = (
-    "dataset",
-    "data_dir",
-    "download",
-    "train_split",
-    "image_size",
-    "augment",
-    "aug_mode",
-    "crop_scale_min",
-    "seed",
-    "cache_decoded",
-    "deterministic",
+    "dataset", "data_dir", "download", "train_split", "image_size", "augment", "aug_mode",
+    "crop_scale_min", "seed", "cache_decoded", "deterministic",
 )
 COMMANDS_LOG = "commands.log"
 STATE_FILE = "experiment.json"
@@ -192,7 +183,9 @@ class Planner:
         where = f"{self.spec.path}:{section.line}: [variant {section.name}]"
         own = tuple(f.text for f in section.flags)
         run_dir = os.path.join(self.workdir, "runs", section.name)
-        fv, cfg = spec_lib.parse_train_flags([*self.base_args, *own, f"--workdir={run_dir}"], where)
+        fv, cfg = spec_lib.parse_train_flags(
+            [*self.base_args, *own, f"--workdir={run_dir}"], where
+        )
         needs, teachers = [], []
         for raw in fv.teacher if cfg.method in config_lib.TEACHER_METHODS else ():
             resolved, job = self._teacher(raw, fv, own, where)
@@ -223,7 +216,7 @@ class Planner:
         """
         location, _, options = raw.partition(",")
         if location.startswith(spec_lib.TEACHER_PREFIX):
-            name = location[len(spec_lib.TEACHER_PREFIX) :]
+            name = location[len(spec_lib.TEACHER_PREFIX):]
             if name not in self.spec.teachers:
                 raise spec_lib.SpecError(
                     f"{where}: --teacher={raw}: the spec has no [teacher {name}] section."
@@ -262,9 +255,9 @@ class Planner:
         """A `[teacher NAME]` section: a supervised run unless it sets --method (e.g. swav)."""
         where = f"{self.spec.path}:{section.line}: [teacher {section.name}]"
         own = [f.text for f in section.flags]
-        method = (
-            [] if any(spec_lib.flag_name(a) == "method" for a in own) else ["--method=supervised"]
-        )
+        method = [] if any(spec_lib.flag_name(a) == "method" for a in own) else [
+            "--method=supervised"
+        ]
         return self._teacher_job(section.name, [*method, *own, "--export=true"], where)
 
     def _teacher_job(self, name, own_args, where):
@@ -285,10 +278,7 @@ class Planner:
         out = os.path.join(self.workdir, "caches", f"{name}-{key}")
         view_own = [a for a in own if spec_lib.flag_name(a) in VIEW_FLAGS]
         args = (
-            *self.base_no_teacher,
-            *view_own,
-            f"--teacher={teacher}",
-            f"--cache_dir={out}",
+            *self.base_no_teacher, *view_own, f"--teacher={teacher}", f"--cache_dir={out}",
             f"--cache_epochs={self.spec.cache_epochs}",
         )
         return self._shared(Job("cache", f"{name}-{key}", "kd_keras.cache_teacher", args, out))
@@ -307,14 +297,8 @@ class Planner:
                 f"--eval_dir={eval_dir}",
                 *extra,
             )
-            job = Job(
-                "evaluate",
-                f"{section.name}/{layer}",
-                "kd_keras.evaluate",
-                args,
-                eval_dir,
-                protocols=self.spec.protocols,
-            )
+            job = Job("evaluate", f"{section.name}/{layer}", "kd_keras.evaluate", args, eval_dir,
+                      protocols=self.spec.protocols)
             evals.append((layer, job))
         return tuple(evals)
 
@@ -380,7 +364,8 @@ class Runner:
         for i, plan in enumerate(plans):
             done = sum(1 for p in plans if _variant_done(p))
             self.say(
-                f"variant {i + 1}/{len(plans)} {plan.name} ({done} done, {len(plans) - done} left)"
+                f"variant {i + 1}/{len(plans)} {plan.name} ({done} done, "
+                f"{len(plans) - done} left)"
             )
             try:
                 if any(not job.done() for job in plan.needs):
@@ -505,11 +490,8 @@ def main(argv):
         try:
             code = run_experiment(cfg)
         except StepFailed as err:
-            print(
-                f"kd_keras.experiment: {err}; run the same command again to resume.",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"kd_keras.experiment: {err}; run the same command again to resume.",
+                  file=sys.stderr, flush=True)
             code = err.code if isinstance(err.code, int) else 1
             if code < 0:  # the step was killed by signal -code: the shell's convention
                 code = 128 - code

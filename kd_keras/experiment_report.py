@@ -116,32 +116,16 @@ def write_report(spec, scale, workdir, plans, report_dir=None):
     metric = spec.metric if spec.metric in columns else (columns[0] if columns else "")
     curves = plot_knn_curves(plans, paths["curves"])
     bars = plot_bars(rows, metric, paths["bars"]) if metric else False
-    _write_markdown(
-        paths["md"],
-        spec,
-        scale,
-        plans,
-        rows,
-        columns,
-        plots={"curves": curves and paths["curves"], "bars": bars and paths["bars"]},
-        metric=metric,
-    )
+    _write_markdown(paths["md"], spec, scale, plans, rows, columns,
+                    plots={"curves": curves and paths["curves"], "bars": bars and paths["bars"]},
+                    metric=metric)
     write_hparams(paths["hparams"], rows, columns, plans)
     return paths
 
 
 def _write_csv(path, rows, columns):
-    header = [
-        "variant",
-        "layer",
-        *columns,
-        "steps",
-        "train_wall_s",
-        "eval_wall_s",
-        "overrides",
-        "command",
-        "eval_command",
-    ]
+    header = ["variant", "layer", *columns, "steps", "train_wall_s", "eval_wall_s", "overrides",
+              "command", "eval_command"]
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
@@ -161,10 +145,8 @@ def _fmt(value, digits=4):
 
 def _write_markdown(path, spec, scale, plans, rows, columns, plots, metric):
     lines = [f"# {spec.title or spec.name}", ""]
-    lines.append(
-        f"Spec `{spec.path}`, `--scale={scale}`, base flagfile `{spec.base}`; "
-        f"{len({r['variant'] for r in rows})} of {len(plans)} variants finished."
-    )
+    lines.append(f"Spec `{spec.path}`, `--scale={scale}`, base flagfile `{spec.base}`; "
+                 f"{len({r['variant'] for r in rows})} of {len(plans)} variants finished.")
     lines.append("")
     if any(c.startswith("knn/") for c in columns):
         # The student's train-time k-NN repeats the evaluated one: report.csv keeps it.
@@ -173,14 +155,9 @@ def _write_markdown(path, spec, scale, plans, rows, columns, plots, metric):
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in rows:
-        cells = [
-            row["variant"],
-            row["layer"],
-            *(_fmt(row.get(c)) for c in columns),
-            _fmt(row.get("train_wall_s"), 0),
-            _fmt(row.get("eval_wall_s"), 0),
-            f"`{row['command']}`",
-        ]
+        cells = [row["variant"], row["layer"], *(_fmt(row.get(c)) for c in columns),
+                 _fmt(row.get("train_wall_s"), 0), _fmt(row.get("eval_wall_s"), 0),
+                 f"`{row['command']}`"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     evals = [r for r in rows if r.get("eval_command")]
@@ -189,13 +166,11 @@ def _write_markdown(path, spec, scale, plans, rows, columns, plots, metric):
         lines.append("")
         lines += [f"- {r['variant']} / {r['layer']}: `{r['eval_command']}`" for r in evals]
         lines.append("")
-    lines.append(
-        "Columns: `knn/...`, `linear/...` etc. come from `kd_keras.evaluate` "
-        "(`eval_<layer>/results.json`); `train_knn/...` (student), `<teacher>_knn/...` "
-        "and `random_init_student_knn/...` from training's own k-NN (majority vote, "
-        "backbone features) in `results.json`. Seconds are wall times of the commands "
-        "(`commands.log`, summed over resumed invocations)."
-    )
+    lines.append("Columns: `knn/...`, `linear/...` etc. come from `kd_keras.evaluate` "
+                 "(`eval_<layer>/results.json`); `train_knn/...` (student), `<teacher>_knn/...` "
+                 "and `random_init_student_knn/...` from training's own k-NN (majority vote, "
+                 "backbone features) in `results.json`. Seconds are wall times of the commands "
+                 "(`commands.log`, summed over resumed invocations).")
     lines.append("")
     if plots["bars"]:
         lines.append(f"![{metric}](plots/{os.path.basename(plots['bars'])})")
@@ -221,17 +196,11 @@ def plot_knn_curves(plans, path):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, entries in curves.items():
-        keys = sorted(
-            {k for e in entries for k in e if k.startswith("knn_top1_k")},
-            key=lambda k: int(k.rsplit("k", 1)[1]),
-        )
+        keys = sorted({k for e in entries for k in e if k.startswith("knn_top1_k")},
+                      key=lambda k: int(k.rsplit("k", 1)[1]))
         key = keys[-1]  # the largest k
-        ax.plot(
-            [e["epoch"] for e in entries],
-            [e.get(key) for e in entries],
-            marker="o",
-            label=f"{name} ({key.removeprefix('knn_')})",
-        )
+        ax.plot([e["epoch"] for e in entries], [e.get(key) for e in entries], marker="o",
+                label=f"{name} ({key.removeprefix('knn_')})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("k-NN top-1 (monitor subset)")
     ax.grid(alpha=0.3)
@@ -242,11 +211,8 @@ def plot_knn_curves(plans, path):
 
 def plot_bars(rows, metric, path):
     """`metric` of every row as a bar chart; False when no row has it."""
-    shown = [
-        (f"{r['variant']}" + (f"/{r['layer']}" if r["layer"] != "backbone" else ""), r[metric])
-        for r in rows
-        if isinstance(r.get(metric), float)
-    ]
+    shown = [(f"{r['variant']}" + (f"/{r['layer']}" if r["layer"] != "backbone" else ""),
+              r[metric]) for r in rows if isinstance(r.get(metric), float)]
     if not shown:
         return False
     plt = _pyplot()

@@ -49,22 +49,9 @@ SCALES = ("cpu", "gpu")
 RESERVED_FLAGS = ("workdir", "flagfile", "teacher_cache")
 # Flags of a variant that also define its recipe teacher (everything else only the student).
 RECIPE_TEACHER_FLAGS = (
-    "dataset",
-    "data_dir",
-    "download",
-    "train_split",
-    "eval_split",
-    "image_size",
-    "seed",
-    "student_norm",
-    "small_stem",
-    "teacher_recipe_backbone",
-    "teacher_recipe_epochs",
-    "teacher_recipe_lr",
-    "precision",
-    "jit_compile",
-    "strategy",
-    "batch_size",
+    "dataset", "data_dir", "download", "train_split", "eval_split", "image_size", "seed",
+    "student_norm", "small_stem", "teacher_recipe_backbone", "teacher_recipe_epochs",
+    "teacher_recipe_lr", "precision", "jit_compile", "strategy", "batch_size",
 )
 TEACHER_PREFIX = "teacher:"
 
@@ -140,20 +127,9 @@ def evaluate_flag_names():
 def _evaluate_only_flag_names():
     config_lib.define_evaluate_flags()
     return {
-        "model",
-        "protocols",
-        "knn_votes",
-        "knn_temperature",
-        "eval_layer",
-        "linear_preset",
-        "linear_path",
-        "linear_epochs",
-        "finetune_epochs",
-        "finetune_batch_size",
-        "eval_max_test",
-        "eval_dir",
-        "from_checkpoint",
-        "projector_examples",
+        "model", "protocols", "knn_votes", "knn_temperature", "eval_layer", "linear_preset",
+        "linear_path", "linear_epochs", "finetune_epochs", "finetune_batch_size",
+        "eval_max_test", "eval_dir", "from_checkpoint", "projector_examples",
     }
 
 
@@ -306,9 +282,8 @@ def _check_flag_names(spec):
                     f"{spec.path}:{fl.line}: evaluate: {text.split('=')[0]} is set by the runner "
                     "(use 'protocols' and 'layers')."
                 )
-            _check_one_flag(
-                spec.path, "evaluate", FlagLine(text, fl.line), eval_names, "kd_keras.evaluate"
-            )
+            _check_one_flag(spec.path, "evaluate", FlagLine(text, fl.line), eval_names,
+                            "kd_keras.evaluate")
 
 
 def _check_one_flag(path, where, fl, names, cli):

@@ -155,11 +155,8 @@ class Launch:
             self.stop_all()
             return 128 + signal.SIGINT
         if preempted:
-            print(
-                f"[launch] workers {sorted(preempted)} saved and stopped on a signal; run the "
-                "same command again to resume.",
-                flush=True,
-            )
+            print(f"[launch] workers {sorted(preempted)} saved and stopped on a signal; run the "
+                  "same command again to resume.", flush=True)
             return PREEMPTED
         return 0
 
@@ -168,10 +165,8 @@ class Launch:
         with PREEMPTED (kd_keras.preemption); the launcher then exits with that code too."""
 
         def forward(signum, frame):
-            print(
-                f"[launch] {signal.Signals(signum).name}: asking the workers to save and stop",
-                flush=True,
-            )
+            print(f"[launch] {signal.Signals(signum).name}: asking the workers to save and stop",
+                  flush=True)
             for proc in self.procs:
                 if proc is not None and proc.poll() is None:
                     proc.send_signal(signum)

@@ -24,7 +24,9 @@ from torchvision.models import regnet as tv_regnet
 PYCLS_600MF = dict(depth=15, w_0=48, w_a=32.54, w_m=2.32, group_width=16, se_ratio=0.25)
 NETS = {
     "regnety400mf": lambda: tv_regnet.regnet_y_400mf(weights=None),
-    "regnety600mf": lambda: tv_regnet.RegNet(tv_regnet.BlockParams.from_init_params(**PYCLS_600MF)),
+    "regnety600mf": lambda: tv_regnet.RegNet(
+        tv_regnet.BlockParams.from_init_params(**PYCLS_600MF)
+    ),
     "regnety800mf": lambda: tv_regnet.regnet_y_800mf(weights=None),
 }
 

@@ -47,7 +47,9 @@ def test_every_nth_keeps_at_most_cap_rows_with_the_smallest_stride(num, cap):
 
 def test_every_nth_examples_selects_the_same_rows_as_the_indices():
     num, cap = 23, 5
-    ds = tf.data.Dataset.from_tensor_slices({"index": np.arange(num), "label": np.arange(num) % 3})
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"index": np.arange(num), "label": np.arange(num) % 3}
+    )
     picked = [int(ex["index"]) for ex in features.every_nth_examples(ds, num, cap)]
     assert picked == list(features.every_nth_indices(num, cap)) == [0, 5, 10, 15, 20]
     assert features.every_nth_examples(ds, num, None) is ds

@@ -57,11 +57,7 @@ def _env():
 def _experiment(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "kd_keras.experiment", *args],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600,
     )
 
 
@@ -98,9 +94,7 @@ def test_runs_both_variants_and_writes_the_report(finished):
     assert [r["variant"] for r in rows] == ["lin", "mlp"]
     # The report's numbers are the runs' own, and each row carries its exact command.
     lin = json.load(open(os.path.join(workdir, "runs", "lin", "results.json")))
-    assert float(rows[0]["train_knn/top1_k1"]) == pytest.approx(
-        lin["knn"]["student"]["knn_top1_k1"]
-    )
+    assert float(rows[0]["train_knn/top1_k1"]) == pytest.approx(lin["knn"]["student"]["knn_top1_k1"])
     assert "--head=linear" in rows[0]["command"] and "--lr=0.2" in rows[1]["command"]
     assert rows[0]["command"] == trains[0]["command"]
     report = open(os.path.join(workdir, "report.md")).read()
@@ -162,11 +156,8 @@ def test_changed_variant_is_refused_not_mixed(finished, tmp_path):
     spec, workdir, _ = finished
     plans = experiment.Planner(experiment_spec.read_spec(spec), workdir, "cpu").plan()
     changed = experiment.Job(
-        "train",
-        "lin",
-        "kd_keras.train",
-        (*plans[0].train.args[:-1], "--lr=0.3", plans[0].train.args[-1]),
-        plans[0].train.out,
+        "train", "lin", "kd_keras.train", (*plans[0].train.args[:-1], "--lr=0.3",
+                                           plans[0].train.args[-1]), plans[0].train.out
     )
     with pytest.raises(ValueError, match="started by another command"):
         experiment.check_run_command(changed)
@@ -185,25 +176,16 @@ def _spec_file(tmp_path, text, base="--dataset=digits\n--method=simreg\n"):
     [
         ("[experiment]\nbase = {base}\ncolour = red\n[variant a]\n", 3, "unknown key 'colour'"),
         ("[experiment]\nbase = {base}\n[variant]\n--head=linear\n", 3, "needs exactly one name"),
-        (
-            "[experiment]\nbase = {base}\n[variant a]\n--head=linear\n--hed=mlp4\n",
-            5,
-            "kd_keras.train has no flag --hed",
-        ),
+        ("[experiment]\nbase = {base}\n[variant a]\n--head=linear\n--hed=mlp4\n", 5,
+         "kd_keras.train has no flag --hed"),
         ("[experiment]\nbase = {base}\n[variant a]\n--workdir=/x\n", 4, "set by the experiment"),
         ("[experiment]\nbase = {base}\n[variant a]\n--head=mlp3\n", 3, "--head"),
-        (
-            "[experiment]\nbase = {base}\n[variant a]\n--teacher=teacher:big\n",
-            3,
-            "no [teacher big] section",
-        ),
+        ("[experiment]\nbase = {base}\n[variant a]\n--teacher=teacher:big\n", 3,
+         "no [teacher big] section"),
         ("[experiment]\nbase = {base}\n[variant a]\n[variant a]\n", 4, "defined twice"),
         ("[experiment]\nbase = {base}\nprotocols = knn,probe\n[variant a]\n", 3, "probe"),
-        (
-            "[experiment]\nbase = {base}\nevaluate = --knn_votes=x --foo=1\n[variant a]\n",
-            3,
-            "kd_keras.evaluate has no flag --foo",
-        ),
+        ("[experiment]\nbase = {base}\nevaluate = --knn_votes=x --foo=1\n[variant a]\n", 3,
+         "kd_keras.evaluate has no flag --foo"),
     ],
 )
 def test_spec_errors_name_file_and_line(tmp_path, text, line, message):

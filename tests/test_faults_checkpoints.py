@@ -92,20 +92,14 @@ except checkpointing.CheckpointWriteError as err:
 def test_full_disk_on_a_real_tmpfs_does_not_crash_the_process(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-    ):
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
         pytest.skip("needs root and tmpfs (the mocked write failure above covers the logic)")
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _FULL_DISK_SCRIPT, str(mount)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            cwd=REPO, capture_output=True, text=True, timeout=120,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         )
         # h5py used to segfault (exit 139) after ENOSPC; now the error is ours and the exit clean.
@@ -211,24 +205,10 @@ def test_evaluate_latest_checkpoint_finds_files_by_name(tmp_path):
 
 def _train_cmd(workdir, teacher, *extra):
     return [
-        sys.executable,
-        "-m",
-        "kd_keras.train",
-        f"--workdir={workdir}",
-        f"--teacher={teacher}",
-        "--student=convnet_tiny",
-        "--head=mlp2",
-        "--image_size=8",
-        "--batch_size=32",
-        "--epochs=40",
-        "--steps_per_epoch=6",
-        "--lr=0.1",
-        "--save_freq=1",
-        "--shuffle_buffer=256",
-        "--evaluate=false",
-        "--log_images=0",
-        "--verbose=0",
-        *extra,
+        sys.executable, "-m", "kd_keras.train", f"--workdir={workdir}", f"--teacher={teacher}",
+        "--student=convnet_tiny", "--head=mlp2", "--image_size=8", "--batch_size=32",
+        "--epochs=40", "--steps_per_epoch=6", "--lr=0.1", "--save_freq=1",
+        "--shuffle_buffer=256", "--evaluate=false", "--log_images=0", "--verbose=0", *extra,
     ]
 
 
@@ -239,10 +219,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_then_a_final_phase_kill_re
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         _train_cmd(workdir, teacher_file, "--export=false"),
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
     )
     try:
         deadline = time.time() + 240
@@ -264,10 +241,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_then_a_final_phase_kill_re
 
     again = subprocess.run(
         _train_cmd(workdir, teacher_file, "--export=false"),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+        cwd=REPO, env=env, capture_output=True, text=True,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     first = json.loads((workdir / "results.json").read_text())
@@ -279,10 +253,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_then_a_final_phase_kill_re
     (workdir / ".export-stale").mkdir()
     final = subprocess.run(
         _train_cmd(workdir, teacher_file, "--export=true"),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+        cwd=REPO, env=env, capture_output=True, text=True,
     )
     assert final.returncode == 0, final.stderr[-2000:]
     results = json.loads((workdir / "results.json").read_text())

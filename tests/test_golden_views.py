@@ -53,16 +53,21 @@ def test_pipeline_batches_match_golden(batches):
 
 def test_pipeline_replays_bit_identically_in_another_process(maker, batches, tmp_path):
     """A second process (fresh graph, thread pools, tf.data autotuning) yields the same bits."""
+    _assert_same(_batches_in_another_process(maker, tmp_path), batches)
+
+
+def _batches_in_another_process(maker, tmp_path, prelude=""):
+    """`maker.pipeline_batches()` computed by a fresh Python process (after `prelude`)."""
     out = tmp_path / "replay.npz"
     code = (
-        "import importlib.util, sys, numpy as np\n"
+        prelude + "import importlib.util, sys, numpy as np\n"
         f"spec = importlib.util.spec_from_file_location('m', {maker.__file__!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         f"np.savez({str(out)!r}, **m.pipeline_batches())\n"
     )
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
-    _assert_same(dict(np.load(out)), batches)
+    return dict(np.load(out))
 
 
 def test_batch_colour_stage_matches_golden(maker, monkeypatch):
@@ -105,13 +110,4 @@ def test_auto_resize_pipeline_is_close_to_golden_and_replays_in_another_process(
         else:
             np.testing.assert_array_equal(fresh[key], golden[key], err_msg=key)
     assert differ, "auto resize gave the golden bits: the test no longer tells the modes apart"
-    out = tmp_path / "replay.npz"
-    code = (
-        _AUTO_RESIZE + "import importlib.util, numpy as np\n"
-        f"spec = importlib.util.spec_from_file_location('m', {maker.__file__!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        f"np.savez({str(out)!r}, **m.pipeline_batches())\n"
-    )
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
-    _assert_same(dict(np.load(out)), fresh)
+    _assert_same(_batches_in_another_process(maker, tmp_path, _AUTO_RESIZE), fresh)

@@ -202,11 +202,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         _launch_cmd(workdir, teacher_file, 2),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines, pids = [], {}
 
@@ -260,11 +256,7 @@ def test_sigterm_to_the_launcher_makes_every_worker_save_the_same_step(tmp_path,
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         _launch_cmd(workdir, teacher_file, 0, "--epochs=40", "--export=false"),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         deadline = time.time() + 300

@@ -132,9 +132,8 @@ def knn_scores(memory, memory_labels, x_test, y_test, ks, votes, num_classes, te
     }
 
 
-def knn_of_embedding(
-    embed, memory_ds, test_ds, ks, vote="majority", num_classes=None, temperature=0.07
-):
+def knn_of_embedding(embed, memory_ds, test_ds, ks, vote="majority", num_classes=None,
+                     temperature=0.07):
     """k-NN accuracy of an embedding function: the knn protocol on two labelled datasets.
 
     For training's final evaluation (and any caller with datasets at hand).
