@@ -4,10 +4,11 @@
       --teacher=/runs/teacher --cache_dir=/caches/digits --cache_epochs=10
 
 It takes the training flags that define the views (--dataset, --train_split, --image_size,
---augment, --aug_mode, --crop_scale_min, --view_resize, --seed, --teacher) and writes one cache per teacher
-to `<cache_dir>/<teacher name>/`. Train with the same flags plus `--teacher_cache=<cache_dir>`
-(or one `--teacher_cache` per teacher directory): training epoch e replays the views of cache
-epoch e mod E and reads their features; the teachers are not run on training batches.
+--augment, --aug_mode, --crop_scale_min, --view_resize, --seed, --teacher) and writes one
+cache per teacher to `<cache_dir>/<teacher name>/`. Train with the same flags plus
+`--teacher_cache=<cache_dir>` (or one `--teacher_cache` per teacher directory): training epoch
+e replays the views of cache epoch e mod E and reads their features; the teachers are not
+run on training batches.
 
 A `recipe:` teacher is resolved to the recipe run of `--workdir` (which must exist, i.e. run
 training once first, or pass the run directory as --teacher with name=recipe_<recipe>).
