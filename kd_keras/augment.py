@@ -187,6 +187,12 @@ def _resize(image, size_hw):
     return tf.image.resize(image, size_hw, method="bilinear", antialias=True)
 
 
+def _check_resize(mode):
+    if mode not in VIEW_RESIZES:
+        raise ValueError(f"resize mode must be one of {VIEW_RESIZES}, got {mode!r}")
+    return mode
+
+
 def resize_crop(image, size_hw, mode="antialias"):
     """Bilinear resize of a crop, antialiased where it shrinks.
 
@@ -206,9 +212,7 @@ def resize_crop(image, size_hw, mode="antialias"):
     Returns:
         float32 ``[height, width, 3]`` (not clipped).
     """
-    if mode not in VIEW_RESIZES:
-        raise ValueError(f"resize mode must be one of {VIEW_RESIZES}, got {mode!r}")
-    if mode == "antialias":
+    if _check_resize(mode) == "antialias":
         return _resize(image, size_hw)
     enlarged = tf.reduce_all(tf.shape(image)[:2] <= tf.constant(size_hw, tf.int32))
     return tf.cond(
@@ -1120,9 +1124,7 @@ def make_view_fn(
         raise ValueError(f"mode must be one of {VIEW_MODES}, got {mode!r}")
     size = _check_size(size)
     scale = _check_range(scale, "scale")
-    if resize not in VIEW_RESIZES:
-        raise ValueError(f"resize must be one of {VIEW_RESIZES}, got {resize!r}")
-    recipe = _view_recipe(kind, size, scale, resize)
+    recipe = _view_recipe(kind, size, scale, _check_resize(resize))
     if kind == "none" or mode == "same":
         groups = [("student", recipe, (0,), False)]
         views = StagedViews(groups, 2, {"teacher": "student"}, colour_stage)
@@ -1173,8 +1175,7 @@ def make_multicrop_fn(
         raise ValueError(f"crop counts must be >= 1 large and >= 0 small, got {counts}.")
     scales = tuple(_check_range(s, "scale") for s in scales)
     blur_p = _check_probability(blur_p, "blur_p")
-    if resize not in VIEW_RESIZES:
-        raise ValueError(f"resize must be one of {VIEW_RESIZES}, got {resize!r}")
+    resize = _check_resize(resize)
     s = float(color_strength)
     groups, start = [], 0
     for key, size, count, scale in zip(("large", "small"), sizes, counts, scales, strict=True):

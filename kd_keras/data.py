@@ -202,11 +202,15 @@ def _listing_key(paths):
     return digest.hexdigest()
 
 
-def _check_cache_path(key):
-    root = os.environ.get("KD_KERAS_CACHE_DIR") or os.path.join(
+def cache_root():
+    """kd_keras' per-user cache folder: ``$KD_KERAS_CACHE_DIR``, default ``~/.cache/kd_keras``."""
+    return os.environ.get("KD_KERAS_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "kd_keras"
     )
-    return os.path.join(root, "image_checks", f"{key}.json")
+
+
+def _check_cache_path(key):
+    return os.path.join(cache_root(), "image_checks", f"{key}.json")
 
 
 def _read_check_cache(key):

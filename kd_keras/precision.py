@@ -58,6 +58,20 @@ def machine_cpu_flags():
     return set()
 
 
+def machine_cpu_model():
+    """This machine's CPU model name (/proc/cpuinfo), or what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def machine_gpu_capabilities():
     """(major, minor) compute capability of each visible GPU."""
     caps = []

@@ -21,11 +21,12 @@ The log line `XLA jit_compile=... (...)` gives both step times and where they ca
 import hashlib
 import json
 import os
-import platform
 import time
 
 import numpy as np
 import tensorflow as tf
+
+from kd_keras import precision
 
 # Runs shorter than this (steps left) would mostly pay for the timing and XLA's compile.
 MIN_STEPS_TO_MEASURE = 300
@@ -35,21 +36,9 @@ CACHE_FILE = "xla_choice.json"
 
 
 def cache_path():
-    root = os.environ.get("KD_KERAS_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "kd_keras"
-    )
-    return os.path.join(root, CACHE_FILE)
+    from kd_keras import data
 
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return os.path.join(data.cache_root(), CACHE_FILE)
 
 
 def choice_key(cfg, cpu_flags):
@@ -62,7 +51,7 @@ def choice_key(cfg, cpu_flags):
       (key str, description dict).
     """
     described = {
-        "cpu": _cpu_model(),
+        "cpu": precision.machine_cpu_model(),
         "cores": os.cpu_count(),
         "cpu_flags": sorted(f for f in cpu_flags if f.startswith(("avx", "amx", "fma"))),
         "tensorflow": tf.__version__,
@@ -89,7 +78,8 @@ def read_cached(key):
 
 
 def store(key, record):
-    """Adds `record` under `key`; a failure to write only costs the next run a re-timing."""
+    """Adds `record` under `key`. Returns the OSError that kept it from being written, or
+    None: a failure costs the next run of the setup only a re-timing."""
     path = cache_path()
     try:
         try:
@@ -103,8 +93,9 @@ def store(key, record):
         with open(tmp, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as err:
+        return err
+    return None
 
 
 def _state_variables(model):
@@ -197,5 +188,6 @@ def choose_by_measurement(cfg, model, first_batch, strategy, cpu_flags, log=None
     if log:
         log("Timing the train step without and with XLA (--jit_compile unset; once per setup).")
     record = measure(model, first_batch(), strategy)
-    store(key, {**record, "settings": described, "measured_at": time.strftime("%Y-%m-%d")})
-    return record["jit_compile"], describe(record, "this run")
+    failed = store(key, {**record, "settings": described, "measured_at": time.strftime("%Y-%m-%d")})
+    where = f"this run; not stored: {failed}" if failed else "this run"
+    return record["jit_compile"], describe(record, where)

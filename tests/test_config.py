@@ -76,6 +76,12 @@ def test_feature_classifier_switch_is_online_oss_only(tmp_path):
     )
     assert config_lib.config_from_flags(fv).cluster.feature_classifier is False
     fv = _fresh(
+        [f"--workdir={tmp_path}", "--method=oss", "--small_crop_size=16", "--nofeature_classifier"]
+        + ["--classifier_hidden=50"]
+    )
+    with pytest.raises(ValueError, match="--classifier_hidden is not used here"):
+        config_lib.config_from_flags(fv)
+    fv = _fresh(
         [f"--workdir={tmp_path}", "--method=swav", "--small_crop_size=16", "--nofeature_classifier"]
     )
     with pytest.raises(ValueError, match="--feature_classifier is not used here"):

@@ -44,6 +44,13 @@ def _no_feature_classifier(cfg):
     }
 
 
+def _oss_unused(cfg):
+    """--classifier_hidden sizes a classifier that --nofeature_classifier leaves out."""
+    if cfg.cluster.feature_classifier:
+        return {}
+    return {"classifier_hidden": "--nofeature_classifier trains without the classifier."}
+
+
 _COMMON = dict(
     views="multicrop",
     callbacks="kd_keras.methods.factory:clustering_callbacks",
@@ -67,6 +74,7 @@ registry.register(
         name="oss",
         summary="OSS: teacher and student trained jointly with SwAV (paper 000, A.1).",
         builder="kd_keras.methods.factory:build_oss",
+        unused_flags=_oss_unused,
         knn_networks="kd_keras.methods.factory:teacher_network",
         **_COMMON,
     )
