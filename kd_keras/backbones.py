@@ -32,6 +32,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from kd_keras import fused_batch_norm
+
 FEATURE_DIMS = {
     "resnet18": 512,
     "resnet34": 512,
@@ -247,9 +249,10 @@ def batch_norm(
       **kwargs: passed on (e.g. center=False, scale=False).
 
     Returns:
-      keras.layers.BatchNormalization mapping [..., C] -> [..., C].
+      A keras.layers.BatchNormalization (`fused_batch_norm.BatchNorm`, on TF's fused kernel)
+      mapping [..., C] -> [..., C].
     """
-    return layers.BatchNormalization(
+    return fused_batch_norm.BatchNorm(
         axis=axis,
         momentum=momentum,
         epsilon=epsilon,

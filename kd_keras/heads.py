@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from kd_keras import choices
+from kd_keras import choices, fused_batch_norm
 
 HEAD_KINDS = choices.HEADS
 
@@ -14,7 +14,7 @@ BN_EPSILON = 1e-5
 
 
 def _bn(name, sync_bn, affine=True):
-    return keras.layers.BatchNormalization(
+    return fused_batch_norm.BatchNorm(
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         center=affine,

@@ -48,7 +48,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# A "before" worker (--before_repo) runs this script against another checkout's kd_keras.
+sys.path.insert(0, os.environ.get("KD_KERAS_BENCH_LIBRARY") or REPO)
 
 KERAS_CONFIGS = ("simreg", "simreg_cached", "supervised", "oss", "swav")
 TORCH_CONFIGS = ("torch_simreg", "torch_oss")
@@ -307,6 +308,12 @@ def _specs(args):
                     yield {"config": name, "precision": p, "xla": x}
         else:
             yield {"config": name, "precision": "float32", "xla": False}
+    if args.before_repo:
+        for name in configs:
+            if name in KERAS_CONFIGS:
+                for p in precisions:
+                    for x in xlas:
+                        yield {"config": name, "precision": p, "xla": x, "before": True}
 
 
 def _env(args):
@@ -351,7 +358,7 @@ def _markdown(report):
                 if s
             )  # fmt: skip
         lines.append(
-            f"| {r['config']} | {r.get('precision', '')} | {_xla_name(r.get('xla'))} | "
+            f"| {r['config']}{' (before)' if r.get('before') else ''} | {r.get('precision', '')} | {_xla_name(r.get('xla'))} | "
             f"{r.get('images_per_s', '-')} | {r.get('images_per_s_min', '-')}-"
             f"{r.get('images_per_s_max', '-')} | {r.get('peak_rss_mb', '-')} | {note} |"
         )
@@ -395,9 +402,19 @@ def _ratios(results):
     by = {
         (r["config"], r.get("precision"), r.get("xla")): r["images_per_s"]
         for r in results
-        if "images_per_s" in r
+        if "images_per_s" in r and not r.get("before")
     }
     out = {}
+    for r in results:
+        key = (r["config"], r.get("precision"), r.get("xla"))
+        if r.get("before") and "images_per_s" in r and key in by:
+            label = f"{r['config']} ({key[1]}, XLA {_xla_name(key[2])})"
+            out[f"{label} after / before"] = round(by[key] / r["images_per_s"], 2)
+            torch_key = (f"torch_{r['config']}", key[1], False)
+            if torch_key in by:
+                out[f"{label} before / PyTorch eager"] = round(
+                    r["images_per_s"] / by[torch_key], 2
+                )
     for (name, p, x), v in by.items():
         if name == "simreg_cached" and ("simreg", p, x) in by:
             out[f"simreg cached / live teacher ({p}, XLA {_xla_name(x)})"] = round(
@@ -443,6 +460,12 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = default)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per configuration, in turn")
     parser.add_argument("--torch_python", default=sys.executable)
+    parser.add_argument(
+        "--before_repo",
+        default=None,
+        help="another kd_keras checkout (e.g. `git worktree add /tmp/before REV`): every Keras "
+        "configuration is run again with its library, in the same rounds",
+    )
     parser.add_argument("--out_json", default=None)
     parser.add_argument("--out_md", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -466,11 +489,13 @@ def main():
             else:
                 cmd = [sys.executable, os.path.abspath(__file__), *_common_argv(args),
                        f"--worker={json.dumps(spec)}"]  # fmt: skip
-            result = {**spec, **_run_child(cmd, env)}
+            child_env = {**env, "KD_KERAS_BENCH_LIBRARY": args.before_repo} if spec.get("before") else env
+            result = {**spec, **_run_child(cmd, child_env)}
             runs[i].append(result)
             shown = result.get("images_per_s", result.get("knn_eval_s", result.get("error")))
             print(
-                f"round {round_index} {spec['config']:>14} {spec['precision']:>15} "
+                f"round {round_index} {spec['config'] + ('@before' if spec.get('before') else ''):>14} "
+                f"{spec['precision']:>15} "
                 f"xla={spec['xla']!s:5} -> {shown}",
                 flush=True,
             )

@@ -9,6 +9,8 @@ def _layer_summary(model):
     out = []
     for layer in model.layers[1:]:
         kind = type(layer).__name__
+        if isinstance(layer, keras.layers.BatchNormalization):
+            kind = "BatchNormalization"  # kd_keras' fused subclass included
         width = layer.units if kind == "Dense" else None
         out.append((kind, width))
     return out
