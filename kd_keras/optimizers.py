@@ -1,6 +1,6 @@
-"""Optimizers: the one factory every training method uses (`make_optimizer`), LARS as SwAV
-(and OSS) use it (apex's LARC(clip=False) around torch SGD), and TorchSGD (torch.optim.SGD
-momentum) for the evaluation protocols; for Keras 3."""
+"""Optimizers: the one factory every training method uses (`make_optimizer`), Keras' momentum
+SGD on a fused kernel (`SGD`), LARS as SwAV (and OSS) use it (apex's LARC(clip=False) around
+torch SGD), and TorchSGD (torch.optim.SGD momentum) for the evaluation protocols; for Keras 3."""
 
 import numbers
 
@@ -38,8 +38,9 @@ def learning_rate_schedule(optim, steps_per_epoch):
 def make_optimizer(optim, steps_per_epoch):
     """The optimizer of --optimizer with `learning_rate_schedule`, for every method.
 
-    sgd: momentum SGD (the weight decay is coupled, added through the method's loss, see
-    `coupled_weight_decay`); lars: `LARS`, which applies the weight decay itself.
+    sgd: Keras' momentum SGD on one fused kernel per variable (`SGD`; the weight decay is
+    coupled, added by the method, see `coupled_weight_decay`); lars: `LARS`, which applies the
+    weight decay itself.
     """
     schedule = learning_rate_schedule(optim, steps_per_epoch)
     if optim.optimizer == "lars":
@@ -50,7 +51,7 @@ def make_optimizer(optim, steps_per_epoch):
             trust_coefficient=optim.lars_trust,
             exclude_from_adaptation=list(LARS_EXCLUDED) if optim.lars_exclude_bn_bias else None,
         )
-    return keras.optimizers.SGD(schedule, momentum=optim.momentum)
+    return SGD(schedule, momentum=optim.momentum)
 
 
 def coupled_weight_decay(optim):
@@ -199,6 +200,40 @@ class LARS(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _resource(variable):
+    """The tf.Variable behind a Keras variable (a replica's component inside an update)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class SGD(keras.optimizers.SGD):
+    """keras.optimizers.SGD (same variables, config and update rule) applied by one kernel.
+
+    Keras writes the momentum update as four ops per variable (two multiplies, a subtraction,
+    an assignment, then an assign-add), each a pass over the parameters; TensorFlow's
+    `ResourceApplyKerasMomentum` computes the same rule in one:
+
+        velocity = momentum * velocity - lr * g;   w = w + velocity
+        (nesterov: w = w + momentum * velocity - lr * g)
+
+    Sparse gradients (IndexedSlices) and momentum 0 keep Keras' own update.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.momentum == 0 or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        velocity = self.momentums[self._get_variable_index(variable)]
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=_resource(variable).handle,
+            accum=_resource(velocity).handle,
+            lr=tf.cast(learning_rate, dtype),
+            grad=tf.cast(gradient, dtype),
+            momentum=tf.cast(self.momentum, dtype),
+            use_nesterov=bool(self.nesterov),
+        )
 
 
 def _float(value):

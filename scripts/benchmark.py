@@ -209,10 +209,9 @@ def run_keras_config(args, name, precision, xla):
     with precision_lib.policy_scope(precision):
         student = train.build_student(cfg, args.image_size)
         method = train.build_method(cfg, student, teachers, NUM_CLASSES, steps_per_epoch=NUM_IMAGES)
-        if method_name in config.CLUSTERING_METHODS:
-            optimizer = optimizers.make_optimizer(cfg.optim, NUM_IMAGES)
-        else:
-            optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        # What training builds (`--optimizer=sgd`, momentum 0.9, weight decay 1e-4), as the
+        # PyTorch side's SGD.
+        optimizer = optimizers.make_optimizer(cfg.optim, NUM_IMAGES)
         jit, result["jit_choice"] = precision_lib.choose_jit_compile(
             xla, args.image_size, method_name in config.CLUSTERING_METHODS
         )
@@ -412,9 +411,7 @@ def _ratios(results):
             out[f"{label} after / before"] = round(by[key] / r["images_per_s"], 2)
             torch_key = (f"torch_{r['config']}", key[1], False)
             if torch_key in by:
-                out[f"{label} before / PyTorch eager"] = round(
-                    r["images_per_s"] / by[torch_key], 2
-                )
+                out[f"{label} before / PyTorch eager"] = round(r["images_per_s"] / by[torch_key], 2)
     for (name, p, x), v in by.items():
         if name == "simreg_cached" and ("simreg", p, x) in by:
             out[f"simreg cached / live teacher ({p}, XLA {_xla_name(x)})"] = round(
@@ -489,7 +486,9 @@ def main():
             else:
                 cmd = [sys.executable, os.path.abspath(__file__), *_common_argv(args),
                        f"--worker={json.dumps(spec)}"]  # fmt: skip
-            child_env = {**env, "KD_KERAS_BENCH_LIBRARY": args.before_repo} if spec.get("before") else env
+            child_env = (
+                {**env, "KD_KERAS_BENCH_LIBRARY": args.before_repo} if spec.get("before") else env
+            )
             result = {**spec, **_run_child(cmd, child_env)}
             runs[i].append(result)
             shown = result.get("images_per_s", result.get("knn_eval_s", result.get("error")))

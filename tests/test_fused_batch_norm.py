@@ -124,7 +124,8 @@ def test_what_the_kernel_cannot_express_runs_keras_own_path(kwargs, shape):
     reference, fused = _pair(shape, **kwargs)
     x, upstream = _inputs(shape)
     assert "FusedBatchNormV3" not in _op_types(lambda t: fused(t, training=True), x)
-    for e, g in zip(_train_step(reference, x, upstream), _train_step(fused, x, upstream)):
+    pairs = zip(_train_step(reference, x, upstream), _train_step(fused, x, upstream), strict=True)
+    for e, g in pairs:
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
 
 

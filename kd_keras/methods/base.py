@@ -89,28 +89,39 @@ class Method(keras.Model):
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def scale_loss(self, loss, variables):
+    def scale_loss(self, loss, variables=None):
         """Loss to differentiate; call it INSIDE the GradientTape.
 
-        Adds the L2 penalty 0.5 * weight_decay * sum(v^2) over `variables` (its gradient is
-        weight_decay * v, PyTorch SGD's coupled weight decay). Keras' optimizer sums gradients
-        over replicas, so the result is divided by the replica count: the update then equals
-        one device on the global batch. Going through the loss (rather than adding to the
-        gradients) keeps the penalty correct under replica summing and loss scaling alike.
-        The optimizer's own scaling (mixed-precision loss scaling) is applied last.
+        Keras' optimizer sums gradients over replicas, so the loss is divided by the replica
+        count: the update then equals one device on the global batch. The optimizer's own
+        scaling (mixed-precision loss scaling) is applied last. The weight decay is not in it:
+        `gradients` adds its gradient directly (`variables` is accepted for older callers).
         """
-        total = tf.cast(loss, tf.float32)
-        if self.weight_decay:
-            penalty = tf.add_n(
-                [tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables]
-            )
-            total = total + 0.5 * self.weight_decay * penalty
-        total = total / tf.cast(num_replicas(), tf.float32)
+        del variables
+        total = tf.cast(loss, tf.float32) / tf.cast(num_replicas(), tf.float32)
         return self.optimizer.scale_loss(total)
+
+    def gradients(self, tape, scaled_loss, variables):
+        """d(scaled_loss)/d(variables) plus the coupled weight decay, one entry per variable.
+
+        The decay is the gradient of 0.5 * weight_decay * sum(v^2) scaled exactly as
+        `scale_loss` scales the loss (1 / replicas, then the loss scale): weight_decay * v
+        once the optimizer has summed the replicas and unscaled, PyTorch SGD's coupled decay.
+        Adding it here, rather than differentiating a penalty in the loss, saves the forward
+        sum of squares and two backward multiplies per variable. A variable the loss does
+        not reach still gets the decay; without decay its entry stays None.
+        """
+        grads = tape.gradient(scaled_loss, variables)
+        if not self.weight_decay:
+            return grads
+        factor = self.optimizer.scale_loss(
+            tf.constant(self.weight_decay, tf.float32) / tf.cast(num_replicas(), tf.float32)
+        )
+        return [_add_decay(g, v, factor) for g, v in zip(grads, variables, strict=True)]
 
     def apply_loss(self, tape, scaled_loss, variables):
         """Differentiates `scaled_loss` (from `scale_loss`) and updates `variables`."""
-        grads = tape.gradient(scaled_loss, variables)
+        grads = self.gradients(tape, scaled_loss, variables)
         pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
         if not pairs:
             raise ValueError("The loss does not depend on any trainable variable.")
@@ -120,3 +131,12 @@ class Method(keras.Model):
         # Methods are trained from flags and checkpointed by weights; the exported artefact is
         # the student backbone, which has its own config.
         return {"weight_decay": self.weight_decay}
+
+
+def _add_decay(gradient, variable, factor):
+    """gradient + factor * variable (dense; `gradient` may be None or IndexedSlices)."""
+    value = tf.convert_to_tensor(variable)
+    decay = tf.cast(factor, value.dtype) * value
+    if gradient is None:
+        return decay
+    return tf.convert_to_tensor(gradient) + decay

@@ -230,7 +230,7 @@ class OSS(Method):
         with tf.GradientTape() as tape:
             terms = self.compute_losses(data, step, training=True)
             scaled = self.scale_loss(terms["loss"], variables)
-        grads = tape.gradient(scaled, variables)
+        grads = self.gradients(tape, scaled, variables)
         grads = freeze_prototype_gradients(
             grads, variables, self.prototypes, step, self.freeze_prototypes_steps
         )

@@ -187,7 +187,7 @@ class SwAV(Method):
             codes, used = self.codes(z, scores, step, num_crops=min(2, n_large))
             loss = losses.swapped_prediction_loss(codes, scores, self.temperature)
             scaled = self.scale_loss(loss, variables)
-        grads = tape.gradient(scaled, variables)
+        grads = self.gradients(tape, scaled, variables)
         grads = freeze_prototype_gradients(
             grads, variables, self.prototypes, step, self.freeze_prototypes_steps
         )
