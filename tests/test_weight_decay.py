@@ -50,32 +50,29 @@ def _reference(model, x):
     return tape.gradient(total, variables)
 
 
-def test_gradients_equal_autodiff_of_the_penalty():
-    model = _toy(optimizers.SGD(0.1, momentum=0.9))
-    x = _data()
+def _method_gradients(model, x):
+    """(Method.gradients, autodiff of the penalty) for the model's trainable variables."""
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
         scaled = model.scale_loss(_loss(model, x), variables)
-    got = model.gradients(tape, scaled, variables)
-    expected = _reference(model, x)
+    return model.gradients(tape, scaled, variables), _reference(model, x)
+
+
+def test_gradients_equal_autodiff_of_the_penalty():
+    model = _toy(optimizers.SGD(0.1, momentum=0.9))
+    got, expected = _method_gradients(model, _data())
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-7)
     # The weight the loss does not reach gets the decay alone: wd * v.
-    unused = [i for i, v in enumerate(variables) if v is model.unused]
+    unused = [i for i, v in enumerate(model.trainable_variables) if v is model.unused]
     assert unused
     np.testing.assert_allclose(np.asarray(got[unused[0]]), WD * np.ones(2), rtol=1e-6)
 
 
 def test_gradients_follow_the_loss_scale_under_mixed_float16():
     inner = optimizers.SGD(0.1, momentum=0.9)
-    scaled_opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**10)
-    model = _toy(scaled_opt)
-    x = _data()
-    variables = model.trainable_variables
-    with tf.GradientTape() as tape:
-        scaled = model.scale_loss(_loss(model, x), variables)
-    got = model.gradients(tape, scaled, variables)
-    expected = _reference(model, x)
+    model = _toy(keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**10))
+    got, expected = _method_gradients(model, _data())
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g) / 2.0**10, np.asarray(e), rtol=1e-5, atol=1e-7)
 
