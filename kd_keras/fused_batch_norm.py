@@ -25,10 +25,6 @@ import keras
 import tensorflow as tf
 
 
-def _fusable_rank(rank):
-    return rank in (2, 4)
-
-
 @keras.saving.register_keras_serializable(package="kd_keras")
 class BatchNorm(keras.layers.BatchNormalization):
     """keras.layers.BatchNormalization computed by `FusedBatchNormV3` where possible.
@@ -44,7 +40,7 @@ class BatchNorm(keras.layers.BatchNormalization):
             and mask is None
             and not self.synchronized
             and not self.renorm
-            and _fusable_rank(rank)
+            and rank in (2, 4)
             and self.axis in (-1, rank - 1)
         )
 
