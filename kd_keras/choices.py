@@ -16,3 +16,7 @@ HEADS = ("linear", "mlp2", "mlp4")  # heads.prediction_head kinds
 KNN_VOTES = ("majority", "weighted")  # knn voting rules (SimReg; DINO's weighted vote)
 OPTIMIZERS = ("sgd", "lars")  # optimizers.make_optimizer
 SCHEDULES = ("cosine", "constant")  # optimizers.learning_rate_schedule
+
+# Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
+# the same command again to resume). kd_keras.launch passes it on.
+PREEMPTED_EXIT_CODE = 75

@@ -5,9 +5,7 @@ import logging
 import os
 import sys
 
-# Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
-# the same command again to resume). kd_keras.launch passes it on.
-PREEMPTED_EXIT_CODE = 75
+from kd_keras.choices import PREEMPTED_EXIT_CODE  # noqa: F401  (the command lines' exit code)
 
 
 def quiet_logging():

@@ -333,7 +333,7 @@ def _define_speed_flags():
         None,
         "Compile the train/test steps with XLA. Unset: chosen per run and logged (on with a "
         "GPU; on a CPU for single-crop methods at >= 64 px; see "
-        "kd_keras.precision.choose_jit_compile).",
+        "kd_keras.training.precision.choose_jit_compile).",
     )
     flags.DEFINE_bool(
         "op_determinism",
@@ -550,7 +550,7 @@ class Config:
 
     def save(self, path):
         """Writes the resolved configuration as JSON (atomically)."""
-        from kd_keras import checkpointing  # not at the top: config imports no TensorFlow
+        from kd_keras.artifacts import checkpointing  # not at the top: config imports no TensorFlow
 
         checkpointing.write_atomic(path, self.to_json() + "\n")
 

@@ -8,7 +8,7 @@ Workloads (same augmentations on both sides, images/s counts source images):
              Gaussian blur (sigma 0.1-2, p 0.5, kernel ~10 % of the side), batch 64
   decode     the floor: JPEG decode alone (tf.io.decode_jpeg in tf.data / PIL in the loader)
 
-kd_keras runs `kd_keras.data.make_train_dataset` on the folder (shuffled file names, AUTOTUNE
+kd_keras runs `kd_keras.data.sources.make_train_dataset` on the folder (shuffled file names, AUTOTUNE
 parallelism) with the training default `--view_resize=auto`; side kd_keras_antialias is the
 same code with `--view_resize=antialias` (every crop through the antialiased kernel, the
 bits of earlier versions); torchvision runs `ImageFolder` + `DataLoader(num_workers=--workers,
@@ -74,7 +74,8 @@ def _time_batches(iterator, count_fn, warmup, seconds):
 def run_kd_keras(args):
     import tensorflow as tf
 
-    from kd_keras import augment, data
+    from kd_keras.data import augment
+    from kd_keras.data import sources as data
 
     root = os.path.join(args.data, "train")
     if args.workload == "decode":

@@ -116,8 +116,8 @@ def _cfg(args, method, precision, xla):
 
 
 def _live_teacher(args):
-    from kd_keras import backbones
-    from kd_keras.teachers import Teacher, TeacherSpec
+    from kd_keras.nets import backbones
+    from kd_keras.teachers.loading import Teacher, TeacherSpec
 
     model = backbones.build_backbone(args.teacher, args.image_size)
     return Teacher(TeacherSpec("keras", "", "teacher", "unit"), model, args.image_size)
@@ -165,8 +165,12 @@ def run_keras_config(args, name, precision, xla):
     import keras
     import tensorflow as tf
 
-    from kd_keras import augment, config, data, optimizers, teacher_cache, train
-    from kd_keras import precision as precision_lib
+    from kd_keras import config
+    from kd_keras.data import augment, teacher_cache
+    from kd_keras.data import sources as data
+    from kd_keras.optim import optimizers
+    from kd_keras.training import precision as precision_lib
+    from kd_keras.training import run as train
 
     method_name = "simreg" if name == "simreg_cached" else name
     cfg = _cfg(args, method_name, precision, xla)
@@ -228,8 +232,8 @@ def run_knn(args):
     import numpy as np
     import tensorflow as tf
 
-    from kd_keras import train
     from kd_keras.eval import features, knn
+    from kd_keras.training import run as train
 
     cfg = _cfg(args, "simreg", "float32", False)
     keras.utils.set_random_seed(0)
@@ -440,7 +444,7 @@ def main():
         "--xla",
         default="auto",
         help="comma-separated subset of off,on,auto (auto: what "
-        "--jit_compile unset picks, kd_keras.precision.choose_jit_compile)",
+        "--jit_compile unset picks, kd_keras.training.precision.choose_jit_compile)",
     )
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--teacher", default="resnet50")

@@ -173,7 +173,7 @@ def rel(a, b):
 def compare(out, images, want, swav_parts=None):
     import keras
 
-    from kd_keras import backbones, heads  # noqa: F401  (registers InputNormalization, heads)
+    from kd_keras.nets import backbones, heads  # noqa: F401  (registers InputNormalization, heads)
 
     model = keras.models.load_model(os.path.join(out, "backbone.keras"), compile=False)
     got = model(images, training=False).numpy()

@@ -1,6 +1,6 @@
 """Writes scikit-learn's digits as an image folder root/{train,test}/<digit>/<row>.png.
 
-The split is kd_keras' own digits split (`kd_keras.data.digits_rows`: stratified 80/20, seed
+The split is kd_keras' own digits split (`kd_keras.data.sources.digits_rows`: stratified 80/20, seed
 0), so `--transfer_data=<root>` reads the same 1437 / 360 images as `--dataset=digits`, through
 the image-folder path (PNG files, 8x8 greyscale, 0..255). An offline transfer target for
 `python -m kd_keras.evaluate --protocols=transfer` (docs/transfer.md).
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from kd_keras import data
+from kd_keras.data import sources as data
 
 
 def write_digits_folder(root):

@@ -28,7 +28,8 @@ sys.path.insert(0, REPO)
 
 import tensorflow as tf  # noqa: E402
 
-from kd_keras import augment, data  # noqa: E402
+from kd_keras.data import augment  # noqa: E402
+from kd_keras.data import sources as data  # noqa: E402
 
 OUT = os.path.join(REPO, "tests", "data", "golden_views")
 VIEW_SIZE = 16

@@ -35,9 +35,11 @@ import torchvision
 from absl import app, flags
 from torch import nn
 
-from kd_keras import augment, backbones, data
 from kd_keras import config as config_lib
+from kd_keras.data import augment
+from kd_keras.data import sources as data
 from kd_keras.eval import knn
+from kd_keras.nets import backbones
 
 FLAGS = flags.FLAGS
 SPECS = {"resnet_tiny": (8, 16, 32, 64), "resnet_small": (32, 64, 128, 256)}
@@ -113,7 +115,7 @@ def build_backbone(name, image_size):
 
 
 def lr_at(step, cfg, steps_per_epoch):
-    """kd_keras.schedules.WarmupCosine with optimizers.learning_rate_schedule's arguments."""
+    """kd_keras.optim.schedules.WarmupCosine with optimizers.learning_rate_schedule's arguments."""
     o = cfg.optim
     scale = o.scaled_lr() / o.lr
     peak, final = o.scaled_lr(), o.final_lr * scale

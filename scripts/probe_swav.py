@@ -24,10 +24,12 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from kd_keras import augment, data, optimizers
 from kd_keras import config as config_lib
+from kd_keras.data import augment
+from kd_keras.data import sources as data
 from kd_keras.eval import features, knn
 from kd_keras.methods import factory, registry
+from kd_keras.optim import optimizers
 
 
 def every_nth(examples, n):

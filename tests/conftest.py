@@ -36,7 +36,7 @@ def teacher_file(tmp_path_factory):
     """A small saved `.keras` teacher (convnet_tiny at 8 px) shared by the end-to-end tests."""
     import keras
 
-    from kd_keras import backbones
+    from kd_keras.nets import backbones
 
     keras.utils.set_random_seed(11)
     model = backbones.build_backbone("convnet_tiny", 8)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kd_keras.teachers import Teacher, TeacherSpec
+from kd_keras.teachers.loading import Teacher, TeacherSpec
 
 
 def tiny_student(size=8, width=8, feat=6, sync_bn=True, name="student"):

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from kd_keras import augment
+from kd_keras.data import augment
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 

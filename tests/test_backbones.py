@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import backbones
+from kd_keras.nets import backbones
 
 EXPECTED_DIMS = {
     "resnet18": 512,

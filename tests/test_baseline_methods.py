@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import heads
 from kd_keras.methods.compress import CompRess
 from kd_keras.methods.crd import CRD
 from kd_keras.methods.seed import SEED
+from kd_keras.nets import heads
 from tests.helpers import image_batch, tiny_student, tiny_teacher, two_cpu_strategy
 
 FEAT, TEACHER_DIM = 6, 5

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kd_keras import config as config_lib
-from kd_keras import export, train
+from kd_keras.artifacts import export
+from kd_keras.training import run as train
 
 config_lib.define_flags()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

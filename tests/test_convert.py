@@ -20,8 +20,9 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import checkpoint_io, convert, torch_pickle
 from kd_keras.methods import factory
+from kd_keras.teachers import checkpoint_io, torch_pickle
+from kd_keras.teachers import conversion as convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data", "convert")
@@ -82,7 +83,7 @@ def test_manifest_records_source_mapping_skips_and_normalisation(tmp_path):
     assert manifest["normalization"]["mode"] == "imagenet"
     assert json.loads((out / "manifest.json").read_text()) == manifest
     # A converted directory is a teacher like any other.
-    from kd_keras import teachers
+    from kd_keras.teachers import loading as teachers
 
     teacher = teachers.load_teacher(str(out), image_size=SIDES[0])
     assert teacher.spec.kind == "converted" and teacher.feature_dim == manifest["feature_dim"]

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from kd_keras import config as config_lib
-from kd_keras import convert, teachers, train
+from kd_keras.teachers import conversion as convert
+from kd_keras.teachers import loading as teachers
+from kd_keras.training import run as train
 
 config_lib.define_flags()
 

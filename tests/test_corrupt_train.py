@@ -9,7 +9,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from kd_keras import config, train
+from kd_keras import config
+from kd_keras.training import run as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kd_keras import data
+from kd_keras.data import sources as data
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -229,7 +229,7 @@ def test_corrupt_files_are_found_once_counted_and_left_out(tmp_path, check_cache
 
 
 def augment_views():
-    from kd_keras import augment
+    from kd_keras.data import augment
 
     return augment.make_view_fn("weak", 4, "same")
 

@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import checkpointing, config, data, evaluate, optimizers, schedules
+from kd_keras import config
+from kd_keras.artifacts import checkpointing
+from kd_keras.data import sources as data
 from kd_keras.eval import EvaluationError, features, layers, linear_probe, protocols
+from kd_keras.eval import evaluation as evaluate
+from kd_keras.optim import optimizers, schedules
 
 
 def test_protocols_table_is_the_list_config_accepts():

@@ -14,8 +14,14 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd_keras import backbones, callbacks, config, data, evaluate, export, train
+from kd_keras import config
+from kd_keras.artifacts import export
+from kd_keras.data import sources as data
+from kd_keras.eval import evaluation as evaluate
 from kd_keras.eval import features, knn, layers, subsets
+from kd_keras.eval import monitor as callbacks
+from kd_keras.nets import backbones
+from kd_keras.training import run as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +92,7 @@ def test_knn_monitor_logs_every_epoch_to_tensorboard_and_json(run):
 
 
 def _monitor_sets(student, max_train, max_test):
-    from kd_keras import augment
+    from kd_keras.data import augment
 
     out = []
     for split, cap in (("train", max_train), ("test", max_test)):
@@ -128,7 +134,7 @@ def test_exported_savedmodel_gives_the_knn_numbers_of_the_in_memory_model(run, t
     # Independent check of one number: majority 1-NN from features of the in-memory student.
     train_ex, _ = data.load_split("digits", "train", image_size_hint=8)
     test_ex, _ = data.load_split("digits", "test", image_size_hint=8)
-    from kd_keras import augment
+    from kd_keras.data import augment
 
     def feats(ex):
         ds = data.make_eval_dataset(ex, lambda im: augment.center_crop(im, 8), 128)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from kd_keras import experiment, experiment_spec
+from kd_keras.experiments import runner as experiment
+from kd_keras.experiments import spec as experiment_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import backbones, export
+from kd_keras.artifacts import export
+from kd_keras.nets import backbones
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_loading_a_directory_without_export_is_a_clear_error(tmp_path):
 
 
 def test_mixed_precision_backbone_exports_float32_features(tmp_path):
-    from kd_keras.precision import policy_scope
+    from kd_keras.training.precision import policy_scope
 
     keras.utils.set_random_seed(0)
     with policy_scope("mixed_bfloat16"):

@@ -10,10 +10,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kd_keras import config as config_lib
-from kd_keras import export, train
-from kd_keras.callbacks import NonFiniteLoss
+from kd_keras.artifacts import export
 from kd_keras.eval import loading
 from kd_keras.methods import factory
+from kd_keras.training import run as train
+from kd_keras.training.callbacks import NonFiniteLoss
 
 config_lib.define_flags()
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import checkpointing
+from kd_keras.artifacts import checkpointing
 from kd_keras.eval import loading
 from tests.helpers import h5_arrays
 
@@ -76,7 +76,7 @@ def test_failed_write_is_one_error_naming_the_path_and_leaves_nothing(tmp_path, 
 
 _FULL_DISK_SCRIPT = """
 import sys, keras, numpy as np
-from kd_keras import checkpointing
+from kd_keras.artifacts import checkpointing
 m = keras.Sequential([keras.Input((100,)), keras.layers.Dense(2000), keras.layers.Dense(10)])
 m.compile(optimizer="sgd", loss="mse")
 m.fit(np.zeros((4, 100)), np.zeros((4, 10)), verbose=0)

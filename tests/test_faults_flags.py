@@ -118,7 +118,7 @@ def test_train_command_line_unknown_method_exits_2():
 
 @pytest.mark.parametrize("content", [b"just some text\n", b""])
 def test_keras_teacher_that_is_not_a_model_says_so(tmp_path, content):
-    from kd_keras import teachers
+    from kd_keras.teachers import loading as teachers
 
     path = tmp_path / "teacher.keras"
     path.write_bytes(content)

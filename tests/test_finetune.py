@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kd_keras import augment, backbones, data
+from kd_keras.data import augment
+from kd_keras.data import sources as data
 from kd_keras.eval import finetune, subsets
+from kd_keras.nets import backbones
 
 
 def test_milestones_scale_with_epochs():

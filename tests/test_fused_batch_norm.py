@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras.fused_batch_norm import BatchNorm
+from kd_keras.nets.fused_batch_norm import BatchNorm
 
 SHAPES = [(6, 5, 4, 8), (12, 16)]
 

@@ -72,7 +72,7 @@ def _batches_in_another_process(maker, tmp_path, prelude=""):
 
 def test_batch_colour_stage_matches_golden(maker, monkeypatch):
     """Colour ops run after `batch` (colour_stage="batch") give the same bits as per example."""
-    from kd_keras import augment
+    from kd_keras.data import augment
 
     for name in ("make_view_fn", "make_multicrop_fn"):
         monkeypatch.setattr(
@@ -84,7 +84,7 @@ def test_batch_colour_stage_matches_golden(maker, monkeypatch):
 
 _AUTO_RESIZE = (
     "import functools\n"
-    "from kd_keras import augment\n"
+    "from kd_keras.data import augment\n"
     "for name in ('make_view_fn', 'make_multicrop_fn'):\n"
     "    setattr(augment, name, functools.partial(getattr(augment, name), resize='auto'))\n"
 )
@@ -95,7 +95,7 @@ def test_auto_resize_pipeline_is_close_to_golden_and_replays_in_another_process(
 ):
     """--view_resize=auto (the training default) changes only the rounding of enlarged crops:
     every view within 1e-4 of the golden one, and a second process replays it bit for bit."""
-    from kd_keras import augment
+    from kd_keras.data import augment
 
     for name in ("make_view_fn", "make_multicrop_fn"):
         monkeypatch.setattr(augment, name, functools.partial(getattr(augment, name), resize="auto"))

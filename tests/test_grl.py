@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras.heads import GradientReversal
+from kd_keras.nets.heads import GradientReversal
 from tests.helpers import two_cpu_strategy
 
 

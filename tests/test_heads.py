@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras.heads import prediction_head
+from kd_keras.nets.heads import prediction_head
 
 
 def _layer_summary(model):

@@ -1,6 +1,6 @@
 """--jit_compile unset picks XLA per machine and input size; an explicit value always wins."""
 
-from kd_keras import precision
+from kd_keras.training import precision
 
 
 def test_explicit_value_wins():
@@ -21,7 +21,8 @@ def test_auto_by_device_and_size():
 
 
 def test_grouped_conv_students_stay_off_xla_on_cpu_only():
-    from kd_keras import backbones, train
+    from kd_keras.nets import backbones
+    from kd_keras.training import run as train
 
     off, why = precision.choose_jit_compile(None, 112, False, [], {"avx512f"}, grouped_convs=True)
     assert off is False and "grouped" in why
@@ -35,8 +36,8 @@ def test_grouped_conv_students_stay_off_xla_on_cpu_only():
 def _tiny_simreg():
     import keras
 
-    from kd_keras import backbones, heads
     from kd_keras.methods import SimReg
+    from kd_keras.nets import backbones, heads
     from tests.helpers import tiny_teacher
 
     keras.utils.set_random_seed(0)
@@ -53,7 +54,7 @@ def test_measuring_xla_times_both_and_leaves_the_model_as_it_was():
     import numpy as np
     import tensorflow as tf
 
-    from kd_keras import xla_choice
+    from kd_keras.training import xla_choice
 
     method = _tiny_simreg()
     batch = {"student": tf.random.stateless_uniform([4, 16, 16, 3], [1, 2])}
@@ -77,7 +78,8 @@ def test_measuring_xla_times_both_and_leaves_the_model_as_it_was():
 def test_measured_choice_is_cached_per_setup(tmp_path, monkeypatch):
     import dataclasses
 
-    from kd_keras import config, xla_choice
+    from kd_keras import config
+    from kd_keras.training import xla_choice
 
     monkeypatch.setenv("KD_KERAS_CACHE_DIR", str(tmp_path))
     calls = []
@@ -109,7 +111,10 @@ def test_train_run_with_jit_compile_unset_times_the_step_once_per_setup(tmp_path
     import keras
     import numpy as np
 
-    from kd_keras import backbones, config, train, xla_choice
+    from kd_keras import config
+    from kd_keras.nets import backbones
+    from kd_keras.training import run as train
+    from kd_keras.training import xla_choice
 
     monkeypatch.setenv("KD_KERAS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(xla_choice, "MIN_STEPS_TO_MEASURE", 2)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras.optimizers import LARS
-from kd_keras.schedules import WarmupCosine
+from kd_keras.optim.optimizers import LARS
+from kd_keras.optim.schedules import WarmupCosine
 from tests.helpers import two_cpu_strategy
 
 HP = dict(momentum=0.9, weight_decay=0.05, trust_coefficient=0.02, eps=1e-8)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras.memory_bank import FeatureBank, IndexedMemory
+from kd_keras.methods.memory_bank import FeatureBank, IndexedMemory
 from tests.helpers import two_cpu_strategy
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import data, distributed
-from kd_keras.launch import free_ports
+from kd_keras.data import sources as data
+from kd_keras.training import distributed
+from kd_keras.training.launcher import free_ports
 from tests.helpers import h5_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,7 +245,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
 
 
 def checkpointing_steps(directory):
-    from kd_keras import checkpointing
+    from kd_keras.artifacts import checkpointing
 
     return checkpointing.available_steps(str(directory))
 

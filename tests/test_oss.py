@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import augment, backbones, clustering, heads, losses
+from kd_keras import losses
+from kd_keras.data import augment
 from kd_keras.methods import OSS, SwAV
 from kd_keras.methods.oss import STUDENT, TEACHER
 from kd_keras.methods.swav import crop_groups, dropout_seed
-from kd_keras.optimizers import LARS
+from kd_keras.nets import backbones, clustering, heads
+from kd_keras.optim.optimizers import LARS
 from tests.helpers import np_sinkhorn, two_cpu_strategy
 
 SIZE, SMALL, N_LARGE, N_SMALL = 16, 8, 2, 2
@@ -325,7 +327,7 @@ def float32_first_step():
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_oss_step_under_xla_and_mixed_precision(precision, float32_first_step):
-    from kd_keras.precision import policy_scope
+    from kd_keras.training.precision import policy_scope
 
     expected = float32_first_step
     ds = tf.data.Dataset.from_tensors(_batch()).repeat()

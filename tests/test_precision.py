@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import backbones, config, heads, losses, precision, train
+from kd_keras import config, losses
 from kd_keras.methods import SimReg
+from kd_keras.nets import backbones, heads
+from kd_keras.training import precision
+from kd_keras.training import run as train
 from tests.helpers import tiny_teacher
 
 

@@ -131,7 +131,7 @@ def test_the_method_lists_are_the_registrys():
 
 
 def test_an_unknown_method_is_an_error_naming_the_flag(tmp_path):
-    from kd_keras import train
+    from kd_keras.training import run as train
 
     cfg = config_lib.Config(workdir=str(tmp_path / "run"), method="byol")
     with pytest.raises(ValueError, match="--method=byol: unknown method"):
@@ -140,8 +140,9 @@ def test_an_unknown_method_is_an_error_naming_the_flag(tmp_path):
 
 
 def test_a_throwaway_method_trains_through_train_with_its_own_flag(tmp_path, toy):
-    from kd_keras import export, train
+    from kd_keras.artifacts import export
     from kd_keras.eval import loading
+    from kd_keras.training import run as train
 
     cfg = _parse(
         [
@@ -219,7 +220,7 @@ def test_flags_the_method_would_ignore_are_rejected(tmp_path, argv, message):
 
 
 def test_lars_applies_to_simreg_and_moves_the_decay_into_the_optimizer(tmp_path):
-    from kd_keras import optimizers
+    from kd_keras.optim import optimizers
 
     cfg = _parse(["--teacher=x", "--optimizer=lars", "--lars_trust=0.02", f"--workdir={tmp_path}"])
     opt = optimizers.make_optimizer(cfg.optim, steps_per_epoch=10)

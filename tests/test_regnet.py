@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import backbones, convert, layouts
+from kd_keras.nets import backbones
+from kd_keras.teachers import conversion as convert
+from kd_keras.teachers import layouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data", "regnet")
@@ -312,7 +314,7 @@ def test_cli_accepts_the_regnet_archs_and_names_a_mismatch_in_one_line(tmp_path)
 
 def test_student_flag_builds_regnety600mf(tmp_path):
     from kd_keras import config as config_lib
-    from kd_keras import train
+    from kd_keras.training import run as train
 
     config_lib.define_flags()
     fv = config_lib.FLAGS

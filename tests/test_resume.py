@@ -12,7 +12,9 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import checkpointing, config, train
+from kd_keras import config
+from kd_keras.artifacts import checkpointing
+from kd_keras.training import run as train
 from tests.helpers import h5_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

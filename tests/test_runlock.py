@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kd_keras import runlock
+from kd_keras.training import runlock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Loads runlock.py by path: importing the kd_keras package would import TensorFlow (seconds).

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import schedules
+from kd_keras.optim import schedules
 
 
 def _np_alpha(n, big_n):
@@ -79,7 +79,8 @@ def test_warmup_cosine_serialises_and_drives_an_optimizer():
 def test_training_schedule_equals_the_keras_cosine_of_earlier_runs(warmup_epochs):
     # SimReg runs used keras' CosineDecay (with its linear warm-up) before every method
     # went through optimizers.learning_rate_schedule; resumed runs must see the same rates.
-    from kd_keras import config, optimizers
+    from kd_keras import config
+    from kd_keras.optim import optimizers
 
     o = config.OptimConfig(batch_size=64, epochs=4, lr=0.4, warmup_epochs=warmup_epochs)
     ours = optimizers.learning_rate_schedule(o, steps_per_epoch=5)

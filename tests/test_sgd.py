@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import optimizers
+from kd_keras.optim import optimizers
 
 
 def _gradients(steps, shapes, seed=0):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import heads, losses
+from kd_keras import losses
 from kd_keras.methods import SimReg
+from kd_keras.nets import heads
 from tests.helpers import dataset, image_batch, tiny_student, tiny_teacher
 
 

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import augment, backbones, config, data, teacher_cache, train
+from kd_keras import config
+from kd_keras.data import augment, teacher_cache
+from kd_keras.data import sources as data
 from kd_keras.methods import SimReg
-from kd_keras.teachers import load_teacher
+from kd_keras.nets import backbones
+from kd_keras.teachers.loading import load_teacher
+from kd_keras.training import run as train
 from tests.helpers import tiny_student, tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +85,8 @@ def _views_by_key(ds, batches):
 _REPLAY_SCRIPT = """
 import sys, numpy as np
 sys.path.insert(0, {repo!r})
-from kd_keras import augment, data
+from kd_keras.data import augment
+from kd_keras.data import sources as data
 examples, _ = data.load_split("digits", "train", image_size_hint={size})
 examples = examples.filter(lambda ex: ex["index"] < 320)
 fn = augment.make_view_fn("strong", {size}, "same")

@@ -5,8 +5,9 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import backbones, export
-from kd_keras.teachers import load_teacher, parse_teacher_spec
+from kd_keras.artifacts import export
+from kd_keras.nets import backbones
+from kd_keras.teachers.loading import load_teacher, parse_teacher_spec
 from tests.helpers import image_batch
 
 

@@ -12,9 +12,11 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kd_keras import config, export, train
-from kd_keras.callbacks import NonFiniteLoss
-from kd_keras.teachers import load_teacher
+from kd_keras import config
+from kd_keras.artifacts import export
+from kd_keras.teachers.loading import load_teacher
+from kd_keras.training import run as train
+from kd_keras.training.callbacks import NonFiniteLoss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

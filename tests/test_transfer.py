@@ -268,8 +268,11 @@ def _cli(*args):
 def test_cli_transfer_on_an_export_matches_sklearn_on_its_features(tmp_path):
     import keras
 
-    from kd_keras import augment, backbones, data, export
+    from kd_keras.artifacts import export
+    from kd_keras.data import augment
+    from kd_keras.data import sources as data
     from kd_keras.eval import features
+    from kd_keras.nets import backbones
 
     keras.utils.set_random_seed(5)
     backbone = backbones.build_backbone("convnet_tiny", 8)
@@ -314,8 +317,9 @@ def test_cli_transfer_on_an_export_matches_sklearn_on_its_features(tmp_path):
     assert rec["value"] == pytest.approx(np.mean(refit.predict(x_te) == y_te), abs=1e-9)
 
     # Bad --transfer_data: an EvaluationError, which the CLI prints as one line, exit code 2.
-    from kd_keras import config, evaluate
+    from kd_keras import config
     from kd_keras.eval import EvaluationError
+    from kd_keras.eval import evaluation as evaluate
 
     cfg = config.EvaluateConfig(
         model=export_dir,

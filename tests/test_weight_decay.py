@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kd_keras import optimizers
 from kd_keras.methods.base import Method
+from kd_keras.optim import optimizers
 
 WD = 0.05
 

@@ -7,6 +7,11 @@ Modules:
   report      results.json, TensorBoard scalars and projector, k-NN monitor plot, text table
   knn, linear_probe, finetune, subsets, features, transfer
               the protocols' numerics on features / images, label subsets, feature extraction
+  monitor     the k-NN monitor callback used during training
+  evaluation  one evaluation of a loaded model (what `kd_keras.evaluate` runs)
+
+It may import every package below it (data, nets, optim, teachers, methods, config,
+artifacts) and never `training`: a run directory is read through `artifacts.layout`.
 """
 
 

@@ -58,7 +58,7 @@ def _as_inference_fn(embed_fn):
 def select_examples(examples, predicate):
     """`examples.filter(predicate)` that filters BEFORE decoding when `examples` is lazy.
 
-    `kd_keras.data.load_split` returns datasets that carry their undecoded records (file names
+    `kd_keras.data.sources.load_split` returns datasets that carry their undecoded records (file names
     plus "label" and "index"); filtering those keeps `make_train_dataset`'s decode-after-shuffle
     fast path and avoids decoding images that are thrown away.
 
@@ -66,7 +66,7 @@ def select_examples(examples, predicate):
       examples: dataset from `load_split`.
       predicate: fn(example dict with at least "label" and "index") -> bool tensor.
     """
-    from kd_keras import data
+    from kd_keras.data import sources as data
 
     lazy = data.lazy_source(examples)
     if lazy is not None and {"label", "index"} <= set(lazy.records.element_spec):
@@ -109,7 +109,7 @@ def every_nth_examples(examples, num, cap):
     """The examples whose "index" is a multiple of `every_nth_stride(num, cap)`.
 
     Args:
-      examples: dataset of example dicts with "index" (from `kd_keras.data.load_split`; a lazy
+      examples: dataset of example dicts with "index" (from `kd_keras.data.sources.load_split`; a lazy
         one is filtered before decoding, see `select_examples`).
       num: its size; cap: as in `every_nth_stride`.
     Returns:
@@ -127,7 +127,7 @@ def label_array(examples, num_examples):
     Raises:
       EvaluationError: some example has no label.
     """
-    from kd_keras import data
+    from kd_keras.data import sources as data
     from kd_keras.eval import EvaluationError
 
     lazy = data.lazy_source(examples)
@@ -155,7 +155,7 @@ def cached_training_images(examples, num_examples, size):
     """(examples with uint8 images cached in memory, note) or (examples, None) when too big.
 
     Args:
-      examples: dataset of example dicts from `kd_keras.data.load_split`.
+      examples: dataset of example dicts from `kd_keras.data.sources.load_split`.
       num_examples: its size.
       size: crop side S of the protocol.
     """

@@ -19,9 +19,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kd_keras import augment, data
-from kd_keras.optimizers import TorchSGD
-from kd_keras.schedules import EpochStepDecay
+from kd_keras.data import augment
+from kd_keras.data import sources as data
+from kd_keras.optim.optimizers import TorchSGD
+from kd_keras.optim.schedules import EpochStepDecay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ def finetune(
     Args:
       backbone: keras.Model images float32 [B, H, W, 3] in [0, 1] -> features [B, m].
       train_examples: tf.data of example dicts ({"image" [H, W, 3], "label", "index"}, as from
-        `kd_keras.data.load_split`), already restricted to the label subset.
+        `kd_keras.data.sources.load_split`), already restricted to the label subset.
       num_train: number of examples in `train_examples` (>= 1).
       test_dataset: tf.data of {"image" [B, S, S, 3] centre crops, "label" [B]} batches.
       num_classes: C (>= 2).

@@ -47,8 +47,8 @@ import numpy as np
 import tensorflow as tf
 
 from kd_keras.eval.knn import check_features
-from kd_keras.optimizers import TorchSGD
-from kd_keras.schedules import EpochCosine, EpochStepDecay
+from kd_keras.optim.optimizers import TorchSGD
+from kd_keras.optim.schedules import EpochCosine, EpochStepDecay
 
 PATH_CACHED_FEATURES = "cached_features"
 PATH_AUGMENTED_IMAGES = "augmented_images"
@@ -429,7 +429,7 @@ def train_linear_probe_augmented(
       embed_model: keras.Model images float32 [B, S, S, 3] in [0, 1] -> features [B, D]; run
         with training=False and never updated (BatchNorm keeps its moving statistics).
       train_examples: tf.data of example dicts ({"image" [H, W, 3], "label", "index"}) from
-        `kd_keras.data.load_split`.
+        `kd_keras.data.sources.load_split`.
       num_train: number of examples in `train_examples`.
       train_features: float [N, D] centre-crop features of the training split (statistics of
         the "simreg" standardisation; also checks D).
@@ -440,7 +440,8 @@ def train_linear_probe_augmented(
     Returns:
       the dict of `train_linear_probe` with "path": "augmented_images".
     """
-    from kd_keras import augment, data
+    from kd_keras.data import augment
+    from kd_keras.data import sources as data
 
     preset = _get_preset(preset)
     train = check_features(train_features, "train_features")

@@ -90,7 +90,7 @@ def load_model(path, from_checkpoint=False):
     Raises:
       EvaluationError naming --model for anything that cannot be loaded.
     """
-    from kd_keras import export
+    from kd_keras.artifacts import export
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
@@ -164,8 +164,8 @@ def _load_serving_function(saved_model_dir):
 def _load_keras(path):
     """keras.models.load_model with kd_keras' custom layers registered; one-line errors."""
     # Imported for their registered Keras classes (layers of backbones, heads, probes).
-    from kd_keras import backbones, heads  # noqa: F401
     from kd_keras.eval import layers, linear_probe  # noqa: F401
+    from kd_keras.nets import backbones, heads  # noqa: F401
 
     try:
         return keras.models.load_model(path, compile=False)
@@ -176,7 +176,7 @@ def _load_keras(path):
 
 def _load_export(export_dir):
     """`LoadedModel` of an export directory (SavedModel, backbone.keras, heads/), checked."""
-    from kd_keras import export
+    from kd_keras.artifacts import export
 
     serve, size, dim = _load_serving_function(os.path.join(export_dir, export.SAVED_MODEL_DIR))
     backbone = None
@@ -222,7 +222,7 @@ def _load_export(export_dir):
 
 def run_teacher_specs(run_dir, cfg=None):
     """The run's teachers as `TeacherSpec`s, recipe teachers resolved to their run directory."""
-    from kd_keras import teachers as teachers_lib
+    from kd_keras.teachers import loading as teachers_lib
 
     if cfg is None:
         cfg = config_lib.config_from_json(os.path.join(run_dir, "config.json"))
@@ -238,8 +238,8 @@ def run_teacher_specs(run_dir, cfg=None):
 
 
 def load_run_teachers(run_dir, image_size):
-    """Loads the frozen teachers a run was distilled from (`kd_keras.teachers.Teacher`s)."""
-    from kd_keras import teachers as teachers_lib
+    """Loads the frozen teachers a run was distilled from (`kd_keras.teachers.loading.Teacher`s)."""
+    from kd_keras.teachers import loading as teachers_lib
 
     return [
         teachers_lib.load_teacher(spec, image_size, i, run_dir)
@@ -254,7 +254,7 @@ def latest_checkpoint(directory):
     found by name; the newest readable one wins) and Keras BackupAndRestore's
     latest.weights.h5 (runs from before step checkpoints).
     """
-    from kd_keras import checkpointing
+    from kd_keras.artifacts import checkpointing
 
     steps = checkpointing.available_steps(directory)
     if steps:
@@ -267,7 +267,7 @@ def latest_checkpoint(directory):
 def _checkpoint_snapshot(directory):
     """A private copy of the newest checkpoint (path, or None), so a training run that rotates
     its checkpoints meanwhile cannot remove the file while it is read; deleted afterwards."""
-    from kd_keras import checkpointing
+    from kd_keras.artifacts import checkpointing
 
     with tempfile.TemporaryDirectory(prefix="kd_keras_eval_") as tmp:
         copied = checkpointing.copy_newest(directory, os.path.join(tmp, "ckpt.weights.h5"))
@@ -309,9 +309,9 @@ def _load_run_checkpoint(run_dir):
 
 
 def _checkpoint_dir(run_dir):
-    from kd_keras import train
+    from kd_keras.artifacts import layout
 
-    return os.path.join(run_dir, train.CHECKPOINT_DIR)
+    return os.path.join(run_dir, layout.CHECKPOINT_DIR)
 
 
 def _rebuild_method(cfg, run_dir, image_size):
@@ -336,7 +336,7 @@ def _rebuild_method(cfg, run_dir, image_size):
 
 def _run_num_classes(cfg):
     """Classes of a supervised run's training split (its classifier's width); 0 otherwise."""
-    from kd_keras import data
+    from kd_keras.data import sources as data
     from kd_keras.methods import registry
 
     if not registry.get(cfg.method).needs_labels:

@@ -28,7 +28,7 @@ from kd_keras.eval import features as features_lib
 
 @dataclasses.dataclass
 class EvalData:
-    """What every protocol reads, prepared once by `kd_keras.evaluate.evaluate`.
+    """What every protocol reads, prepared once by `kd_keras.eval.evaluation.evaluate`.
 
     Attributes:
       loaded: the `LoadedModel` evaluated.

@@ -11,7 +11,7 @@ PLOT = "knn_monitor.png"
 
 def write_results(eval_dir, results):
     """Writes `results` to `<eval_dir>/results.json` atomically; returns the path."""
-    from kd_keras import checkpointing
+    from kd_keras.artifacts import checkpointing
 
     path = os.path.join(eval_dir, RESULTS)
     checkpointing.write_json(path, results)
@@ -77,7 +77,7 @@ def write_projector(logdir, feats, labels, class_names=()):
 
 def plot_knn_monitor(run_dir, path):
     """Draws the k-NN monitor curve of a run as a PNG; returns the path, or None without data."""
-    from kd_keras.callbacks import KNN_MONITOR_FILE, read_knn_history
+    from kd_keras.eval.monitor import KNN_MONITOR_FILE, read_knn_history
 
     entries = read_knn_history(os.path.join(run_dir, KNN_MONITOR_FILE))
     if not entries:

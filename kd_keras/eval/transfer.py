@@ -29,7 +29,7 @@ is deterministic (L-BFGS has no randomness); the seed only draws the validation 
 dataset has none of its own (a stratified split of train, `stratified_split`).
 
 The pure part (grid search, refit, split, label checks) works on NumPy arrays; `run_transfer`
-loads the splits (`kd_keras.data.load_split`: an image folder root/<split>/<class>/*.jpg, a
+loads the splits (`kd_keras.data.sources.load_split`: an image folder root/<split>/<class>/*.jpg, a
 prepared TFDS dataset or digits), extracts every split's features once and calls it.
 
 Memory: the features of all splits as float32, 4 * D * (N_train + N_val + N_test) bytes, plus
@@ -285,7 +285,7 @@ class TransferData:
     """Which dataset and splits the transfer protocol reads.
 
     Attributes:
-      source: `kd_keras.data.load_split` source: "folder:/root" or a directory
+      source: `kd_keras.data.sources.load_split` source: "folder:/root" or a directory
         (root/<split>/<class>/*.jpg), "tfds:NAME" (prepared on disk) or "digits".
       data_dir: TFDS data directory (None: TFDS' default).
       train_split, test_split: split names.
@@ -325,7 +325,7 @@ def own_val_split(source, data_dir, test_split):
             raise TransferError(f"--transfer_data={source}: {str(err).splitlines()[0]}") from err
         test = {test_split, *(c for c in candidates if test_split in candidates)}
         return next((c for c in candidates if c in splits and c not in test), None)
-    from kd_keras import data
+    from kd_keras.data import sources as data
 
     root = source[len("folder:") :] if source.startswith("folder:") else source
     root = os.path.abspath(os.path.expanduser(root))
@@ -354,7 +354,7 @@ def _check_source(source):
 
 
 def _load(data_cfg, split, flag, image_size):
-    from kd_keras import data
+    from kd_keras.data import sources as data
 
     try:
         return data.load_split(
@@ -368,7 +368,8 @@ def _load(data_cfg, split, flag, image_size):
 
 
 def _split_features(embed, examples, info, data_cfg, image_size, batch_size):
-    from kd_keras import augment, data
+    from kd_keras.data import augment
+    from kd_keras.data import sources as data
     from kd_keras.eval import features
 
     # Every n-th example by index: files are in class order, so every class stays.
@@ -380,7 +381,7 @@ def _split_features(embed, examples, info, data_cfg, image_size, batch_size):
 def run_transfer(embed, image_size, data_cfg, settings=TransferSettings(), batch_size=256):
     """SimReg B.4's transfer protocol of the embedding `embed` on `data_cfg`'s dataset.
 
-    Images go through `kd_keras.augment.center_crop(image, image_size)`: the shorter side is
+    Images go through `kd_keras.data.augment.center_crop(image, image_size)`: the shorter side is
     resized to round(image_size * 256 / 224) and the central image_size square is kept (B.4's
     256 / 224 at a 224 px model, scaled proportionally for smaller models); the network
     normalises its [0, 1] inputs itself.

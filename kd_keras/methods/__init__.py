@@ -1,5 +1,9 @@
 """Training methods: one keras.Model subclass per method, declared in `registry`.
 
+It may import `losses`, `nets`, `optim`, `data` and `teachers` (the factory loads frozen
+teachers), never `config` or anything above it: methods take plain arguments or the config
+dataclasses handed to their builders.
+
 Importing this package imports no TensorFlow (config.py reads the registry); the model
 classes load on first access, e.g. `from kd_keras.methods import SimReg`.
 """

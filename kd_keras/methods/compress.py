@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from kd_keras import losses
-from kd_keras.memory_bank import FeatureBank
+from kd_keras.methods.memory_bank import FeatureBank
 from kd_keras.methods.simreg import _Untracked
 from kd_keras.methods.single_teacher import SingleTeacherDistillation
 

@@ -4,10 +4,11 @@ its contrastive loss only, as SimReg's Table 3 (following CompRess) compares wit
 import keras
 import tensorflow as tf
 
-from kd_keras import heads, losses
-from kd_keras.memory_bank import IndexedMemory
+from kd_keras import losses
 from kd_keras.methods.base import num_replicas
+from kd_keras.methods.memory_bank import IndexedMemory
 from kd_keras.methods.single_teacher import SingleTeacherDistillation, global_mean
+from kd_keras.nets import heads
 
 # RepDistiller train_student.py defaults.
 FEATURE_DIM = 128  # --feat_dim
@@ -20,7 +21,7 @@ class CRD(SingleTeacherDistillation):
     """Contrastive representation distillation: NCE over a memory of every training sample.
 
     Student features go through the student head (CRD's ``embed_s``: Linear(m, 128), here
-    `kd_keras.heads.prediction_head`, so mlp2 / mlp4 heads are possible), teacher features
+    `kd_keras.nets.heads.prediction_head`, so mlp2 / mlp4 heads are possible), teacher features
     through a trainable linear `teacher_embed` (CRD's ``embed_t``); both are l2-normalised.
     Two memories hold one row per training sample (`memory_bank.IndexedMemory`, indexed by the
     pipeline's "index"). Each step, for every sample b, K indices are drawn uniformly from
@@ -212,7 +213,7 @@ def training_examples(cfg):
     Read from the split itself (image folders are listed, TFDS reads its metadata), so a
     method rebuilt from a checkpoint for evaluation gets the same memory shape as training.
     """
-    from kd_keras import data
+    from kd_keras.data import sources as data
 
     _, info = data.load_split(
         cfg.data.dataset,

@@ -12,13 +12,12 @@ import shutil
 import keras
 import numpy as np
 
-from kd_keras import augment, backbones, clustering, heads
+# Re-exported: the names of a SwAV/OSS network directory (kd_keras.artifacts.layout).
+from kd_keras.artifacts.layout import NETWORK_KIND, NETWORK_MANIFEST, NETWORKS_DIR  # noqa: E402,F401
+from kd_keras.data import augment
 from kd_keras.methods.oss import OSS
 from kd_keras.methods.swav import SwAV
-
-NETWORKS_DIR = "networks"
-NETWORK_MANIFEST = "manifest.json"
-NETWORK_KIND = "kd_keras_clustering_network"
+from kd_keras.nets import backbones, clustering, heads
 
 
 def multicrop_view_fn(cfg):
@@ -248,7 +247,7 @@ def load_clustering_networks(path, cfg):
     if path.startswith("torch:"):
         # A SwAV checkpoint named directly: the same converted directory (converted once,
         # cached by sha256 under the workdir) that the teacher loader uses.
-        from kd_keras import teachers
+        from kd_keras.teachers import loading as teachers
 
         path = teachers.converted_dir(teachers.parse_teacher_spec(path), cfg.workdir)
     net_dir = find_network_dir(path)

@@ -23,7 +23,7 @@ included), while A.1 divides by 2(2+V) - 2; we keep A.1's value (see
 import keras
 import tensorflow as tf
 
-from kd_keras import losses, schedules
+from kd_keras import losses
 from kd_keras.methods.base import Method
 from kd_keras.methods.swav import (
     SwAVCodes,
@@ -33,6 +33,7 @@ from kd_keras.methods.swav import (
     freeze_prototype_gradients,
     per_view,
 )
+from kd_keras.optim import schedules
 
 TEACHER, STUDENT = 0, 1
 
@@ -66,12 +67,12 @@ class OSS(Method):
 
     Args:
       teacher_backbone, student_backbone: keras.Models taking images of any side.
-      teacher_head, student_head: `kd_keras.heads.ProjectionHead`s with the same E.
-      prototypes: `kd_keras.clustering.Prototypes` (shared).
-      queue: `kd_keras.clustering.EmbeddingQueue` of teacher embeddings, or None.
-      classifier: the feature classifier D (`kd_keras.heads.feature_classifier`), online only;
+      teacher_head, student_head: `kd_keras.nets.heads.ProjectionHead`s with the same E.
+      prototypes: `kd_keras.nets.clustering.Prototypes` (shared).
+      queue: `kd_keras.nets.clustering.EmbeddingQueue` of teacher embeddings, or None.
+      classifier: the feature classifier D (`kd_keras.nets.heads.feature_classifier`), online only;
         None (with `grl=None`) trains without it, Figure 5's "no feature classifier" ablation.
-      grl: `kd_keras.heads.GradientReversal` in front of D, online only.
+      grl: `kd_keras.nets.heads.GradientReversal` in front of D, online only.
       total_steps: N of the GRL schedule alpha(n) = -2 / (1 + exp(-10 n / N)) + 1.
       online: see above.
       temperature, epsilon, sinkhorn_iters, queue_start_step, freeze_prototypes_steps: as in

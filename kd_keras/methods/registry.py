@@ -164,12 +164,12 @@ class BuildContext:
     Attributes:
       cfg: the run's `config.Config`.
       student: the student backbone, images [B, H, W, 3] -> features [B, m].
-      teachers: the loaded `kd_keras.teachers.Teacher`s (methods with teacher_features).
+      teachers: the loaded `kd_keras.teachers.loading.Teacher`s (methods with teacher_features).
       num_classes: classes of the training split (0 when unknown / unlabelled).
       steps_per_epoch: optimizer steps per epoch (schedules inside the method).
       frozen: what the spec's `frozen_teacher` loaded, else None.
       weight_decay: the coupled L2 the method adds through its loss (0 under LARS, which
-        decays itself; see `kd_keras.optimizers.coupled_weight_decay`).
+        decays itself; see `kd_keras.optim.optimizers.coupled_weight_decay`).
       options: the method's own options dataclass (None without options).
     """
 
@@ -270,7 +270,7 @@ def build(spec, ctx):
 
 def build_student(cfg, input_size):
     """The student backbone of `cfg` (multi-crop methods take crops of any side)."""
-    from kd_keras import backbones
+    from kd_keras.nets import backbones
 
     return backbones.build_backbone(
         cfg.model.student,
@@ -296,7 +296,7 @@ def build_method(cfg, student, teachers=(), num_classes=0, steps_per_epoch=1, fr
     Raises:
       ValueError: naming --method when it is not registered.
     """
-    from kd_keras import optimizers
+    from kd_keras.optim import optimizers
 
     spec = get(cfg.method)
     if frozen is None and spec.frozen_teacher is not None:

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from kd_keras import losses
-from kd_keras.memory_bank import FeatureBank
+from kd_keras.methods.memory_bank import FeatureBank
 from kd_keras.methods.single_teacher import SingleTeacherDistillation
 
 # SEED tools/opts.py defaults (the values its README commands use).
@@ -30,7 +30,7 @@ class SEED(SingleTeacherDistillation):
 
     Heads: SEED replaces the student's classifier by a linear layer to the teacher's
     embedding size (``student(num_classes=dim)``), or, with its default ``--student_mlp``,
-    by Linear(m, m)-ReLU-Linear(m, dim). Here the head is `kd_keras.heads.prediction_head`
+    by Linear(m, m)-ReLU-Linear(m, dim). Here the head is `kd_keras.nets.heads.prediction_head`
     (linear / mlp2 / mlp4, with SimReg's BatchNorm in the MLPs) to the teacher's feature size.
     SEED's teacher embedding is its SSL projection head's 128-d output; here it is whatever
     the teacher spec returns (its features, or a projection if the teacher model ends in one).

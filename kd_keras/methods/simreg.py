@@ -4,10 +4,10 @@ Self-supervised Knowledge Distillation") and its Regress / Regress-BN baselines.
 import keras
 import tensorflow as tf
 
-from kd_keras import heads as heads_lib
 from kd_keras import losses
-from kd_keras.heads import feature_batch_norm
 from kd_keras.methods.base import Method
+from kd_keras.nets import heads as heads_lib
+from kd_keras.nets.heads import feature_batch_norm
 
 VARIANTS = ("simreg", "regress", "regress_bn")
 
@@ -38,7 +38,7 @@ class SimReg(Method):
 
     Args:
       student: keras.Model, images [B, H, W, 3] in [0, 1] -> features [B, m].
-      teachers: sequence of `kd_keras.teachers.Teacher` (frozen, called with training=False).
+      teachers: sequence of `kd_keras.teachers.loading.Teacher` (frozen, called with training=False).
       heads: sequence of keras.Model, one per teacher, [B, m] -> [B, d_k].
       variant: "simreg", "regress" or "regress_bn".
       sync_bn: synchronise the Regress-BN feature BNs across replicas.

@@ -16,8 +16,8 @@ class SingleTeacherDistillation(Method):
 
     Args:
       student: keras.Model, images [B, H, W, 3] in [0, 1] -> features [B, m] (exported).
-      teacher: `kd_keras.teachers.Teacher` (frozen, never saved in the method's weights).
-      head: keras.Model [B, m] -> [B, d] on the student side (`kd_keras.heads.prediction_head`)
+      teacher: `kd_keras.teachers.loading.Teacher` (frozen, never saved in the method's weights).
+      head: keras.Model [B, m] -> [B, d] on the student side (`kd_keras.nets.heads.prediction_head`)
         or None (the student's features are used as they are).
       weight_decay: see `Method`.
     """
@@ -107,7 +107,7 @@ def one_teacher(ctx):
 
 def student_head(ctx, out_dim, name="head"):
     """The `--head` (linear / mlp2 / mlp4, `--head_hidden_dims`) from the student to out_dim."""
-    from kd_keras import heads
+    from kd_keras.nets import heads
 
     cfg = ctx.cfg
     return heads.prediction_head(

@@ -8,8 +8,8 @@ import keras
 import tensorflow as tf
 
 from kd_keras import losses
-from kd_keras.clustering import replica_info
 from kd_keras.methods.base import Method
+from kd_keras.nets.clustering import replica_info
 
 
 def crop_groups(batch):
@@ -17,7 +17,7 @@ def crop_groups(batch):
 
     Args:
       batch: dict with "large" float [B, n_large, S, S, 3] and optionally "small"
-        [B, n_small, s, s, 3] (from `kd_keras.augment.make_multicrop_fn`).
+        [B, n_small, s, s, 3] (from `kd_keras.data.augment.make_multicrop_fn`).
     Returns:
       (groups, n_large, n_small): groups is a list of [n * B, side, side, 3] tensors, rows
       ordered crop by crop (rows v*B .. v*B+B-1 are crop v of every image), the order of
@@ -113,16 +113,16 @@ class SwAV(Method):
 
     Args:
       backbone: keras.Model taking images of any side (multi-crop) -> features [B, m].
-      head: `kd_keras.heads.ProjectionHead` [B, m] -> [B, E].
-      prototypes: `kd_keras.clustering.Prototypes` (E x K).
-      queue: `kd_keras.clustering.EmbeddingQueue` or None.
+      head: `kd_keras.nets.heads.ProjectionHead` [B, m] -> [B, E].
+      prototypes: `kd_keras.nets.clustering.Prototypes` (E x K).
+      queue: `kd_keras.nets.clustering.EmbeddingQueue` or None.
       temperature: T (0.1). epsilon, sinkhorn_iters: Sinkhorn settings (0.05, 3).
       queue_start_step: first optimizer step at which queued rows join the Sinkhorn problem.
       freeze_prototypes_steps: the prototypes get no update before this step (SwAV's
         `freeze_prototypes_niters`).
       weight_decay: coupled L2 through the loss (see `Method`); 0 when LARS applies it.
 
-    Batches: dicts from `kd_keras.augment.make_multicrop_fn` ("large", "small"). Logged:
+    Batches: dicts from `kd_keras.data.augment.make_multicrop_fn` ("large", "small"). Logged:
     loss, queue_used (fraction of queue rows in the Sinkhorn problem).
     """
 

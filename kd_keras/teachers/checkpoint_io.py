@@ -22,7 +22,7 @@ import zipfile
 
 import numpy as np
 
-from kd_keras import torch_pickle
+from kd_keras.teachers import torch_pickle
 
 FORMATS = ("torch_zip", "torch_legacy", "safetensors", "tf")
 # What a container's values are: arrays, or torch tensors read on demand (np.asarray reads).

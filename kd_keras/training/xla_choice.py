@@ -4,7 +4,7 @@ Whether XLA pays on a CPU depends on the machine, the networks and the input siz
 does not hold still: the SimReg step ResNet-50 -> ResNet-18 at 112 px ran 1.59x faster with
 XLA in one session on the 2-core EPYC VM of docs/benchmarks.md and 0.71-0.83x in a later one
 (the same flags, another day's host and a refactored optimizer set-up). A fixed rule is wrong somewhere, so for the cases the rule
-in `kd_keras.precision.choose_jit_compile` would hand to XLA (single-crop methods, inputs of
+in `kd_keras.training.precision.choose_jit_compile` would hand to XLA (single-crop methods, inputs of
 at least 64 px, no GPU) a long enough run measures instead:
 
   1. snapshot every variable of the model, its optimizer and its metrics;
@@ -26,7 +26,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from kd_keras import precision
+from kd_keras.training import precision
 
 # Runs shorter than this (steps left) would mostly pay for the timing and XLA's compile.
 MIN_STEPS_TO_MEASURE = 300
@@ -36,7 +36,7 @@ CACHE_FILE = "xla_choice.json"
 
 
 def cache_path():
-    from kd_keras import data
+    from kd_keras.data import sources as data
 
     return os.path.join(data.cache_root(), CACHE_FILE)
 

@@ -335,7 +335,7 @@ def resume_step(strategy, checkpoint_dirs):
     step: the newest one all of them hold. A worker that died while saving may be one save
     behind the others, which still hold that previous checkpoint (two are kept).
     """
-    from kd_keras import checkpointing
+    from kd_keras.artifacts import checkpointing
 
     available = set()
     for directory in checkpoint_dirs:

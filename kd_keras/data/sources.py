@@ -93,7 +93,7 @@ class LazySource:
     """Undecoded records plus the function that turns one into ``(ok, example)``.
 
     ``encoded`` (when set) maps a record to its file contents, string ``[]``, so that staged
-    views (``kd_keras.augment.StagedViews``) can crop before decoding.
+    views (``kd_keras.data.augment.StagedViews``) can crop before decoding.
     """
 
     records: tf.data.Dataset
@@ -226,7 +226,7 @@ def _write_check_cache(key, bad):
     path = _check_cache_path(key)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        from kd_keras import checkpointing
+        from kd_keras.artifacts import checkpointing
 
         checkpointing.write_json(path, {"bad": bad}, indent=None)
     except OSError as err:  # CheckpointWriteError included
@@ -688,7 +688,7 @@ def make_train_dataset(
         load_split returned, shuffling happens before decoding (on file names / bytes).
       view_fn: ``view_fn(image, seed_pair) -> dict`` of tensors; ``image`` is float32
         [H, W, 3] and ``seed_pair`` int64 [2]. All views of an image come from this one call.
-        Keys "label" and "index" are reserved. A ``kd_keras.augment.StagedViews`` (what
+        Keys "label" and "index" are reserved. A ``kd_keras.data.augment.StagedViews`` (what
         ``make_view_fn`` / ``make_multicrop_fn`` build) runs faster, bit for bit the same:
         its crops are cut from the undecoded file (JPEG: only the crop window is decoded)
         and its colour ops run on whole batches.

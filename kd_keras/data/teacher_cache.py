@@ -33,7 +33,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from kd_keras import checkpointing
+from kd_keras.artifacts import checkpointing
 
 MANIFEST = "manifest.json"
 FEATURES_DIR = "features"
@@ -78,7 +78,7 @@ def dataset_fingerprint(examples, info):
     Returns:
       str, hex sha256.
     """
-    from kd_keras import data
+    from kd_keras.data import sources as data
 
     n = info.num_examples
     stride = max(1, n // _FINGERPRINT_SAMPLES)
@@ -141,7 +141,8 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
       summary (float list [4][4][3]) of the view of a fixed image under seed
       `data.view_seed(seed, 0, 0)`, so a change of the augmentation ops is noticed.
     """
-    from kd_keras import augment, data
+    from kd_keras.data import augment
+    from kd_keras.data import sources as data
 
     view_fn = augment.make_view_fn(
         data_cfg.augment,
@@ -431,7 +432,8 @@ def write_caches(
       ValueError: a feature does not fit float16 or is not finite; a directory already holds a
         different complete cache.
     """
-    from kd_keras import augment, data
+    from kd_keras.data import augment
+    from kd_keras.data import sources as data
 
     view_key = "teacher"
     teacher_view = augment.make_view_fn(
@@ -553,7 +555,7 @@ def _finish_cache(cache_dir, arrays, written, manifest):
         missing = int((~written).sum())
         raise ValueError(
             f"teacher cache {cache_dir}: {missing} (epoch, example) pairs were not produced "
-            "(undecodable images?); run `kd_keras.data.verify_images` and remove them."
+            "(undecodable images?); run `kd_keras.data.sources.verify_images` and remove them."
         )
     for array in arrays.values():
         array.flush()

@@ -24,7 +24,8 @@ import signal
 
 import keras
 
-from kd_keras import checkpointing, cli
+from kd_keras import choices
+from kd_keras.artifacts import checkpointing
 
 log = logging.getLogger("kd_keras")
 
@@ -32,7 +33,7 @@ log = logging.getLogger("kd_keras")
 class Preempted(Exception):
     """The run was stopped by a signal after saving a checkpoint."""
 
-    EXIT_CODE = cli.PREEMPTED_EXIT_CODE
+    EXIT_CODE = choices.PREEMPTED_EXIT_CODE
 
 
 class PreemptionGuard(keras.callbacks.Callback):
@@ -58,7 +59,7 @@ class PreemptionGuard(keras.callbacks.Callback):
             log.warning("%s received: saving at the end of this step", self.received)
 
     def on_train_begin(self, logs=None):
-        from kd_keras import distributed
+        from kd_keras.training import distributed
 
         if distributed.cluster_info() is not None:
             self._agreement = _FlagAgreement(self.model.distribute_strategy)
@@ -117,7 +118,7 @@ class _FlagAgreement:
 
         @tf.function
         def _any(flag):
-            # all_gather, as kd_keras.distributed.gather_ints: the collective that works for
+            # all_gather, as kd_keras.training.distributed.gather_ints: the collective that works for
             # int64 scalars under MultiWorkerMirroredStrategy on CPUs.
             flags = tf.distribute.get_replica_context().all_gather(tf.reshape(flag, [1]), axis=0)
             return tf.reduce_max(flags)

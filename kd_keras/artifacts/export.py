@@ -117,7 +117,7 @@ def load_exported_heads(export_dir):
     path = os.path.join(export_dir, HEADS_DIR)
     if not os.path.isdir(path):
         return {}
-    from kd_keras import heads as _heads  # noqa: F401  (registers the heads' custom layers)
+    from kd_keras.nets import heads as _heads  # noqa: F401  (registers the heads' custom layers)
 
     return {
         name.removesuffix(".keras"): keras.models.load_model(

@@ -1113,7 +1113,7 @@ def make_view_fn(
 
     The returned :class:`StagedViews` takes an image ``[H, W, C]`` of any dtype accepted by
     ``to_float_image`` and an integer ``[2]`` seed, and returns float32
-    ``[size_h, size_w, 3]`` views; ``kd_keras.data.make_train_dataset`` runs its two stages
+    ``[size_h, size_w, 3]`` views; ``kd_keras.data.sources.make_train_dataset`` runs its two stages
     around ``batch``. The student view under "different" equals the (shared) view under "same"
     for the same seed, so switching modes only changes the teacher's input. For "none" the view
     is deterministic, so it is computed once and shared in both modes.

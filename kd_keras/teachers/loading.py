@@ -37,7 +37,7 @@ import zipfile
 import keras
 import tensorflow as tf
 
-from kd_keras import backbones
+from kd_keras.nets import backbones
 
 RUN_CONFIG = "config.json"
 RUN_BACKBONE = os.path.join("export", "backbone.keras")
@@ -203,7 +203,8 @@ def _is_converted_dir(path):
 
 
 def _parse_torch_spec(spec, location, options, norm, common):
-    from kd_keras import backbones, checkpoint_io, layouts
+    from kd_keras.nets import backbones
+    from kd_keras.teachers import checkpoint_io, layouts
 
     arch, sep, checkpoint = location[len("torch:") :].partition("=")
     if not sep or not arch or not checkpoint:
@@ -247,7 +248,8 @@ def converted_dir(spec, workdir=None):
     gets a new directory). Without a workdir the cache is
     $KD_KERAS_CACHE (default ~/.cache/kd_keras)/converted_teachers.
     """
-    from kd_keras import checkpoint_io, convert
+    from kd_keras.teachers import checkpoint_io
+    from kd_keras.teachers import conversion as convert
 
     root = workdir or os.environ.get(
         "KD_KERAS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kd_keras")

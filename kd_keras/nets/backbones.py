@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from kd_keras import fused_batch_norm
+from kd_keras.nets import fused_batch_norm
 
 FEATURE_DIMS = {
     "resnet18": 512,

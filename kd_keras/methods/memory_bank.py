@@ -23,8 +23,8 @@ import math
 import keras
 import tensorflow as tf
 
-from kd_keras.clustering import all_gather
 from kd_keras.losses import l2_normalize
+from kd_keras.nets.clustering import all_gather
 
 INITS = ("uniform", "normal")
 

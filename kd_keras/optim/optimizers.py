@@ -7,7 +7,7 @@ import numbers
 import keras
 import tensorflow as tf
 
-from kd_keras import schedules
+from kd_keras.optim import schedules
 
 LARS_EXCLUDED = ("bias", "bn", "batch_normalization")  # --lars_exclude_bn_bias
 
@@ -86,7 +86,7 @@ class LARS(keras.optimizers.Optimizer):
 
     Args:
       learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`
-        (e.g. `kd_keras.schedules.WarmupCosine`).
+        (e.g. `kd_keras.optim.schedules.WarmupCosine`).
       momentum: in [0, 1); 0 keeps no momentum slots.
       weight_decay: coupled L2 coefficient wd (>= 0); SwAV/OSS use 1e-6.
       trust_coefficient: tc (> 0); SwAV uses 0.001.

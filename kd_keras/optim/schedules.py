@@ -16,7 +16,7 @@ def grl_alpha(step, total_steps):
 
     n = `step`, N = `total_steps`. alpha is 0 at n = 0, -2/(1+e^-5)+1 ~ -0.9866 at n = N/2,
     -2/(1+e^-10)+1 ~ -0.9999 at n = N and tends to -1 beyond (no clipping). It is passed as
-    is to `kd_keras.heads.GradientReversal`, which multiplies the gradient by it (the minus
+    is to `kd_keras.nets.heads.GradientReversal`, which multiplies the gradient by it (the minus
     sign is here, not in the layer). Evaluated as the identical -tanh(5 n / N), which cannot
     overflow.
 

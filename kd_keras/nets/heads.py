@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from kd_keras import choices, fused_batch_norm
+from kd_keras import choices
+from kd_keras.nets import fused_batch_norm
 
 HEAD_KINDS = choices.HEADS
 
@@ -86,7 +87,7 @@ class GradientReversal(keras.layers.Layer):
 
     Forward: y = x. Backward: dL/dx = alpha * dL/dy. The layer multiplies by `alpha` exactly as
     stored and does NOT negate it again: the sign lives in `alpha`. OSS's schedule
-    (`kd_keras.schedules.grl_alpha`) goes from 0 at the first step towards -1 at the last, so
+    (`kd_keras.optim.schedules.grl_alpha`) goes from 0 at the first step towards -1 at the last, so
     the feature classifier behind this layer is trained normally while the network in front
     of it receives the classifier's gradient reversed and scaled by |alpha|. alpha = 1 is a
     plain identity, alpha = 0 blocks the gradient.

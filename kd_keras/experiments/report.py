@@ -58,7 +58,7 @@ def wall_seconds(workdir):
 
 def collect_rows(plans, workdir):
     """One dict per (finished variant, layer): name, layer, metrics, seconds and command."""
-    from kd_keras.experiment import read_json
+    from kd_keras.artifacts.layout import read_json
 
     walls = wall_seconds(workdir)
     rows = []
@@ -184,7 +184,7 @@ def _write_markdown(path, spec, scale, plans, rows, columns, plots, metric):
 
 def plot_knn_curves(plans, path):
     """k-NN top-1 vs epoch of every variant with a `knn_monitor.json`; False if none has one."""
-    from kd_keras.experiment import read_json
+    from kd_keras.artifacts.layout import read_json
 
     curves = {}
     for plan in plans:

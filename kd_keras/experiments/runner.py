@@ -1,0 +1,468 @@
+"""Command line: run the variants of an experiment spec and write the report.
+
+  python -m kd_keras.experiment --spec=experiments/simreg_heads.cfg --workdir=runs/heads \
+      [--scale=cpu|gpu] [--only=linear,mlp4] [--dry_run] [--teachers_only] [--report_only]
+
+A thin layer over the command lines: every step is a `python -m kd_keras.train`,
+`kd_keras.cache_teacher` or `kd_keras.evaluate` subprocess (its output, Keras bar included,
+passes through). In order:
+
+1. shared teachers: each distinct recipe / `[teacher NAME]` teacher is trained once in
+   `DIR/teachers/<name>-<hash>/` (the hash covers its whole command, so a changed spec gets a
+   new teacher instead of a silently stale one);
+2. teacher caches (spec `cache_epochs > 0`, methods that take a cache): one cache per teacher
+   and view settings in `DIR/caches/<name>-<hash>/`, reused by every variant with the same
+   teacher and views;
+3. each variant in `DIR/runs/<variant>/`: trained unless finished (DONE marker and a
+   results.json with its step count), so an interrupted variant resumes from its checkpoint
+   when the runner is started again; then evaluated with the spec's protocols, once per layer,
+   in `runs/<variant>/eval_<layer>/` (skipped when its results.json holds every protocol);
+4. `DIR/report.md`, `report.csv`, `plots/*.png` and `hparams/` (TensorBoard HParams).
+
+Every command started is appended to `DIR/commands.log` with its wall time and exit code.
+Variants are independent processes: run `--teachers_only` once, then `--only=...` on several
+machines sharing DIR, then `--report_only` anywhere.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+
+from kd_keras import config as config_lib
+from kd_keras.artifacts.layout import read_json
+from kd_keras.experiments import spec as spec_lib
+
+# Flags that decide the views a teacher cache stores (cache_teacher's own inputs).
+VIEW_FLAGS = (
+    "dataset", "data_dir", "download", "train_split", "image_size", "augment", "aug_mode",
+    "crop_scale_min", "seed", "cache_decoded", "deterministic",
+)
+COMMANDS_LOG = "commands.log"
+STATE_FILE = "experiment.json"
+RUN_COMMAND = "experiment_command.json"
+
+
+class StepFailed(Exception):
+    """A subprocess ended with a non-zero exit code."""
+
+    def __init__(self, job, code):
+        super().__init__(f"{job.kind} {job.name} failed with exit code {code}")
+        self.job, self.code = job, code
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One subprocess: `python -m <module> <args>`, finished when `done()` says so."""
+
+    kind: str  # teacher | cache | train | evaluate
+    name: str
+    module: str
+    args: tuple[str, ...]
+    out: str  # the directory it writes
+    protocols: tuple[str, ...] = ()  # evaluate jobs: what its results.json must hold
+
+    def command(self):
+        return ["python", "-m", self.module, *self.args]
+
+    def command_line(self):
+        return shlex.join(self.command())
+
+    def done(self):
+        if self.kind == "teacher":
+            return os.path.isfile(os.path.join(self.out, "DONE"))
+        if self.kind == "cache":
+            name = self.name.rsplit("-", 1)[0]
+            return os.path.isfile(os.path.join(self.out, name, "manifest.json"))
+        if self.kind == "train":
+            return train_finished(self.out)
+        return evaluation_finished(self.out, self.protocols)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantPlan:
+    """What one variant needs (teachers, caches), its training job and its evaluation jobs."""
+
+    name: str
+    overrides: tuple[str, ...]  # the variant's own flag lines
+    needs: tuple[Job, ...]
+    train: Job
+    evals: tuple[tuple[str, Job], ...]  # (layer, job)
+
+
+def train_finished(run_dir):
+    """True when `run_dir` holds a finished training run (DONE and a complete results.json)."""
+    results = read_json(os.path.join(run_dir, "results.json"))
+    return os.path.isfile(os.path.join(run_dir, "DONE")) and bool(results) and "steps" in results
+
+
+def evaluation_finished(eval_dir, protocols):
+    results = read_json(os.path.join(eval_dir, "results.json"))
+    if not results:
+        return False
+    have = {rec.get("protocol") for rec in results.get("results", [])}
+    return set(protocols) <= have
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _is_teacher_flag(arg):
+    return spec_lib.flag_name(arg) == "teacher"
+
+
+# Distillation flags of the spec's base that a teacher's own run (supervised or SwAV) does not
+# read, so config rejects them there; the teacher's command drops them.
+_STUDENT_ONLY_FLAGS = ("teacher", "teacher_cache", "head", "head_hidden_dims", "aug_mode")
+
+
+def _teacher_run_base(base_args):
+    """`base_args` with flagfiles inlined, without flags only the distilling student reads
+    (--teacher, --head, ... and every method's own flags such as --bank_size)."""
+    from kd_keras.methods import registry
+
+    config_lib.define_flags()
+    fv = copy.deepcopy(flags.FLAGS)
+    fv.unparse_flags()
+    dropped = set(_STUDENT_ONLY_FLAGS)
+    dropped.update(name for spec in registry.specs() for name in spec.own_flags())
+    expanded = config_lib.expand_argv(["kd_keras.train", *base_args], fv)[1:]
+    return tuple(a for a in expanded if spec_lib.flag_name(a) not in dropped)
+
+
+def _digest(parts):
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: the spec -> jobs (no subprocess yet; --dry_run prints this plan).
+
+
+class Planner:
+    """Turns a spec into teacher, cache, train and evaluate jobs with shared teachers."""
+
+    def __init__(self, spec, workdir, scale):
+        self.spec, self.workdir, self.scale = spec, workdir, scale
+        self.base_args = (f"--flagfile={spec.base}", *(f.text for f in spec.scale_flags(scale)))
+        # The same without --teacher lines, for commands that set the teachers themselves (a
+        # command-line --teacher adds to the other command-line ones).
+        self.base_no_teacher = tuple(a for a in self.base_args if not _is_teacher_flag(a))
+        self.teacher_base = _teacher_run_base(self.base_args)
+        self.jobs = {}  # out directory -> Job, so shared teachers/caches appear once
+
+    def plan(self):
+        return [self._variant(section) for section in self.spec.variants.values()]
+
+    def _shared(self, job):
+        return self.jobs.setdefault(job.out, job)
+
+    def _variant(self, section):
+        where = f"{self.spec.path}:{section.line}: [variant {section.name}]"
+        own = tuple(f.text for f in section.flags)
+        run_dir = os.path.join(self.workdir, "runs", section.name)
+        fv, cfg = spec_lib.parse_train_flags(
+            [*self.base_args, *own, f"--workdir={run_dir}"], where
+        )
+        needs, teachers = [], []
+        for raw in fv.teacher if cfg.method in config_lib.TEACHER_METHODS else ():
+            resolved, job = self._teacher(raw, fv, own, where)
+            teachers.append(resolved)
+            if job is not None:
+                needs.append(job)
+        caches = []
+        if self.spec.cache_epochs and cfg.method in config_lib.CACHE_METHODS:
+            for resolved in teachers:
+                job = self._cache(resolved, fv, own)
+                needs.append(job)
+                caches.append(f"--teacher_cache={job.out}")
+        base = self.base_args
+        kept = list(own)
+        if teachers:
+            base = self.base_no_teacher
+            kept = [a for a in own if not _is_teacher_flag(a)]
+            kept += [f"--teacher={t}" for t in teachers]
+        args = (*base, *kept, *caches, f"--workdir={run_dir}")
+        train = Job("train", section.name, "kd_keras.train", args, run_dir)
+        return VariantPlan(section.name, own, tuple(needs), train, self._evals(section, run_dir))
+
+    def _teacher(self, raw, fv, own, where):
+        """(the --teacher value the variant gets, the Job that trains it or None).
+
+        oss_offline reads its teacher's networks/ folder from a bare run directory, so it gets
+        the directory without options.
+        """
+        location, _, options = raw.partition(",")
+        if location.startswith(spec_lib.TEACHER_PREFIX):
+            name = location[len(spec_lib.TEACHER_PREFIX):]
+            if name not in self.spec.teachers:
+                raise spec_lib.SpecError(
+                    f"{where}: --teacher={raw}: the spec has no [teacher {name}] section."
+                )
+            job = self._named_teacher(self.spec.teachers[name])
+        elif location.startswith("recipe:"):
+            recipe = location.split(":", 1)[1]
+            if recipe != "supervised":
+                raise spec_lib.SpecError(f"{where}: --teacher={raw}: unknown recipe {recipe!r}.")
+            name = f"recipe_{recipe}"
+            job = self._recipe_teacher(fv, own, where)
+        else:
+            return raw, None
+        if fv.method == "oss_offline":
+            return job.out, job
+        if "name=" not in options:
+            options = ",".join(p for p in (options, f"name={name}") if p)
+        return f"{job.out},{options}", job
+
+    def _recipe_teacher(self, fv, own, where):
+        """The supervised run that `recipe:supervised` means (as kd_keras.train would train it)."""
+        epochs = fv.teacher_recipe_epochs
+        teacher_own = [a for a in own if spec_lib.flag_name(a) in spec_lib.RECIPE_TEACHER_FLAGS]
+        own_args = [
+            *teacher_own,
+            "--method=supervised",
+            f"--student={fv.teacher_recipe_backbone}",
+            f"--epochs={epochs}",
+            f"--lr={fv.teacher_recipe_lr}",
+            f"--warmup_epochs={min(fv.warmup_epochs, epochs - 1)}",
+            "--export=true",
+        ]
+        return self._teacher_job("recipe_supervised", own_args, where)
+
+    def _named_teacher(self, section):
+        """A `[teacher NAME]` section: a supervised run unless it sets --method (e.g. swav)."""
+        where = f"{self.spec.path}:{section.line}: [teacher {section.name}]"
+        own = [f.text for f in section.flags]
+        method = [] if any(spec_lib.flag_name(a) == "method" for a in own) else [
+            "--method=supervised"
+        ]
+        return self._teacher_job(section.name, [*method, *own, "--export=true"], where)
+
+    def _teacher_job(self, name, own_args, where):
+        """The teacher's run: the base's flags a teacher reads, then `own_args`.
+
+        Its directory is named by the digest of the base's own arguments (its flagfile name,
+        not its inlined lines) and `own_args`, so teachers trained before still match."""
+        key = f"{name}-{_digest([*self.base_no_teacher, *own_args])}"
+        out = os.path.join(self.workdir, "teachers", key)
+        args = (*self.teacher_base, *own_args, f"--workdir={out}")
+        spec_lib.parse_train_flags(list(args), where)  # the teacher's own command must parse
+        return self._shared(Job("teacher", key, "kd_keras.train", args, out))
+
+    def _cache(self, teacher, fv, own):
+        name = teacher.partition("name=")[2].split(",")[0] or f"t{len(self.jobs)}"
+        views = [f"--{flag}={fv[flag].value}" for flag in VIEW_FLAGS]
+        key = _digest([teacher, *views, str(self.spec.cache_epochs)])
+        out = os.path.join(self.workdir, "caches", f"{name}-{key}")
+        view_own = [a for a in own if spec_lib.flag_name(a) in VIEW_FLAGS]
+        args = (
+            *self.base_no_teacher, *view_own, f"--teacher={teacher}", f"--cache_dir={out}",
+            f"--cache_epochs={self.spec.cache_epochs}",
+        )
+        return self._shared(Job("cache", f"{name}-{key}", "kd_keras.cache_teacher", args, out))
+
+    def _evals(self, section, run_dir):
+        if not self.spec.protocols:
+            return ()
+        extra = [t for fl in self.spec.evaluate_flags for t in shlex.split(fl.text)]
+        evals = []
+        for layer in self.spec.layers:
+            eval_dir = os.path.join(run_dir, f"eval_{layer.replace('/', '_')}")
+            args = (
+                f"--model={run_dir}",
+                f"--protocols={','.join(self.spec.protocols)}",
+                f"--eval_layer={layer}",
+                f"--eval_dir={eval_dir}",
+                *extra,
+            )
+            job = Job("evaluate", f"{section.name}/{layer}", "kd_keras.evaluate", args, eval_dir,
+                      protocols=self.spec.protocols)
+            evals.append((layer, job))
+        return tuple(evals)
+
+
+def shared_jobs(plans):
+    """Teacher jobs first, then cache jobs, each once, in the order variants need them."""
+    seen, ordered = set(), []
+    for kind in ("teacher", "cache"):
+        for plan in plans:
+            for job in plan.needs:
+                if job.kind == kind and job.out not in seen:
+                    seen.add(job.out)
+                    ordered.append(job)
+    return ordered
+
+
+# --------------------------------------------------------------------------------------------
+# Running.
+
+
+class Runner:
+    """Starts the jobs as subprocesses, logs them, reports progress."""
+
+    def __init__(self, spec, workdir):
+        self.spec, self.workdir = spec, workdir
+        self.prefix = f"[experiment {spec.name}]"
+
+    def say(self, text):
+        print(f"{self.prefix} {text}", flush=True)
+
+    def run_job(self, job):
+        self.say(f"{job.kind} {job.name}: {job.command_line()}")
+        start = time.time()
+        code = run_forwarding_signals([sys.executable, *job.command()[1:]])
+        seconds = time.time() - start
+        self._log(job, seconds, code)
+        if code:
+            raise StepFailed(job, code)
+        return seconds
+
+    def _log(self, job, seconds, code):
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kind": job.kind,
+            "name": job.name,
+            "seconds": round(seconds, 1),
+            "exit_code": code,
+            "command": job.command_line(),
+        }
+        with open(os.path.join(self.workdir, COMMANDS_LOG), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def run_shared(self, jobs):
+        for job in jobs:
+            if job.done():
+                self.say(f"{job.kind} {job.name}: finished earlier, reused")
+            else:
+                self.run_job(job)
+
+    def run_variants(self, plans):
+        """Trains and evaluates each variant; returns the names of the failed ones."""
+        failed = []
+        for i, plan in enumerate(plans):
+            done = sum(1 for p in plans if _variant_done(p))
+            self.say(
+                f"variant {i + 1}/{len(plans)} {plan.name} ({done} done, "
+                f"{len(plans) - done} left)"
+            )
+            try:
+                if any(not job.done() for job in plan.needs):
+                    raise StepFailed(plan.needs[0], "a shared teacher or cache is missing")
+                check_run_command(plan.train)
+                for job in (plan.train, *(j for _, j in plan.evals)):
+                    if job.done():
+                        self.say(f"{job.kind} {job.name}: finished earlier, skipped")
+                    else:
+                        self.run_job(job)
+            except StepFailed as err:
+                if err.code == 75:  # preempted: stop here, re-running resumes
+                    raise
+                self.say(f"variant {plan.name}: {err}; continuing with the others")
+                failed.append(plan.name)
+        return failed
+
+
+def check_run_command(job):
+    """Records the command of a run directory, or refuses one started by another command.
+
+    train itself would resume an existing run with the new settings (warning only); for an
+    experiment that silently mixes two configurations, so a changed variant is an error.
+    """
+    os.makedirs(job.out, exist_ok=True)
+    path = os.path.join(job.out, RUN_COMMAND)
+    recorded = read_json(path)
+    if recorded is None:
+        write_json(path, {"command": job.command_line()})
+    elif recorded.get("command") != job.command_line():
+        raise ValueError(
+            f"{job.out} was started by another command ({path}); the variant {job.name} "
+            "changed since: rename it, or delete that run directory to retrain it."
+        )
+
+
+def run_forwarding_signals(cmd):
+    """Runs `cmd`; returns its exit code. SIGTERM/SIGINT to the runner go to the child and the
+    runner waits for it, so a preempted train can save its checkpoint and exit 75 (with
+    subprocess.run, Ctrl-C would kill the child after a quarter second)."""
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _variant_done(plan):
+    return plan.train.done() and all(job.done() for _, job in plan.evals)
+
+
+def check_workdir_state(workdir, spec, scale):
+    """Refuses a workdir that holds another spec's or scale's runs (they would be mixed)."""
+    path = os.path.join(workdir, STATE_FILE)
+    state = {"spec": os.path.abspath(spec.path), "scale": scale}
+    previous = read_json(path)
+    if previous and previous.get("scale") != scale:
+        raise ValueError(
+            f"--workdir={workdir} holds a --scale={previous.get('scale')} run of "
+            f"{previous.get('spec')}; use another --workdir for --scale={scale}."
+        )
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, state)
+
+
+def select_variants(plans, only, spec_path):
+    if not only:
+        return plans
+    names = [p.name for p in plans]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"--only: {spec_path} has no variant {unknown}; it has {names}.")
+    return [p for p in plans if p.name in only]
+
+
+def run_experiment(cfg):
+    """The experiment CLI as a list of steps; returns the process exit code."""
+    from kd_keras.experiments import report as experiment_report
+
+    spec = spec_lib.read_spec(cfg.spec)
+    plans = Planner(spec, cfg.workdir, cfg.scale).plan()
+    selected = select_variants(plans, cfg.only, cfg.spec)
+    shared = shared_jobs(selected)
+    if cfg.dry_run:
+        for job in [*shared, *(j for p in selected for j in (p.train, *(e for _, e in p.evals)))]:
+            print(f"{job.kind:<8} {job.name}: {job.command_line()}")
+        return 0
+    check_workdir_state(cfg.workdir, spec, cfg.scale)
+    runner = Runner(spec, cfg.workdir)
+    failed = []
+    if not cfg.report_only:
+        runner.run_shared(shared)
+        if cfg.teachers_only:
+            runner.say(f"{len(shared)} shared teacher/cache jobs ready")
+            return 0
+        failed = runner.run_variants(selected)
+    paths = experiment_report.write_report(
+        spec, cfg.scale, cfg.workdir, plans, cfg.report_dir or cfg.workdir
+    )
+    runner.say(f"report: {paths['md']}")
+    if failed:
+        runner.say(f"failed variants: {', '.join(failed)}")
+        return 1
+    return 0

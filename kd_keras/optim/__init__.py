@@ -1,0 +1,3 @@
+"""Optimisation: learning-rate schedules (`schedules`) and the optimizers (`optimizers`: SGD on
+one fused kernel, LARS) with their factory. It imports nothing else of kd_keras.
+"""
