@@ -89,7 +89,7 @@ def find_cycle(graph):
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == "open":
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 cycle = visit(dep, stack)
                 if cycle:

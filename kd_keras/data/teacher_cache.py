@@ -110,7 +110,7 @@ def teacher_identity(teacher, image_size):
     """The manifest's description of a `teachers.Teacher`.
 
     Returns:
-      dict: the spec fields, feature_dim and `probe_features` (float list [2][d]: the teacher's
+      dict: the spec fields, feature_dim and `probe_features` (float list of shape [2, d]: the teacher's
       features of two fixed random images of side `image_size`).
     """
     spec = teacher.spec
@@ -138,7 +138,7 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
       view_fn_key: which view the teacher sees ("teacher"; equal to "student" in mode "same").
     Returns:
       dict of the augmentation parameters, the seed scheme and `probe`: a 4x4 area-resized
-      summary (float list [4][4][3]) of the view of a fixed image under seed
+      summary (float list of shape [4, 4, 3]) of the view of a fixed image under seed
       `data.view_seed(seed, 0, 0)`, so a change of the augmentation ops is noticed.
     """
     from kd_keras.data import augment
@@ -328,8 +328,13 @@ class TeacherCache:
     """Read access to one cache directory.
 
     Attributes:
-      path, manifest, name (the teacher's), feature_dim d, epochs E, num_examples N,
-      shard_size.
+      path: the cache directory.
+      manifest: its parsed manifest.json.
+      name: the teacher's name.
+      feature_dim: d.
+      epochs: E, the augmentation epochs cached.
+      num_examples: N.
+      shard_size: rows per shard file.
     """
 
     def __init__(self, path):

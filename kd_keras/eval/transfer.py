@@ -221,8 +221,8 @@ def stratified_split(labels, val_fraction, seed, flag="--transfer_val_fraction")
     """Seeded stratified (train rows, val rows) of `labels` (sorted row indices).
 
     Raises:
-      TransferError naming `flag` when a class has a single example or the fraction leaves
-      fewer validation (or training) rows than classes.
+      TransferError: naming `flag` when a class has a single example or the fraction leaves
+        fewer validation (or training) rows than classes.
     """
     from sklearn.model_selection import train_test_split
 

@@ -1,7 +1,7 @@
-"""Command line: run the variants of an experiment spec and write the report.
+"""Runs the variants of an experiment spec and writes the report (`kd_keras.experiment`).
 
-  python -m kd_keras.experiment --spec=experiments/simreg_heads.cfg --workdir=runs/heads \
-      [--scale=cpu|gpu] [--only=linear,mlp4] [--dry_run] [--teachers_only] [--report_only]
+    python -m kd_keras.experiment --spec=experiments/simreg_heads.cfg --workdir=runs/heads \
+        [--scale=cpu|gpu] [--only=linear,mlp4] [--dry_run] [--teachers_only] [--report_only]
 
 A thin layer over the command lines: every step is a `python -m kd_keras.train`,
 `kd_keras.cache_teacher` or `kd_keras.evaluate` subprocess (its output, Keras bar included,

@@ -241,8 +241,9 @@ def load_clustering_networks(path, cfg):
     """Loads a frozen teacher for oss_offline: {"backbone", "head", "prototypes", "manifest"}.
 
     Raises:
-      FileNotFoundError / ValueError naming --teacher, --proj_dim or --num_prototypes when the
-      files are missing or the saved E x K differs from this run's.
+      FileNotFoundError: naming --teacher when the files are missing.
+      ValueError: naming --teacher, --proj_dim or --num_prototypes when the saved E x K
+        differs from this run's.
     """
     if path.startswith("torch:"):
         # A SwAV checkpoint named directly: the same converted directory (converted once,

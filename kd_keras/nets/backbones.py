@@ -619,7 +619,7 @@ def parse_resnet_arch(arch):
     resnet-<block>-<b1>.<b2>.<b3>.<b4>-<w>[-wide<f>], e.g. "resnet-basic-1.1.1.1-8").
 
     Raises:
-      ValueError naming the string and what is accepted.
+      ValueError: naming the string and what is accepted.
     """
     if arch in RESNET_ARCHS:
         return RESNET_ARCHS[arch]
@@ -713,7 +713,7 @@ def regnet_stages(
       (widths, depths, group_widths), tuples of ints, one entry per stage.
 
     Raises:
-      ValueError for parameters outside the design space.
+      ValueError: for parameters outside the design space.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"RegNet depth must be an int >= 1, got {depth!r}.")
@@ -832,7 +832,7 @@ def parse_regnet_arch(arch):
     regnety-<depths>-<widths>-g<g>[-stem<s>], e.g. "regnety-1.2-8.16-g4-stem8".
 
     Raises:
-      ValueError naming the string and what is accepted.
+      ValueError: naming the string and what is accepted.
     """
     if arch in REGNET_ARCHS:
         return REGNET_ARCHS[arch]
@@ -855,7 +855,7 @@ def parse_arch(arch):
     """`RegNetSpec` for RegNet strings ("regnet..."), else `ResNetSpec` (see the two parsers).
 
     Raises:
-      ValueError naming the string and every accepted form.
+      ValueError: naming the string and every accepted form.
     """
     if (arch or "").startswith("regnet"):
         return parse_regnet_arch(arch)

@@ -1,7 +1,7 @@
-"""Command line and library: converts a published checkpoint into a kd_keras teacher directory.
+"""Converts a published checkpoint into a kd_keras teacher directory (`kd_keras.convert`).
 
-  python -m kd_keras.convert --checkpoint=moco_v2_800ep_pretrain.pth.tar --arch=resnet50 \\
-      --out=/teachers/moco_v2 [--layout=moco] [--norm=imagenet] [--overwrite]
+    python -m kd_keras.convert --checkpoint=moco_v2_800ep_pretrain.pth.tar --arch=resnet50 \\
+        --out=/teachers/moco_v2 [--layout=moco] [--norm=imagenet] [--overwrite]
 
 The output directory holds `backbone.keras` (images [B, H, W, 3] in [0, 1] -> features
 [B, m], the source's normalisation as its first layer, any H and W) and `manifest.json`: the
@@ -219,8 +219,9 @@ def convert(cfg):
     """Converts `cfg.checkpoint` into the directory `cfg.out`; returns the manifest dict.
 
     Raises:
-      FileNotFoundError naming --checkpoint; ValueError (ConversionError,
-      torch_pickle.UnsafeCheckpointError, ...) naming the flag, file or keys at fault.
+      FileNotFoundError: naming --checkpoint.
+      ValueError: (ConversionError, torch_pickle.UnsafeCheckpointError, ...) naming the flag,
+        file or keys at fault.
     """
     started = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
