@@ -42,6 +42,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kd_keras.data import holdout
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
@@ -300,7 +302,9 @@ def _load_digits(source, split, image_size_hint):
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    rows = digits_rows(split)
+    base, part, percent = holdout.parse_split(split)
+    rows = digits_rows(base)
+    rows = rows[holdout.select(part, bunch.target[rows], rows, percent)]
     size = _image_size(image_size_hint, DIGITS_DEFAULT_SIZE)
     # Pixel values are counts of set bits in 4x4 blocks, so 16 is the true maximum.
     small = (bunch.images[rows] / 16.0).astype(np.float32)[..., None]
@@ -430,7 +434,12 @@ def _read_folder_record(record):
 
 def _load_folder(source, root, split, verify):
     root = os.path.abspath(os.path.expanduser(root))
-    paths, labels, class_names, others = _list_folder(root, split)
+    base, part, percent = holdout.parse_split(split)
+    paths, labels, class_names, others = _list_folder(root, base)
+    if part is not None:
+        names = [os.path.relpath(p, root) for p in paths]
+        keep = holdout.select(part, labels, names, percent)
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
     if others:
         logging.info("kd_keras.data: ignored %d non-image files under %s", others, root)
     skipped = ()
@@ -592,6 +601,8 @@ def load_split(
       source: the ``--dataset`` value: "digits", "folder:/path", an existing directory, or
         "tfds:NAME" (NAME may carry a config/version, e.g. "tfds:cifar10:3.0.2").
       split: split name, e.g. "train", "val", "test". "val" and "validation" are aliases.
+        Digits and image folders also take `<split>@holdout<P>` / `<split>@rest<P>`: a
+        per-class P % of the split and the rest (kd_keras.data.holdout).
       data_dir: TFDS data directory (TFDS's default when None); unused by other sources.
       image_size_hint: int or (height, width) for sources stored at a tiny size and
         upsampled up front (digits: default 32); ignored by the others.
@@ -616,6 +627,11 @@ def load_split(
         name = source[len("tfds:") :]
         if not name:
             raise ValueError("--dataset 'tfds:' needs a dataset name, e.g. 'tfds:cifar10'.")
+        if holdout.parse_split(split)[1] is not None:
+            raise ValueError(
+                f"split {split!r}: held-out parts are for digits and image folders; with TFDS "
+                "use its own slicing, e.g. train[:90%] and train[90%:]."
+            )
         return _load_tfds(source, name, split, data_dir, download)
     if source.startswith("folder:"):
         root = source[len("folder:") :]

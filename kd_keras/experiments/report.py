@@ -68,6 +68,9 @@ def collect_rows(plans, workdir):
             continue
         base = {
             "variant": plan.name,
+            "group": plan.variant or plan.name,
+            "seed": plan.seed_index,
+            "selected": " ".join(plan.selected),
             "overrides": " ".join(plan.overrides),
             "steps": results.get("steps"),
             "train_wall_s": round(walls.get(("train", plan.name), 0.0), 1) or None,
@@ -87,7 +90,8 @@ def collect_rows(plans, workdir):
 
 
 def metric_columns(rows):
-    fixed = {"variant", "layer", "overrides", "command", "eval_command", "steps"}
+    fixed = {"variant", "group", "seed", "selected", "layer", "overrides", "command",
+             "eval_command", "steps"}
     seen = []
     for row in rows:
         for key in row:
@@ -96,6 +100,71 @@ def metric_columns(rows):
     evaluated = [k for k in seen if "/" in k and not k.split("/")[0].endswith("_knn")]
     trained = [k for k in seen if k not in evaluated]
     return evaluated + trained
+
+
+def interval(values, level=0.95):
+    """(mean, sample std, half-width of the `level` confidence interval of the mean: Student's t
+    with n - 1 degrees of freedom) of `values`; std and half-width are None for one value."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / n**0.5
+    return mean, std, half
+
+
+def summary_rows(rows, columns):
+    """One dict per (variant, layer) over its seeds: n, the sweep's selection, and for every
+    metric column its mean, std and 95 % interval half-width (`<col>`, `<col>:std`,
+    `<col>:ci95`)."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["group"], row["layer"]), []).append(row)
+    out = []
+    for (group, layer), members in groups.items():
+        summary = {"variant": group, "layer": layer, "n": len(members),
+                   "selected": members[0].get("selected", "")}
+        for column in columns:
+            values = [r[column] for r in members if isinstance(r.get(column), float)]
+            if values:
+                mean, std, half = interval(values)
+                summary.update({column: mean, f"{column}:std": std, f"{column}:ci95": half})
+        out.append(summary)
+    return out
+
+
+def _mean_cell(summary, column):
+    if column not in summary:
+        return ""
+    text = _fmt(summary[column])
+    if summary.get(f"{column}:ci95") is not None:
+        text += f" ± {_fmt(summary[f'{column}:ci95'])}"
+    return text
+
+
+def _summary_markdown(spec, summaries, columns):
+    """The per-variant table over seeds (mean ± 95 % interval), when there is more than one
+    seed or a sweep."""
+    if spec.seeds < 2 and not spec.sweep:
+        return []
+    lines = [f"Over seeds: mean ± half-width of the 95 % interval (Student's t, n - 1 degrees "
+             f"of freedom) of {spec.seeds} seed(s) per variant"
+             + (f"; hyper-parameters selected per variant by `{spec.select}` on "
+                f"{spec.holdout} % of the train split held out (never the reported split)"
+                if spec.sweep else "") + ".", ""]
+    header = ["variant", "layer", "n", *(["selected"] if spec.sweep else []), *columns]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for s in summaries:
+        cells = [s["variant"], s["layer"], str(s["n"]),
+                 *([f"`{s['selected']}`"] if spec.sweep else []),
+                 *(_mean_cell(s, c) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_report(spec, scale, workdir, plans, report_dir=None):
@@ -113,19 +182,35 @@ def write_report(spec, scale, workdir, plans, report_dir=None):
     }
     os.makedirs(os.path.dirname(paths["curves"]), exist_ok=True)
     _write_csv(paths["csv"], rows, columns)
+    summaries = summary_rows(rows, columns)
+    if spec.seeds > 1 or spec.sweep:
+        paths["summary_csv"] = os.path.join(out, "report_summary.csv")
+        _write_summary_csv(paths["summary_csv"], summaries, columns)
     metric = spec.metric if spec.metric in columns else (columns[0] if columns else "")
     curves = plot_knn_curves(plans, paths["curves"])
     bars = plot_bars(rows, metric, paths["bars"]) if metric else False
     _write_markdown(paths["md"], spec, scale, plans, rows, columns,
                     plots={"curves": curves and paths["curves"], "bars": bars and paths["bars"]},
-                    metric=metric)
+                    metric=metric, summaries=summaries)
     write_hparams(paths["hparams"], rows, columns, plans)
     return paths
 
 
+def _write_summary_csv(path, summaries, columns):
+    header = ["variant", "layer", "n", "selected"]
+    for column in columns:
+        header += [column, f"{column}:std", f"{column}:ci95"]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(summaries)
+    os.replace(tmp, path)
+
+
 def _write_csv(path, rows, columns):
     header = ["variant", "layer", *columns, "steps", "train_wall_s", "eval_wall_s", "overrides",
-              "command", "eval_command"]
+              "seed", "selected", "command", "eval_command"]
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
@@ -143,14 +228,15 @@ def _fmt(value, digits=4):
     return "" if value is None else str(value)
 
 
-def _write_markdown(path, spec, scale, plans, rows, columns, plots, metric):
+def _write_markdown(path, spec, scale, plans, rows, columns, plots, metric, summaries=()):
     lines = [f"# {spec.title or spec.name}", ""]
     lines.append(f"Spec `{spec.path}`, `--scale={scale}`, base flagfile `{spec.base}`; "
-                 f"{len({r['variant'] for r in rows})} of {len(plans)} variants finished.")
+                 f"{len({r['variant'] for r in rows})} of {len(plans)} runs finished.")
     lines.append("")
     if any(c.startswith("knn/") for c in columns):
         # The student's train-time k-NN repeats the evaluated one: report.csv keeps it.
         columns = [c for c in columns if not c.startswith("train_knn/")]
+    lines += _summary_markdown(spec, summaries, columns)
     header = ["variant", "layer", *columns, "train s", "eval s", "command"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))

@@ -91,11 +91,14 @@ class Job:
 class VariantPlan:
     """What one variant needs (teachers, caches), its training job and its evaluation jobs."""
 
-    name: str
+    name: str  # unique: the variant, "<variant>/seed<i>" or "<variant>/sweep/<candidate>"
     overrides: tuple[str, ...]  # the variant's own flag lines
     needs: tuple[Job, ...]
     train: Job
     evals: tuple[tuple[str, Job], ...]  # (layer, job)
+    variant: str = ""  # the spec's variant this run belongs to
+    seed_index: int | None = None  # i of "seed<i>" when the spec asks for several seeds
+    selected: tuple[str, ...] = ()  # the sweep's flag lines this run trains with
 
 
 def train_finished(run_dir):
@@ -162,18 +165,74 @@ class Planner:
         self.teacher_base = _teacher_run_base(self.base_args)
         self.jobs = {}  # out directory -> Job, so shared teachers/caches appear once
 
-    def plan(self):
-        return [self._variant(section) for section in self.spec.variants.values()]
+    def plan(self, selected=None, names=None):
+        """One VariantPlan per variant and seed.
+
+        Args:
+          selected: {variant: flag lines} chosen by the sweep (absent: none).
+          names: the variants to plan (None: all of the spec's).
+        """
+        plans = []
+        for section in self.spec.variants.values():
+            if names is None or section.name in names:
+                chosen = tuple((selected or {}).get(section.name, ()))
+                plans.extend(self._seeds(section, chosen))
+        return plans
+
+    def _seeds(self, section, chosen):
+        run_dir = os.path.join(self.workdir, "runs", section.name)
+        if self.spec.seeds == 1:
+            return [self._variant(section, chosen, run_dir, section.name)]
+        where = f"{self.spec.path}:{section.line}: [variant {section.name}]"
+        own = tuple(f.text for f in section.flags)
+        fv, _ = spec_lib.parse_train_flags(
+            [*self.base_args, *own, *chosen, f"--workdir={run_dir}"], where
+        )
+        return [
+            self._variant(
+                section, (*chosen, f"--seed={fv.seed + i}"), os.path.join(run_dir, f"seed{i}"),
+                f"{section.name}/seed{i}", seed_index=i,
+            )
+            for i in range(self.spec.seeds)
+        ]
+
+    def sweep(self, section):
+        """The variant's sweep runs: one training per candidate of the [sweep] grid, on
+        `<train split>@rest<P>` with its k-NN measured on `<train split>@holdout<P>`."""
+        candidates, budget = self.spec.sweep_grid()
+        where = f"{self.spec.path}:{section.line}: [variant {section.name}]"
+        own = tuple(f.text for f in section.flags)
+        fv, _ = spec_lib.parse_train_flags(
+            [*self.base_args, *own, f"--workdir={self.workdir}"], where
+        )
+        percent = self.spec.holdout
+        splits = (f"--train_split={fv.train_split}@rest{percent}",
+                  f"--eval_split={fv.train_split}@holdout{percent}")
+        plans = []
+        for candidate in candidates:
+            label = candidate_label(candidate)
+            run_dir = os.path.join(self.workdir, "runs", section.name, "sweep", label)
+            plans.append(self._variant(
+                section, (*budget, *candidate, *splits), run_dir,
+                f"{section.name}/sweep/{label}", use_caches=False, with_evals=False,
+                selected=candidate,
+            ))
+        return plans
 
     def _shared(self, job):
         return self.jobs.setdefault(job.out, job)
 
-    def _variant(self, section):
+    def _variant(self, section, extra=(), run_dir=None, name=None, seed_index=None,
+                 use_caches=True, with_evals=True, selected=None):
+        """The plan of one training of `section` with the flag lines `extra` on top (sweep
+        values, seed); the variant's teachers come from its own lines only, so every seed and
+        sweep candidate distils the same teacher."""
         where = f"{self.spec.path}:{section.line}: [variant {section.name}]"
         own = tuple(f.text for f in section.flags)
-        run_dir = os.path.join(self.workdir, "runs", section.name)
+        run_dir = run_dir or os.path.join(self.workdir, "runs", section.name)
+        name = name or section.name
         fv, cfg = spec_lib.parse_train_flags(
-            [*self.base_args, *own, f"--workdir={run_dir}"], where
+            [*self.base_args, *own, *extra, f"--workdir={run_dir}"], where
         )
         needs, teachers = [], []
         for raw in fv.teacher if cfg.method in config_lib.TEACHER_METHODS else ():
@@ -182,9 +241,9 @@ class Planner:
             if job is not None:
                 needs.append(job)
         caches = []
-        if self.spec.cache_epochs and cfg.method in config_lib.CACHE_METHODS:
+        if use_caches and self.spec.cache_epochs and cfg.method in config_lib.CACHE_METHODS:
             for resolved in teachers:
-                job = self._cache(resolved, fv, own)
+                job = self._cache(resolved, fv, (*own, *extra))
                 needs.append(job)
                 caches.append(f"--teacher_cache={job.out}")
         base = self.base_args
@@ -193,9 +252,13 @@ class Planner:
             base = self.base_no_teacher
             kept = [a for a in own if not _is_teacher_flag(a)]
             kept += [f"--teacher={t}" for t in teachers]
-        args = (*base, *kept, *caches, f"--workdir={run_dir}")
-        train = Job("train", section.name, "kd_keras.train", args, run_dir)
-        return VariantPlan(section.name, own, tuple(needs), train, self._evals(section, run_dir))
+        args = (*base, *kept, *caches, *extra, f"--workdir={run_dir}")
+        train = Job("train", name, "kd_keras.train", args, run_dir)
+        evals = self._evals(name, run_dir) if with_evals else ()
+        chosen = tuple(selected if selected is not None else
+                       (a for a in extra if not a.startswith("--seed=")))
+        return VariantPlan(name, own, tuple(needs), train, evals, variant=section.name,
+                           seed_index=seed_index, selected=chosen)
 
     def _teacher(self, raw, fv, own, where):
         """(the --teacher value the variant gets, the Job that trains it or None).
@@ -261,6 +324,8 @@ class Planner:
         return self._shared(Job("teacher", key, "kd_keras.train", args, out))
 
     def _cache(self, teacher, fv, own):
+        # The cache's views follow the run's view flags (--seed among them), so each seed of a
+        # variant gets its own cache.
         name = teacher.partition("name=")[2].split(",")[0] or f"t{len(self.jobs)}"
         views = [f"--{flag}={fv[flag].value}" for flag in VIEW_FLAGS]
         key = _digest([teacher, *views, str(self.spec.cache_epochs)])
@@ -272,7 +337,7 @@ class Planner:
         )
         return self._shared(Job("cache", f"{name}-{key}", "kd_keras.cache_teacher", args, out))
 
-    def _evals(self, section, run_dir):
+    def _evals(self, name, run_dir):
         if not self.spec.protocols:
             return ()
         extra = [t for fl in self.spec.evaluate_flags for t in shlex.split(fl.text)]
@@ -286,10 +351,64 @@ class Planner:
                 f"--eval_dir={eval_dir}",
                 *extra,
             )
-            job = Job("evaluate", f"{section.name}/{layer}", "kd_keras.evaluate", args, eval_dir,
+            job = Job("evaluate", f"{name}/{layer}", "kd_keras.evaluate", args, eval_dir,
                       protocols=self.spec.protocols)
             evals.append((layer, job))
         return tuple(evals)
+
+
+def candidate_label(candidate):
+    """A directory-safe name of a sweep candidate: ("--lr=0.4", "--wd=1e-5") -> "lr=0.4_wd=1e-5"."""
+    text = "_".join(a.lstrip("-") for a in candidate) or "default"
+    return "".join(c if c.isalnum() or c in "=._-" else "-" for c in text)
+
+
+SELECTED_FILE = "selected.json"
+
+
+def select_candidate(sweep_plans, metric):
+    """The sweep candidate with the highest `metric` (a report column of training's results,
+    e.g. "train_knn/top1_k20": k-NN on the held-out part); the first listed wins a tie.
+
+    Writes `<variant>/sweep/selected.json` (every candidate's value and the choice) and returns
+    (the chosen flag lines, the record). Candidates that did not finish are left out.
+
+    Raises:
+      ValueError: no candidate finished, or a finished one lacks `metric`.
+    """
+    from kd_keras.experiments import report
+
+    scored = []
+    for plan in sweep_plans:
+        if not plan.train.done():
+            continue
+        columns = report.train_columns(read_json(os.path.join(plan.train.out, "results.json")))
+        if metric not in columns:
+            raise ValueError(
+                f"sweep run {plan.train.out} has no '{metric}' in its results.json; set "
+                f"'select' in [experiment] to one of {sorted(columns)}."
+            )
+        scored.append((columns[metric], plan))
+    if not scored:
+        raise ValueError(f"no sweep run of variant {sweep_plans[0].variant} finished.")
+    best_value, best = max(scored, key=lambda s: s[0])  # max keeps the first of equals
+    record = {
+        "metric": metric,
+        "candidates": [{"flags": list(p.selected), "value": v} for v, p in scored],
+        "selected": list(best.selected),
+        "value": best_value,
+    }
+    write_json(os.path.join(os.path.dirname(best.train.out), SELECTED_FILE), record)
+    return best.selected, record
+
+
+def recorded_selection(sweep_plans):
+    """The selection an earlier invocation wrote, or None."""
+    if not sweep_plans:
+        return None
+    path = os.path.join(os.path.dirname(sweep_plans[0].train.out), SELECTED_FILE)
+    record = read_json(path)
+    return tuple(record["selected"]) if record else None
 
 
 def shared_jobs(plans):
@@ -427,14 +546,39 @@ def check_workdir_state(workdir, spec, scale):
     write_json(path, state)
 
 
-def select_variants(plans, only, spec_path):
+def select_variants(names, only, spec_path):
+    """The variant names to run: all, or those of --only (each must exist)."""
+    names = list(names)
     if not only:
-        return plans
-    names = [p.name for p in plans]
+        return names
     unknown = [n for n in only if n not in names]
     if unknown:
         raise ValueError(f"--only: {spec_path} has no variant {unknown}; it has {names}.")
-    return [p for p in plans if p.name in only]
+    return [n for n in names if n in only]
+
+
+def _print_plan(plans):
+    for job in [*shared_jobs(plans), *(j for p in plans for j in (p.train, *(e for _, e in p.evals)))]:
+        print(f"{job.kind:<8} {job.name}: {job.command_line()}")
+
+
+def run_sweeps(runner, sweeps, metric):
+    """Trains every variant's sweep candidates and selects; returns ({variant: flag lines},
+    [variants whose sweep failed])."""
+    plans = [p for candidates in sweeps.values() for p in candidates]
+    runner.run_shared(shared_jobs(plans))
+    runner.run_variants(plans)
+    selected, failed = {}, []
+    for variant, candidates in sweeps.items():
+        try:
+            selected[variant], record = select_candidate(candidates, metric)
+        except ValueError as err:
+            runner.say(f"variant {variant}: {err}")
+            failed.append(variant)
+            continue
+        runner.say(f"variant {variant}: sweep selected {' '.join(record['selected'])} "
+                   f"({metric} = {record['value']:.4f} on the held-out part)")
+    return selected, failed
 
 
 def run_experiment(cfg):
@@ -442,24 +586,33 @@ def run_experiment(cfg):
     from kd_keras.experiments import report as experiment_report
 
     spec = spec_lib.read_spec(cfg.spec)
-    plans = Planner(spec, cfg.workdir, cfg.scale).plan()
-    selected = select_variants(plans, cfg.only, cfg.spec)
-    shared = shared_jobs(selected)
+    planner = Planner(spec, cfg.workdir, cfg.scale)
+    names = select_variants(spec.variants, cfg.only, cfg.spec)
+    sweeps = {n: planner.sweep(spec.variants[n]) for n in names} if spec.sweep else {}
+    # Before the sweep has run, the seeds are planned with each variant's first candidate.
+    chosen = {n: recorded_selection(c) or c[0].selected for n, c in sweeps.items()}
     if cfg.dry_run:
-        for job in [*shared, *(j for p in selected for j in (p.train, *(e for _, e in p.evals)))]:
-            print(f"{job.kind:<8} {job.name}: {job.command_line()}")
+        _print_plan([p for c in sweeps.values() for p in c])
+        _print_plan(planner.plan(chosen, names))
         return 0
     check_workdir_state(cfg.workdir, spec, cfg.scale)
     runner = Runner(spec, cfg.workdir)
     failed = []
     if not cfg.report_only:
-        runner.run_shared(shared)
         if cfg.teachers_only:
+            shared = shared_jobs([*(p for c in sweeps.values() for p in c),
+                                  *planner.plan(chosen, names)])
+            runner.run_shared(shared)
             runner.say(f"{len(shared)} shared teacher/cache jobs ready")
             return 0
-        failed = runner.run_variants(selected)
+        if sweeps:
+            chosen, failed = run_sweeps(runner, sweeps, spec.select)
+            names = [n for n in names if n not in failed]
+        plans = planner.plan(chosen, names)
+        runner.run_shared(shared_jobs(plans))
+        failed += runner.run_variants(plans)
     paths = experiment_report.write_report(
-        spec, cfg.scale, cfg.workdir, plans, cfg.report_dir or cfg.workdir
+        spec, cfg.scale, cfg.workdir, planner.plan(chosen), cfg.report_dir or cfg.workdir
     )
     runner.say(f"report: {paths['md']}")
     if failed:

@@ -25,6 +25,24 @@ A spec is a small text file (`experiments/*.cfg`); `#` starts a comment line:
     [variant mlp4]
     --head=mlp4
 
+A fair comparison adds seeds and a sweep (both optional):
+
+    [experiment]
+    ...
+    seeds = 3                              # each variant trained 3 times (--seed, +1, +2)
+    holdout = 10                           # the sweep's held-out percentage of the train split
+    select = train_knn/top1_k20            # the sweep's selection column (higher is better)
+
+    [sweep]                                # per variant: each candidate trained once on
+    --lr=0.1,0.4,1.6                       # train@rest10, judged on train@holdout10
+    --epochs=2                             # one value: the sweep's own (shorter) budget
+
+Every variant runs the sweep's candidates (the product of the multi-valued lines) with the
+single-valued lines on top, training on `<train split>@rest<holdout>` and measuring k-NN on
+`<train split>@holdout<holdout>` (kd_keras.data.holdout), so the reported split is never used to
+choose; the best candidate's values are then used by all of the variant's seeds. List-valued
+flags (such as --knn_k) cannot be swept.
+
 Flag lines are kd_keras.train flags, one per line, as in a flagfile (`--name=value`, `--name`,
 `--noname`, `--name+=value` for repeated flags). `--workdir` belongs to the runner. A
 `--teacher=recipe:supervised` (from the base or a variant) is trained once by the runner, from
@@ -42,8 +60,14 @@ from absl import flags
 
 from kd_keras import config as config_lib
 
-HEADER_KEYS = ("title", "base", "protocols", "evaluate", "layers", "cache_epochs", "metric")
-SECTION_KINDS = ("experiment", "scale", "teacher", "variant")
+HEADER_KEYS = (
+    "title", "base", "protocols", "evaluate", "layers", "cache_epochs", "metric", "seeds",
+    "holdout", "select",
+)
+SECTION_KINDS = ("experiment", "scale", "teacher", "variant", "sweep")
+# Sections written without a name.
+UNNAMED_SECTIONS = ("experiment", "sweep")
+DEFAULT_SELECT = "train_knn/top1_k20"
 SCALES = ("cpu", "gpu")
 # Flags the runner sets itself.
 RESERVED_FLAGS = ("workdir", "flagfile", "teacher_cache")
@@ -96,6 +120,26 @@ class Spec:
     scales: dict = dataclasses.field(default_factory=dict)  # name -> tuple[FlagLine]
     teachers: dict = dataclasses.field(default_factory=dict)  # name -> Section
     variants: dict = dataclasses.field(default_factory=dict)  # name -> Section
+    seeds: int = 1
+    holdout: int = 10  # percent of the train split the sweep holds out
+    select: str = DEFAULT_SELECT
+    sweep: tuple[FlagLine, ...] = ()  # the [sweep] section's lines
+
+    def sweep_grid(self):
+        """(candidates, budget): every combination of the multi-valued [sweep] lines as a tuple
+        of flag texts, and the single-valued lines (the sweep's own budget)."""
+        axes, budget = [], []
+        for fl in self.sweep:
+            name, _, value = fl.text.partition("=")
+            values = [v.strip() for v in value.split(",")] if value else [""]
+            if len(values) > 1:
+                axes.append([f"{name}={v}" for v in values])
+            else:
+                budget.append(fl.text)
+        candidates = [()]
+        for axis in axes:
+            candidates = [(*c, v) for c in candidates for v in axis]
+        return (candidates if axes else []), tuple(budget)
 
     @property
     def name(self):
@@ -143,14 +187,56 @@ def read_spec(path):
         raise SpecError(f"{path}: no such spec file.")
     with open(path) as f:
         lines = f.read().splitlines()
-    header, scales, teachers, variants = _split_sections(path, lines)
+    header, scales, teachers, variants, sweep = _split_sections(path, lines)
     spec = _build_spec(path, header, scales, teachers, variants)
+    spec = dataclasses.replace(spec, sweep=sweep, **_fairness(path, header))
     _check_flag_names(spec)
+    _check_sweep(spec)
     return spec
 
 
+def _whole_number(path, header, key, default, low, high):
+    if key not in header:
+        return default
+    value, line = header[key]
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise SpecError(f"{path}:{line}: {key} must be a whole number from {low} to {high}, "
+                        f"got '{value}'.")
+    return int(value)
+
+
+def _fairness(path, header):
+    """The seeds / holdout / select keys of [experiment]."""
+    return {
+        "seeds": _whole_number(path, header, "seeds", 1, 1, 100),
+        "holdout": _whole_number(path, header, "holdout", 10, 1, 90),
+        "select": header.get("select", (DEFAULT_SELECT, 0))[0] or DEFAULT_SELECT,
+    }
+
+
+def _check_sweep(spec):
+    """A [sweep] needs at least one multi-valued line, and list flags cannot be swept."""
+    if not spec.sweep:
+        return
+    candidates, _ = spec.sweep_grid()
+    first = spec.sweep[0].line
+    if not candidates:
+        raise SpecError(f"{spec.path}:{first}: [sweep] has no line with several values, e.g. "
+                        "--lr=0.1,0.4,1.6.")
+    for fl in spec.sweep:
+        if fl.name in RESERVED_FLAGS or fl.name in ("seed", "train_split", "eval_split"):
+            raise SpecError(f"{spec.path}:{fl.line}: [sweep]: --{fl.name} is set by the runner "
+                            "during a sweep.")
+        flag = flags.FLAGS[fl.name] if "," in fl.text else None
+        if flag is not None and (
+            isinstance(flag, flags.MultiFlag) or isinstance(flag.parser, flags.ListParser)
+        ):
+            raise SpecError(f"{spec.path}:{fl.line}: [sweep]: --{fl.name} is a list flag and "
+                            "cannot be swept; set it in the variants.")
+
+
 def _split_sections(path, lines):
-    header, scales, teachers, variants = {}, {}, {}, {}
+    header, scales, teachers, variants, sweep = {}, {}, {}, {}, []
     current = None  # (kind, name, line, list of FlagLine)
     sections = []
     for number, raw in enumerate(lines, start=1):
@@ -184,13 +270,18 @@ def _split_sections(path, lines):
         raise SpecError(f"{path}:1: a spec starts with an [experiment] section.")
     for kind, name, number, body in sections[1:]:
         where = f"{path}:{number}"
+        if kind == "sweep":
+            if sweep:
+                raise SpecError(f"{where}: only one [sweep] section is allowed.")
+            sweep = body or [FlagLine("", number)]
+            continue
         target = {"scale": scales, "teacher": teachers, "variant": variants}.get(kind)
         if target is None:
             raise SpecError(f"{where}: only one [experiment] section is allowed.")
         if name in target:
             raise SpecError(f"{where}: [{kind} {name}] is defined twice.")
         target[name] = Section(name, number, tuple(body))
-    return header, scales, teachers, variants
+    return header, scales, teachers, variants, tuple(f for f in sweep if f.text)
 
 
 def _section_header(where, text, number):
@@ -200,9 +291,9 @@ def _section_header(where, text, number):
     if not parts or parts[0] not in SECTION_KINDS:
         raise SpecError(f"{where}: unknown section '{text}'; kinds: {', '.join(SECTION_KINDS)}.")
     kind = parts[0]
-    if kind == "experiment":
+    if kind in UNNAMED_SECTIONS:
         if len(parts) != 1:
-            raise SpecError(f"{where}: [experiment] takes no name.")
+            raise SpecError(f"{where}: [{kind}] takes no name.")
         return (kind, "", number, [])
     if len(parts) != 2:
         raise SpecError(f"{where}: [{kind}] needs exactly one name, e.g. [{kind} mlp4].")
@@ -272,6 +363,7 @@ def _check_flag_names(spec):
     groups = [(f"[scale {n}]", fl) for n, fl in spec.scales.items()]
     groups += [(f"[teacher {n}]", s.flags) for n, s in spec.teachers.items()]
     groups += [(f"[variant {n}]", s.flags) for n, s in spec.variants.items()]
+    groups += [("[sweep]", spec.sweep)]
     for where, lines in groups:
         for fl in lines:
             _check_one_flag(spec.path, where, fl, train_names, "kd_keras.train")
