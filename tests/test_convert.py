@@ -280,8 +280,10 @@ def test_config_from_flags_requires_checkpoint_and_out():
     fv = types.SimpleNamespace(
         checkpoint=None, out="/x", arch="resnet50", layout=None, norm="layout", overwrite=False
     )
+    from kd_keras import convert as convert_cli
+
     with pytest.raises(ValueError, match="--checkpoint is required"):
-        convert.config_from_flags(fv)
+        convert_cli.config_from_flags(fv)
 
 
 def test_skipped_tensors_are_never_read(tmp_path, monkeypatch):
