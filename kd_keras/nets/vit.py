@@ -378,3 +378,23 @@ def grid_side(num_positions):
     if side * side != num_positions:
         raise ValueError(f"{num_positions} positional embeddings are not a square grid")
     return side
+
+
+# DeiT-style students (Touvron et al., 2021): the same blocks, trained from scratch.
+STUDENTS = ("vit_tiny_patch16", "vit_small_patch16")
+
+
+def build_student(name, image_size, norm="imagenet", name_prefix=None):
+    """A trainable ViT student: images [B, S, S, 3] in [0, 1] -> class token [B, width].
+
+    Args:
+      name: one of STUDENTS.
+      image_size: S, a multiple of 16 (one fixed size: no multi-crop).
+      norm: one of backbones.NORM_MODES or "native" (= "imagenet", as DeiT).
+      name_prefix: optional model-name prefix, as `backbones.build_backbone`.
+    """
+    if name not in STUDENTS:
+        raise ValueError(f"unknown ViT student {name!r}; choose one of {STUDENTS}.")
+    norm = "imagenet" if norm == "native" else norm
+    model_name = name if not name_prefix else f"{name_prefix.rstrip('_')}_{name}"
+    return build_vit(name, image_size, norm, pool="cls", name=model_name)
