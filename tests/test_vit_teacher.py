@@ -73,3 +73,26 @@ def test_cli_refuses_a_size_off_the_patch_grid_in_one_line_with_exit_code_2(tmp_
     lines = [line for line in bad.stderr.splitlines() if line.startswith("kd_keras.convert")]
     assert len(lines) == 1 and "--image_size: image size 50 is not a multiple" in lines[0]
     assert "Traceback" not in bad.stderr and not out.exists()
+
+
+def test_a_converted_vit_directory_refuses_another_image_size(tmp_path):
+    from kd_keras.teachers import conversion
+
+    fixture = FIXTURES["timm_vit"]
+    out = tmp_path / "vit"
+    conversion.convert(
+        conversion.ConvertConfig(
+            checkpoint=os.path.join(DATA, fixture["file"]), out=str(out), arch=fixture["arch"]
+        )
+    )
+    with pytest.raises(ValueError, match="a ViT converted for 48 px images cannot take 32 px"):
+        loading.load_teacher(str(out), image_size=32)
+    # A fresh process: the ViT layers must be registered by the loader itself.
+    code = (
+        "from kd_keras.teachers import loading; "
+        f"print(loading.load_teacher('{out},size=48', image_size=32).feature_dim)"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "32"

@@ -399,6 +399,7 @@ def load_teacher(spec, image_size, index=0, workdir=None):
         elif spec.kind == "keras":
             model = _load_keras_file(spec.path, spec)
         elif spec.kind == "converted":
+            _check_vit_size(spec, spec.size or image_size)
             model = _load_keras_file(os.path.join(spec.path, CONVERTED_BACKBONE), spec)
         elif spec.kind == "torch":
             model = _load_keras_file(
@@ -420,12 +421,26 @@ def load_teacher(spec, image_size, index=0, workdir=None):
     return Teacher(spec, model, image_size)
 
 
+def _check_vit_size(spec, side):
+    """A converted ViT has positional embeddings for one input side: refuse another one."""
+    with open(os.path.join(spec.path, CONVERTED_MANIFEST)) as f:
+        built_for = json.load(f).get("image_size")
+    if built_for is not None and built_for != side:
+        raise ValueError(
+            f"a ViT converted for {built_for} px images cannot take {side} px ones; convert "
+            f"again with --image_size={side}, add size={built_for} to resize the views, or use "
+            "torch:ARCH=PATH (converted for the run's size)"
+        )
+
+
 def _load_keras_file(path, spec):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--teacher: {path} does not exist (is the run finished?).")
     # Keras reports any file it cannot open as a zip as "File not found".
     if not zipfile.is_zipfile(path):
         raise ValueError("not a Keras model file (a .keras model is a zip archive, this is not)")
+    from kd_keras.nets import vit  # noqa: F401  (registers the layers of converted ViTs)
+
     return keras.models.load_model(path, compile=False)
 
 
