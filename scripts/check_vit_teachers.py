@@ -2,7 +2,7 @@
 timm, conversion time and peak memory, forward speed against timm on the same CPU and batch.
 
   PYTHONPATH=$PWD /work/venv/bin/python scripts/check_vit_teachers.py --work /tmp/vit_check \\
-      [--giant] [--batch 8] [--repeats 10]
+      [--giant] [--batch 8] [--repeats 10] [--torch-threads N]
 
 One invocation: the torch part runs first in the `bench` env (/work/venv-bench, torch + timm;
 `--torch-python`), writing random-weight checkpoints (timm init, every 1-d tensor and token
@@ -65,10 +65,15 @@ def _timm_official(state, swiglu):
     return out
 
 
-def torch_part(work, batch, repeats, giant):
+def torch_part(work, batch, repeats, giant, threads):
     import timm
     import torch
     from safetensors.torch import save_file
+
+    if threads:
+        # On a shared 2-core machine torch's 2 OpenMP threads slow down badly when other
+        # processes hold the cores (measured 2.3 s at 1 thread vs 4.9 s at 2, load ~4.7).
+        torch.set_num_threads(threads)
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -104,6 +109,7 @@ def torch_part(work, batch, repeats, giant):
             reg.forward_features(x)
             times.append(time.perf_counter() - start)
     info["timm_forward_s"] = float(np.median(times[2:]))
+    info["timm_forward_load"] = os.getloadavg()
 
     models = [("dinov2_vitb14", "vit_base_patch14_dinov2", False)]
     if giant:
@@ -131,7 +137,8 @@ def convert_child(checkpoint, arch, out, image_size):
             checkpoint=checkpoint, out=out, arch=arch, image_size=image_size, overwrite=True
         )
     )
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_kb / 1024.0}))
 
 
 def _convert(work, file, arch, image_size):
@@ -142,14 +149,12 @@ def _convert(work, file, arch, image_size):
         f"c.convert_child(*{args!r})"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-    # ru_maxrss of the children is the largest child so far; children run largest-last here.
-    return out, seconds, max(peak, before) / 1024.0
+    # The child's own peak RSS (the whole process: Python, TF and the conversion).
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return out, report["seconds"], report["peak_mb"]
 
 
 def tf_part(work, repeats):
@@ -189,6 +194,7 @@ def tf_part(work, repeats):
                     times.append(time.perf_counter() - start)
                 row["keras_forward_s"] = float(np.median(times[2:]))
                 row["timm_forward_s"] = info["timm_forward_s"]
+                row["timm_forward_load"] = info["timm_forward_load"]
                 row["keras_over_timm"] = row["keras_forward_s"] / info["timm_forward_s"]
         row["load"] = os.getloadavg()
         print(json.dumps(row), flush=True)
@@ -200,18 +206,20 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--giant", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--torch-part", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--torch-python", default="/work/venv-bench/bin/python")
     parser.add_argument("--skip-torch", action="store_true", help="reuse the torch part's files")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     if args.torch_part:
-        torch_part(args.work, args.batch, args.repeats, args.giant)
+        torch_part(args.work, args.batch, args.repeats, args.giant, args.torch_threads)
         return
     if not args.skip_torch:
         cmd = [args.torch_python, __file__, "--torch-part", "--work", args.work]
         cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
         cmd += ["--giant"] if args.giant else []
+        cmd += ["--torch-threads", str(args.torch_threads)]
         subprocess.run(cmd, check=True)
     print(json.dumps({"load_before_tf": os.getloadavg()}))
     tf_part(args.work, args.repeats)

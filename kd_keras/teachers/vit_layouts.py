@@ -8,7 +8,8 @@
                   `register_tokens`; SwiGLU as mlp.w12 / mlp.w3). Resized as DINO.
   timm_vit        timm state dicts and .safetensors (ViT, DeiT, vit_*_dinov2, reg4 models with
                   `reg_token` and no class-token positional embedding). Resized as timm's
-                  resample_abs_pos_embed (output size, antialias).
+                  resample_abs_pos_embed (output size, antialias). ImageNet mean/std inside;
+                  timm's augreg / original-ViT weights expect [-1, 1]: --norm=minus_one_one.
   hf_dinov2       Hugging Face Dinov2Model safetensors (q/k/v fused on conversion; SwiGLU as
                   mlp.weights_in / weights_out). Resized to the size, no antialias.
   hf_dinov2_reg   Hugging Face Dinov2WithRegistersModel (embeddings.register_tokens). Resized
