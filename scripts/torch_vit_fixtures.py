@@ -275,6 +275,17 @@ def hf_fixtures(out, images, record):
             {"num_register_tokens": 4},
         ),
         ("hf_vit", tf_hf.ViTModel, tf_hf.ViTConfig, 8, 48, 32, 1, "vit-w32-d2-h2-p8-mlp64", {}),
+        (
+            "hf_dinov2_swiglu",
+            tf_hf.Dinov2Model,
+            tf_hf.Dinov2Config,
+            8,
+            48,
+            32,
+            1,
+            "vit-w32-d2-h2-p8-mlp48-swiglu-ls",
+            {"use_swiglu_ffn": True},
+        ),
     )
     for name, model_cls, config_cls, patch, native, resized, skip, arch, extra in cases:
         config = config_cls(
@@ -302,7 +313,8 @@ def hf_fixtures(out, images, record):
             with torch.no_grad():
                 tokens = model(pixel_values=x, **kwargs).last_hidden_state
             feats.append(pooled(tokens, skip))
-        record(name, f"{name}.safetensors", arch, name, (native, resized), feats)
+        layout = name.removesuffix("_swiglu")
+        record(name, f"{name}.safetensors", arch, layout, (native, resized), feats)
 
 
 def bicubic_fixtures(arrays):
