@@ -53,6 +53,54 @@ def convert_vit(cfg):
       FileNotFoundError naming --checkpoint; ValueError naming the flag, file or keys.
     """
     started = time.perf_counter()
+    out, spec, pool = _check_flags(cfg)
+    try:
+        source = checkpoint_io.read_checkpoint(cfg.checkpoint)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--checkpoint: {err}") from err
+    layout = vit_layouts.VIT_LAYOUTS[cfg.layout or vit_layouts.detect_vit_layout(source)]
+    container, state = vit_layouts.choose_container(source, layout)
+    prefix = vit_layouts.choose_vit_prefix(state, layout)
+    spec = dataclasses.replace(spec, epsilon=layout.epsilon)
+    grid = _source_grid(state, prefix, layout, spec, cfg)
+    image_size = int(getattr(cfg, "image_size", None) or grid["side"] * spec.patch)
+    try:
+        vit.check_image_size(image_size, spec.patch)
+    except ValueError as err:
+        raise ValueError(f"--image_size: {err}") from err
+    norm = cfg.norm or layout.norm
+    model = vit.build_vit(
+        spec, image_size, norm, pool, class_pos=grid["class_pos"], name=f"converted_{cfg.arch}"
+    )
+    plan = _plan(model, spec, layout, prefix, _registers_key(state, prefix))
+    skipped = _check(plan, state, layout, cfg.arch, source.path)
+    target = image_size // spec.patch
+    for item in plan:
+        item.weight.assign(_value(item, state, layout, target, grid["class_pos"]))
+    manifest = _manifest(cfg, source, layout, container, spec, norm, pool, plan, skipped)
+    manifest["pos_embed"] = {
+        "source_grid": grid["side"],
+        "grid": target,
+        "class_token_row": grid["class_pos"],
+        "method": layout.resize,
+        "resized": target != grid["side"],
+    }
+    manifest["image_size"] = image_size
+    _write(out, model, manifest, cfg.overwrite)
+    log.info(
+        "converted %s (ViT, layout %s): %d weights, %d skipped, %.1f s -> %s",
+        source.path,
+        layout.name,
+        len(plan),
+        len(skipped),
+        time.perf_counter() - started,
+        out,
+    )
+    return manifest
+
+
+def _check_flags(cfg):
+    """(absolute --out, ViTSpec, pool) after checking the flags that need no file."""
     out = os.path.abspath(os.path.expanduser(cfg.out))
     if os.path.exists(out) and not cfg.overwrite:
         raise ValueError(f"--out={out} exists; remove it or pass --overwrite.")
@@ -69,50 +117,7 @@ def convert_vit(cfg):
         raise ValueError(f"--pool={pool}: choose one of {vit.POOLS}.")
     if cfg.norm is not None and cfg.norm not in backbones.NORM_MODES:
         raise ValueError(f"--norm={cfg.norm}: choose one of {backbones.NORM_MODES}.")
-    try:
-        source = checkpoint_io.read_checkpoint(cfg.checkpoint)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"--checkpoint: {err}") from err
-    layout = vit_layouts.VIT_LAYOUTS[cfg.layout or vit_layouts.detect_vit_layout(source)]
-    container, state = vit_layouts.choose_container(source, layout)
-    prefix = vit_layouts.choose_vit_prefix(state, layout)
-    spec = dataclasses.replace(spec, epsilon=layout.epsilon)
-    grid = _source_grid(state, prefix, layout, spec, cfg)
-    image_size = getattr(cfg, "image_size", None) or grid["side"] * spec.patch
-    try:
-        vit.check_image_size(int(image_size), spec.patch)
-    except ValueError as err:
-        raise ValueError(f"--image_size: {err}") from err
-    norm = cfg.norm or layout.norm
-    model = vit.build_vit(
-        spec, image_size, norm, pool, class_pos=grid["class_pos"], name=f"converted_{cfg.arch}"
-    )
-    plan = _plan(model, spec, layout, prefix, _registers_key(state, prefix))
-    skipped = _check(plan, state, layout, cfg.arch, source.path)
-    target = int(image_size) // spec.patch
-    for item in plan:
-        item.weight.assign(_value(item, state, layout, target, grid["class_pos"]))
-    manifest = _manifest(cfg, source, layout, container, spec, norm, pool, plan, skipped)
-    manifest["pos_embed"] = {
-        "source_grid": grid["side"],
-        "grid": target,
-        "class_token_row": grid["class_pos"],
-        "method": layout.resize,
-        "resized": target != grid["side"],
-    }
-    manifest["image_size"] = int(image_size)
-    _write(out, model, manifest, cfg.overwrite)
-    log.info(
-        "converted %s (ViT, layout %s): %d weights from %d tensors, %d skipped, %.1f s -> %s",
-        source.path,
-        layout.name,
-        len(plan),
-        sum(len(i.keys) for i in plan),
-        len(skipped),
-        time.perf_counter() - started,
-        out,
-    )
-    return manifest
+    return out, spec, pool
 
 
 def _registers_key(state, prefix):
