@@ -7,8 +7,8 @@ import os
 from absl import app, flags
 
 from kd_keras import config as config_lib
-from kd_keras.nets import backbones
-from kd_keras.teachers import conversion, layouts
+from kd_keras.nets import backbones, vit
+from kd_keras.teachers import conversion, layouts, vit_layouts
 
 
 def define_flags():
@@ -21,10 +21,26 @@ def define_flags():
         "Checkpoint to convert: .pth/.pth.tar (torch zip or legacy), .safetensors, or a TF "
         "checkpoint prefix/directory.",
     )
-    flags.DEFINE_string("arch", "resnet50", f"Architecture: {backbones.ALL_ARCH_HELP}.")
+    flags.DEFINE_string(
+        "arch",
+        "resnet50",
+        f"Architecture: {backbones.ALL_ARCH_HELP}; or a ViT: {vit.VIT_ARCH_HELP}.",
+    )
     flags.DEFINE_string("out", None, "Output directory (must not exist unless --overwrite).")
     flags.DEFINE_string(
-        "layout", None, f"Checkpoint layout, one of {layouts.LAYOUT_NAMES} (default: detect)."
+        "layout",
+        None,
+        f"Checkpoint layout, one of {layouts.LAYOUT_NAMES}, for ViTs one of "
+        f"{vit_layouts.VIT_LAYOUT_NAMES} (default: detect).",
+    )
+    flags.DEFINE_integer(
+        "image_size",
+        None,
+        "ViTs: input side the model is built for (a multiple of the patch); the positional "
+        "embeddings are resized as the checkpoint's own code does (default: the checkpoint's).",
+    )
+    flags.DEFINE_enum(
+        "pool", "cls", list(vit.POOLS), "ViTs: features: class token, patch mean, or both."
     )
     flags.DEFINE_string(
         "norm",
@@ -47,6 +63,8 @@ def config_from_flags(fv):
         layout=fv.layout or None,
         norm=None if fv.norm == "layout" else fv.norm,
         overwrite=fv.overwrite,
+        image_size=fv.image_size,
+        pool=fv.pool,
     )
 
 

@@ -126,7 +126,16 @@ def save(obj, path, legacy):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("tests", "data", "convert"))
+    parser.add_argument(
+        "--vit", action="store_true", help="write only the ViT fixtures (scripts/torch_vit_fixtures.py)"
+    )
+    parser.add_argument("--vit-out", default=os.path.join("tests", "data", "vit"))
     args = parser.parse_args()
+    if args.vit:
+        import torch_vit_fixtures
+
+        torch_vit_fixtures.main(args.vit_out)
+        return
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(0)
     images = {side: rng.random((2, side, side, 3), dtype=np.float32) for side in SIDES}

@@ -109,6 +109,8 @@ def load_exported(export_dir):
 
 def load_exported_keras(export_dir):
     """Loads `backbone.keras` from an export directory (a trainable keras.Model)."""
+    from kd_keras.nets import vit  # noqa: F401  (registers the ViT students' layers)
+
     return keras.models.load_model(os.path.join(export_dir, KERAS_FILE), compile=False)
 
 

@@ -165,7 +165,7 @@ def _load_keras(path):
     """keras.models.load_model with kd_keras' custom layers registered; one-line errors."""
     # Imported for their registered Keras classes (layers of backbones, heads, probes).
     from kd_keras.eval import layers, linear_probe  # noqa: F401
-    from kd_keras.nets import backbones, heads  # noqa: F401
+    from kd_keras.nets import backbones, heads, vit  # noqa: F401
 
     try:
         return keras.models.load_model(path, compile=False)

@@ -270,8 +270,15 @@ def build(spec, ctx):
 
 def build_student(cfg, input_size):
     """The student backbone of `cfg` (multi-crop methods take crops of any side)."""
-    from kd_keras.nets import backbones
+    from kd_keras.nets import backbones, vit
 
+    if cfg.model.student in vit.STUDENTS:
+        if get(cfg.method).multicrop:
+            raise ValueError(
+                f"--student={cfg.model.student}: a ViT student takes one image size; "
+                f"--method={cfg.method} feeds crops of several sizes."
+            )
+        return vit.build_student(cfg.model.student, input_size, cfg.model.student_norm)
     return backbones.build_backbone(
         cfg.model.student,
         input_size,

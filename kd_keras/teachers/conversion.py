@@ -58,6 +58,10 @@ class ConvertConfig:
     layout: str | None = None  # None: detect from the keys
     norm: str | None = None  # None: the layout's
     overwrite: bool = False
+    # ViTs only (kd_keras.teachers.vit_conversion): the input side the model is built for
+    # (None: the checkpoint's own) and the features ("cls", "avg" or "cls_avg").
+    image_size: int | None = None
+    pool: str | None = None
 
 
 @dataclasses.dataclass
@@ -223,6 +227,12 @@ def convert(cfg):
       ValueError: (ConversionError, torch_pickle.UnsafeCheckpointError, ...) naming the flag,
         file or keys at fault.
     """
+    from kd_keras.nets import vit
+
+    if vit.is_vit_arch(cfg.arch):
+        from kd_keras.teachers import vit_conversion
+
+        return vit_conversion.convert_vit(cfg)
     started = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
     _check_out(out, cfg.overwrite)

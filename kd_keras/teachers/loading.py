@@ -19,7 +19,9 @@ Options:
          kd_keras models normalise internally), "imagenet" (mean/std), "minus_one_one",
          "native" (the keras.applications model's own preprocess_input; default for app:).
   size   resize views to size x size before the teacher (default: no resize).
-  pool   "avg" to global-average-pool a 4-D [B, h, w, d] output into features.
+  pool   "avg" to global-average-pool a 4-D [B, h, w, d] output into features. For a torch:
+         ViT teacher the features of the converted model: "cls" (default, the class token after
+         the final norm), "avg" (mean of the normed patch tokens) or "cls_avg" (both).
   output key of a dict-valued output (SavedModel signatures return dicts).
   layout torch: only, the checkpoint layout (default: detected; see kd_keras.layouts).
   For torch: teachers `norm` is the normalisation built into the converted model (default:
@@ -74,6 +76,8 @@ _APP_PREPROCESS = {
 }
 _NORMS = ("unit", "imagenet", "minus_one_one", "native")
 _OPTIONS = ("path", "name", "norm", "size", "pool", "output", "layout")
+# Features a converted ViT can compute besides "avg" (kd_keras.nets.vit.POOLS).
+_VIT_POOLS = ("cls", "cls_avg")
 
 
 def recipe_dir(workdir, recipe):
@@ -134,8 +138,10 @@ def parse_teacher_spec(spec, index=0):
         if size <= 0:
             raise ValueError(f"--teacher={spec!r}: size must be positive.")
     pool = options.get("pool")
-    if pool not in (None, "avg"):
-        raise ValueError(f"--teacher={spec!r}: pool must be 'avg'.")
+    if pool not in (None, "avg", *_VIT_POOLS):
+        raise ValueError(f"--teacher={spec!r}: pool must be one of {('avg', *_VIT_POOLS)}.")
+    if pool in _VIT_POOLS and not _is_vit_torch(location):
+        raise ValueError(f"--teacher={spec!r}: pool={pool} applies to torch: ViT teachers only.")
     common = dict(size=size, pool=pool, output=options.get("output"))
     if options.get("layout") is not None and not location.startswith("torch:"):
         raise ValueError(f"--teacher={spec!r}: layout= applies to torch: teachers only.")
@@ -212,14 +218,22 @@ def _parse_torch_spec(spec, location, options, norm, common):
             f"--teacher={spec!r}: use torch:ARCH=/path/to/checkpoint (e.g. "
             "torch:resnet50=/ckpt/swav_800ep_pretrain.pth.tar)."
         )
+    known_layouts = layouts.LAYOUT_NAMES
     try:
-        backbones.parse_arch(arch)
+        if _is_vit_torch(location):
+            from kd_keras.nets import vit
+            from kd_keras.teachers import vit_layouts
+
+            vit.parse_vit_arch(arch)
+            known_layouts = vit_layouts.VIT_LAYOUT_NAMES
+        else:
+            backbones.parse_arch(arch)
     except ValueError as err:
         raise ValueError(f"--teacher={spec!r}: {err}") from err
     layout = options.get("layout")
-    if layout is not None and layout not in layouts.LAYOUT_NAMES:
+    if layout is not None and layout not in known_layouts:
         raise ValueError(
-            f"--teacher={spec!r}: layout must be one of {layouts.LAYOUT_NAMES}, got {layout!r}."
+            f"--teacher={spec!r}: layout must be one of {known_layouts}, got {layout!r}."
         )
     if norm is not None and norm not in backbones.NORM_MODES:
         raise ValueError(
@@ -240,13 +254,24 @@ def _parse_torch_spec(spec, location, options, norm, common):
     )
 
 
-def converted_dir(spec, workdir=None):
+def _is_vit_torch(location):
+    from kd_keras.nets import vit
+
+    arch = location[len("torch:") :].partition("=")[0] if location.startswith("torch:") else ""
+    return vit.is_vit_arch(arch)
+
+
+def converted_dir(spec, workdir=None, image_size=None):
     """Converts a torch: teacher on first use; returns the converted directory.
 
     The directory is `<workdir>/converted_teachers/<sha256 of the file>-<arch>[-<layout>]
     [-<norm>]`, reused when its manifest records the same sha256 (a file changed in place
     gets a new directory). Without a workdir the cache is
     $KD_KERAS_CACHE (default ~/.cache/kd_keras)/converted_teachers.
+
+    A ViT is converted for one input side (spec.size, else `image_size`, else the
+    checkpoint's own): its positional embeddings are resized once, here; the side and the
+    pooling are part of the directory name (`-s<side>-<pool>`).
     """
     from kd_keras.teachers import checkpoint_io
     from kd_keras.teachers import conversion as convert
@@ -260,6 +285,11 @@ def converted_dir(spec, workdir=None):
         parts.append(spec.layout)
     if spec.norm != "layout":
         parts.append(spec.norm)
+    vit_options = {}
+    if _is_vit_torch(f"torch:{spec.arch}="):
+        side = spec.size or image_size
+        vit_options = {"image_size": side, "pool": spec.pool or "cls"}
+        parts += [f"s{side or 'native'}", vit_options["pool"]]
     out = os.path.join(root, CONVERTED_CACHE, "-".join(parts))
     manifest = convert.read_manifest(out) if os.path.isdir(out) else None
     if manifest is not None and manifest["source"]["sha256"] == sha:
@@ -273,6 +303,7 @@ def converted_dir(spec, workdir=None):
             layout=spec.layout,
             norm=None if spec.norm == "layout" else spec.norm,
             overwrite=True,
+            **vit_options,
         )
     )
     return out
@@ -368,10 +399,11 @@ def load_teacher(spec, image_size, index=0, workdir=None):
         elif spec.kind == "keras":
             model = _load_keras_file(spec.path, spec)
         elif spec.kind == "converted":
+            _check_vit_size(spec, spec.size or image_size)
             model = _load_keras_file(os.path.join(spec.path, CONVERTED_BACKBONE), spec)
         elif spec.kind == "torch":
             model = _load_keras_file(
-                os.path.join(converted_dir(spec, workdir), CONVERTED_BACKBONE), spec
+                os.path.join(converted_dir(spec, workdir, image_size), CONVERTED_BACKBONE), spec
             )
         elif spec.kind == "savedmodel":
             model = keras.layers.TFSMLayer(spec.path, call_endpoint="serving_default")
@@ -389,12 +421,26 @@ def load_teacher(spec, image_size, index=0, workdir=None):
     return Teacher(spec, model, image_size)
 
 
+def _check_vit_size(spec, side):
+    """A converted ViT has positional embeddings for one input side: refuse another one."""
+    with open(os.path.join(spec.path, CONVERTED_MANIFEST)) as f:
+        built_for = json.load(f).get("image_size")
+    if built_for is not None and built_for != side:
+        raise ValueError(
+            f"a ViT converted for {built_for} px images cannot take {side} px ones; convert "
+            f"again with --image_size={side}, add size={built_for} to resize the views, or use "
+            "torch:ARCH=PATH (converted for the run's size)"
+        )
+
+
 def _load_keras_file(path, spec):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--teacher: {path} does not exist (is the run finished?).")
     # Keras reports any file it cannot open as a zip as "File not found".
     if not zipfile.is_zipfile(path):
         raise ValueError("not a Keras model file (a .keras model is a zip archive, this is not)")
+    from kd_keras.nets import vit  # noqa: F401  (registers the layers of converted ViTs)
+
     return keras.models.load_model(path, compile=False)
 
 
