@@ -15,6 +15,7 @@ finished run re-evaluates and re-exports without training again.
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from kd_keras.artifacts.layout import (  # noqa: E402
     EXPORT_DIR,
     LOG_DIR,
     RESULTS,
+    RUN_CONFIG,
 )
 
 
@@ -272,6 +274,7 @@ class Run:
     caches: tuple = ()
     view_fn: object = None
     done_steps: int = 0
+    config_changes: list = dataclasses.field(default_factory=list)
     student: object = None
     method: object = None
 
@@ -290,11 +293,12 @@ class Run:
 
 def _run_in_workdir(r, extra_callbacks):
     """`run_and_return_model` once the strategy is made and the workdir is locked."""
-    prepare_run(r.cfg, r.role)
+    r.config_changes = prepare_run(r.cfg, r.role)
     load_data(r)
     load_teachers(r)
     prepare_views(r)
     build_model(r)
+    save_config(r)
     cbs = make_callbacks(r, extra_callbacks)
     t0 = time.time()
     last_logs = fit(r, cbs)
@@ -312,24 +316,30 @@ def _run_in_workdir(r, extra_callbacks):
 
 
 def prepare_run(cfg, role):
-    """Creates the workdir, saves config.json (warning when it differs from an earlier one),
-    seeds everything and applies the process-wide settings."""
+    """Creates the workdir, compares config.json with an earlier one (warning which settings
+    differ), seeds everything and applies the process-wide settings.
+
+    Returns the differing settings ("name: old -> new" strings; empty for a new run). A new
+    run's config.json is written here; a changed one only by `save_config`, once the
+    checkpoint has been restored, so that a refused resume leaves the run's record intact.
+    """
     import keras
 
     from kd_keras.training import precision
 
     os.makedirs(cfg.workdir, exist_ok=True)
-    config_path = os.path.join(cfg.workdir, "config.json")
+    config_path = os.path.join(cfg.workdir, RUN_CONFIG)
+    changes = []
     if os.path.isfile(config_path):
-        with open(config_path) as f:
-            previous = f.read().strip()
-        if previous != cfg.to_json().strip():
+        changes = config_changes(_read_config(config_path), json.loads(cfg.to_json()))
+        if changes:
             log.warning(
-                "%s differs from this command's configuration; the new one is used and "
-                "saved (resuming from the existing checkpoint).",
+                "%s differs from this command's configuration (%s); the new one is used and "
+                "saved once the checkpoint is restored.",
                 config_path,
+                "; ".join(changes),
             )
-    if role.is_chief:
+    elif role.is_chief:
         cfg.save(config_path)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.op_determinism:
@@ -337,6 +347,53 @@ def prepare_run(cfg, role):
 
         tf.config.experimental.enable_op_determinism()  # process-wide, cannot be undone
     precision.warn_if_unsupported(cfg.precision)
+    return changes
+
+
+def save_config(r):
+    """Writes config.json after a resume was accepted (see `prepare_run`)."""
+    if r.role.is_chief and r.config_changes:
+        r.cfg.save(os.path.join(r.cfg.workdir, RUN_CONFIG))
+
+
+def _read_config(path):
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix or remove it.") from err
+    if not isinstance(previous, dict):
+        raise ValueError(f"{path}: not a kd_keras configuration (a JSON object expected).")
+    return previous
+
+
+def config_changes(previous, current):
+    """The settings that differ between two configurations (nested dicts), as sorted
+    "dotted.name: old -> new" strings."""
+    old, new = _flatten(previous), _flatten(current)
+    return [
+        f"{name}: {_short(old.get(name, '(unset)'))} -> {_short(new.get(name, '(unset)'))}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name, _MISSING) != new.get(name, _MISSING)
+    ]
+
+
+_MISSING = object()
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value, limit=60):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_data(r):
@@ -458,7 +515,6 @@ def build_model(r):
     """Student, method, optimizer and compile, restored to the resumed step."""
     import keras
 
-    from kd_keras.artifacts import checkpointing
     from kd_keras.methods import registry
     from kd_keras.optim import optimizers
     from kd_keras.training import precision
@@ -482,12 +538,29 @@ def build_model(r):
             jit_compile=jit_compile and not measure,
         )
         r.method.build((None, size, size, 3))
-        checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+        _restore(r)
         if measure:
             jit_compile, why = _measured_jit_compile(r)
             r.method.jit_compile = jit_compile
             r.method.train_function = None  # fit makes it again with the chosen setting
     log.info("XLA jit_compile=%s (%s)", jit_compile, why)
+
+
+def _restore(r):
+    """Restores the resumed step; a checkpoint that does not fit this configuration (another
+    student, head, image size) is one line naming what changed, not Keras' variable dump."""
+    from kd_keras.artifacts import checkpointing
+
+    try:
+        checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+    except (ValueError, KeyError, TypeError) as err:
+        changed = "; ".join(r.config_changes) or "no setting of config.json changed"
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(
+            f"--workdir={r.cfg.workdir}: its checkpoint of step {r.done_steps} does not fit "
+            f"this command's configuration (changed: {changed}); resume with the original "
+            f"flags or use another --workdir. ({detail})"
+        ) from err
 
 
 def _measure_xla(r):
