@@ -185,3 +185,27 @@ def peak_rss(code, env, timeout=300):
         check=True,
     )
     return json.loads(out.stdout)
+
+
+def write_png(path, width, height, rows=None):
+    """A greyscale 8-bit PNG claiming `width` x `height`. Its pixel data are zeros, deflated
+    in chunks (a 10000 x 10000 image is a ~100 KB file that decodes to 100 Mpx); `rows`
+    limits how many rows are actually stored (fewer makes a header-only bomb, faster to
+    write, that a decoder would reject only after allocating the image)."""
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + width)  # filter byte 0 + the row's pixels
+    idat = []
+    for _ in range(height if rows is None else rows):
+        idat.append(compressor.compress(row))
+    idat.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr))
+        f.write(chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+    return str(path)

@@ -403,7 +403,10 @@ def load_data(r):
     cfg = r.cfg
     r.eval_split = cfg.data.eval_split or data.default_eval_split(cfg.data.dataset)
     load = dict(
-        data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size, download=cfg.data.download
+        data_dir=cfg.data.data_dir,
+        image_size_hint=cfg.data.image_size,
+        download=cfg.data.download,
+        max_image_pixels=cfg.data.max_image_pixels,
     )
     r.train_examples, r.train_info = data.load_split(cfg.data.dataset, cfg.data.train_split, **load)
     data.check_batch_size(
