@@ -163,25 +163,29 @@ def write_legacy(path, obj):
 
 _RSS_WRAPPER = """
 import json, resource, subprocess, sys
-child = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True,
-                       env=json.loads(sys.argv[2]))
-print(json.dumps({"returncode": child.returncode, "stdout": child.stdout,
-                  "stderr": child.stderr,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+try:
+    child = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True,
+                           env=json.loads(sys.argv[2]), timeout=float(sys.argv[3]))
+    out = {"returncode": child.returncode, "stdout": child.stdout, "stderr": child.stderr}
+except subprocess.TimeoutExpired:  # run() has killed the child
+    out = {"returncode": None, "stdout": "", "stderr": "", "timed_out": True}
+out["peak_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps(out))
 """
 
 
 def peak_rss(code, env, timeout=300):
-    """Runs `python -c code`; its {"returncode", "stdout", "stderr", "peak_mb"}.
+    """Runs `python -c code`; its {"returncode", "stdout", "stderr", "peak_mb"} (and
+    "timed_out": True, returncode None, when it was killed after `timeout` seconds).
 
     The snippet runs as the only child of a small wrapper, so RUSAGE_CHILDREN's peak is the
     snippet's alone (the test process' own children would mix in otherwise).
     """
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_WRAPPER, code, json.dumps(env)],
+        [sys.executable, "-c", _RSS_WRAPPER, code, json.dumps(env), str(timeout)],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout + 60,
         check=True,
     )
     return json.loads(out.stdout)

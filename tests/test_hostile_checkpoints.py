@@ -131,13 +131,19 @@ def _shared_list(depth):
 def test_shared_containers_are_walked_once(tmp_path):
     loop = []
     loop.append(loop)
+    # In dict entries, which the reader describes by counting their tensors.
     path = hostile.write_zip(
-        tmp_path / "shared.pth", {**_weights(), "extra": _shared_list(60), "loop": loop}
+        tmp_path / "shared.pth",
+        {**_weights(), "extra": {"s": _shared_list(60), "w": _weights()}, "loop": {"l": loop}},
     )
     source = checkpoint_io.read_checkpoint(path)  # 2^60 paths: hangs unless walked once
-    assert source.other["loop"] == "list" and list(source.containers) == ["state_dict"]
-    loaded = torch_pickle.load(path)
-    assert loaded["loop"][0] is loaded["loop"]
+    assert source.other == {
+        "extra": "dict with 2 entries, 1 tensors",
+        "loop": "dict with 1 entries, 0 tensors",
+    }
+    loaded = torch_pickle.load(path)  # a RecursionError unless walked once
+    assert loaded["loop"]["l"][0] is loaded["loop"]["l"]
+    assert loaded["extra"]["w"]["state_dict"]["fc.weight"].tolist() == [[1, 1], [1, 1]]
 
 
 @pytest.mark.parametrize("write", WRITERS)
@@ -202,8 +208,10 @@ def test_overwrite_replaces_only_a_converted_teacher(tmp_path):
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    path = hostile.write_zip(tmp_path / "any.pth", _weights())
-    out = _run_convert(f"--checkpoint={path}", f"--out={precious}", "--overwrite")
+    # A checkpoint that converts: the directory would be replaced after a successful conversion.
+    fixture = os.path.join(REPO, "tests", "data", "convert", "torchvision_basic_zip.pth")
+    args = [f"--checkpoint={fixture}", "--arch=resnet-basic-2.1.1.1-3"]
+    out = _run_convert(*args, f"--out={precious}", "--overwrite")
     assert out["returncode"] == 2
     lines = [line for line in out["stderr"].splitlines() if line.startswith("kd_keras.convert")]
     assert lines == [
@@ -211,7 +219,7 @@ def test_overwrite_replaces_only_a_converted_teacher(tmp_path):
         "manifest.json of kind kd_keras_converted_teacher); --overwrite refuses to delete it."
     ]
     assert (precious / "thesis.tex").read_text() == "years of work"
-    assert sorted(os.listdir(tmp_path)) == ["any.pth", "home"]
+    assert sorted(os.listdir(tmp_path)) == ["home"]
 
 
 def test_overwrite_accepts_an_earlier_conversion_and_an_empty_directory(tmp_path):
