@@ -3,6 +3,7 @@
 
 import dataclasses
 import logging
+import os
 
 import keras
 import pytest
@@ -69,3 +70,55 @@ def test_config_changes_name_nested_settings():
     old = {"a": 1, "b": {"c": "x", "d": [1, 2]}}
     new = {"a": 1, "b": {"c": "y", "d": [1, 2]}, "e": None}
     assert train.config_changes(old, new) == ["b.c: x -> y", "e: (unset) -> null"]
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda c: dataclasses.replace(c, optim=dataclasses.replace(c.optim, batch_size=16)),
+            "global_batch_size: 32 -> 16",
+        ),
+        (lambda c: dataclasses.replace(c, seed=7), "seed: 0 -> 7"),
+        (
+            lambda c: dataclasses.replace(c, data=dataclasses.replace(c.data, crop_scale_min=0.5)),
+            "views.crop_scale_min: 0.2 -> 0.5",
+        ),
+    ],
+)
+def test_a_resume_with_other_data_settings_is_refused_naming_each(stopped_run, edit, expected):
+    cfg, saved = stopped_run
+    with pytest.raises(train.UsageError) as err:
+        train.run(edit(cfg))
+    message = str(err.value)
+    assert "its checkpoint of step 2 was trained with other data settings" in message
+    assert expected in message and "\n" not in message
+    with open(f"{cfg.workdir}/config.json") as f:
+        assert f.read() == saved
+
+
+def test_a_folder_listing_changes_when_files_are_added_removed_or_renamed(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from kd_keras.data import sources
+
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+                tmp_path / "train" / name / f"{i}.png"
+            )
+
+    def listing():
+        return sources.load_split(str(tmp_path), "train", verify=False)[1].listing_hash
+
+    first = listing()
+    assert listing() == first  # deterministic
+    os.utime(tmp_path / "train" / "a" / "0.png", (0, 0))
+    assert listing() == first  # a touched file is the same example
+    (tmp_path / "train" / "a" / "0.png").rename(tmp_path / "train" / "a" / "9.png")
+    renamed = listing()
+    (tmp_path / "train" / "b" / "1.png").unlink()
+    removed = listing()
+    assert len({first, renamed, removed}) == 3

@@ -94,6 +94,23 @@ class SplitInfo:
     skipped_files: int = 0
     image_shape: tuple | None = None
     skipped_names: tuple = ()
+    listing: str = ""
+
+    @property
+    def listing_hash(self):
+        """sha1 naming which example has which index: folders hash their (relative path,
+        label) list, so files added, removed or renamed change it; other sources their name,
+        split and size."""
+        return self.listing or hashlib.sha1(
+            f"{self.source}\0{self.split}\0{self.num_examples}".encode()
+        ).hexdigest()
+
+
+def _folder_listing(root, paths, labels):
+    digest = hashlib.sha1()
+    for path, label in zip(paths, labels, strict=True):
+        digest.update(f"{os.path.relpath(path, root)}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,6 +565,7 @@ def _load_folder(source, root, split, verify, max_image_pixels=DEFAULT_MAX_IMAGE
         skipped_files=len(skipped),
         image_shape=None,
         skipped_names=tuple(skipped[:_REPORTED_NAMES]),
+        listing=_folder_listing(root, paths, labels),
     )
     return _lazy_examples(records, *_folder_decoders(max_image_pixels)), info
 

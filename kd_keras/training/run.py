@@ -443,6 +443,57 @@ def prepare_views(r):
     # Where a resumed run picks up: the optimizer step of the newest checkpoint (in a
     # multi-worker run, the newest one every worker has).
     r.done_steps = distributed.resume_step(r.strategy, r.role.checkpoint_dirs)
+    if r.done_steps:
+        check_resume_data(r)
+
+
+def data_mapping(r):
+    """What turns an optimizer step into (epoch, batch, examples, views): recorded with every
+    checkpoint; a resume with any of it changed would silently train on other data."""
+    cfg, d = r.cfg, r.cfg.data
+    return {
+        "global_batch_size": cfg.optim.batch_size,
+        "steps_per_epoch": r.steps_per_epoch,
+        "dataset": d.dataset,
+        "train_split": d.train_split,
+        "examples": r.train_info.num_examples,
+        "listing_sha1": r.train_info.listing_hash,
+        "seed": cfg.seed,
+        "views": {
+            "image_size": d.image_size,
+            "augment": d.augment,
+            "aug_mode": d.aug_mode,
+            "crop_scale_min": d.crop_scale_min,
+            "view_resize": d.view_resize,
+            "shuffle_buffer": d.shuffle_buffer,
+            "method": cfg.method,
+        },
+    }
+
+
+def check_resume_data(r):
+    """Refuses to resume from a checkpoint whose recorded step <-> data mapping differs from
+    this run's, naming each difference (a longer run, more --epochs, stays allowed)."""
+    from kd_keras.artifacts import checkpointing
+
+    state = checkpointing.read_state(r.role.checkpoint_dirs[0]) or {}
+    recorded = state.get("data")
+    if not isinstance(recorded, dict):
+        log.warning(
+            "resuming at step %d: the checkpoint records no step <-> data mapping (written "
+            "before kd_keras recorded it), so batch size, data and seed cannot be verified",
+            r.done_steps,
+        )
+        return
+    current = json.loads(json.dumps(data_mapping(r)))  # tuples -> lists, as recorded
+    changes = config_changes(recorded, current)
+    if changes:
+        raise UsageError(
+            f"--workdir={r.cfg.workdir}: its checkpoint of step {r.done_steps} was trained "
+            f"with other data settings ({'; '.join(changes)}); resuming would silently "
+            "reinterpret its steps. Use the original settings or another --workdir."
+        )
+    log.info("resuming at step %d with the recorded data mapping", r.done_steps)
 
 
 def view_fn_for(cfg, spec, cached_teachers=False):
@@ -615,7 +666,9 @@ def make_callbacks(r, extra_callbacks=()):
         # Before TensorBoard, so that the epoch logs it writes include theirs.
         *(own(cfg) if own else ()),
         # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
-        checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
+        checkpointing.StepCheckpoint(
+            role.checkpoint_dirs[0], save_freq=cfg.save_freq, data=data_mapping(r)
+        ),
         # After StepCheckpoint: SIGTERM/SIGINT save the step just finished, then stop the run.
         preemption.PreemptionGuard(
             role.checkpoint_dirs[0],
