@@ -433,19 +433,48 @@ def _load_digits(source, split, image_size_hint):
 # image folders
 
 
+def _is(entry, kind):
+    """entry.is_dir() / is_file(), False for an entry that cannot be followed (a symlink loop,
+    a dangling link, no permission): such an entry is skipped, not a crash."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as err:
+        logging.warning("kd_keras.data: skipping %s (%s)", entry.path, err.strerror or err)
+        return False
+
+
+def _usable_name(name):
+    """Whether a file name can become a tf.string path (valid UTF-8)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        return False
+
+
 def _subdirs(path):
     with os.scandir(path) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        return sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(".") and _usable_name(e.name) and _is(e, "dir")
+        )
 
 
 def _image_files(class_dir):
-    """Sorted image file names directly inside class_dir, plus the count of other files."""
+    """Sorted image file names directly inside class_dir, plus the count of other files
+    (non-image files and image files whose names are not UTF-8, which are logged)."""
     images, others = [], 0
     with os.scandir(class_dir) as entries:
         for e in entries:
-            if e.name.startswith(".") or not e.is_file():
+            if e.name.startswith(".") or not _is(e, "file"):
                 continue
-            if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+            if not _usable_name(e.name):
+                logging.warning(
+                    "kd_keras.data: skipping %r: its name is not UTF-8", os.fsencode(e.path)
+                )
+                others += 1
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 images.append(e.name)
             else:
                 others += 1

@@ -1,5 +1,6 @@
-"""Decompression bombs in an image folder: the header is read first, an image claiming more
-than --max_image_pixels is never decoded and is skipped like a corrupt file (issue 22)."""
+"""Hostile image folders (issue 22): decompression bombs (the header is read first, an image
+claiming more than --max_image_pixels is never decoded and is skipped like a corrupt file),
+symlink loops and file names that are not UTF-8 (skipped, logged, counted)."""
 
 import io
 import json
@@ -99,3 +100,20 @@ def test_a_real_bomb_costs_no_memory(tmp_path, verify):
     assert result["count"] == 8 and result["skipped"] == (1 if verify else 0)
     # A decode would add >= 300 MB (uint8 RGB); the small images add next to nothing.
     assert out["peak_mb"] - result["before_mb"] < 150, (out["peak_mb"], result)
+
+
+def test_symlink_loops_and_non_utf8_names_are_skipped_and_logged(tmp_path, caplog):
+    root = _folder(tmp_path / "data", bomb_rows=1)
+    train = root / "train"
+    os.symlink(train / "loop2", train / "loop1")
+    os.symlink(train / "loop1", train / "loop2")
+    os.symlink(train / "a" / "self.png", train / "a" / "self.png")
+    name = os.fsdecode(b"\xff\xfe.png")  # not UTF-8: Python keeps it as surrogates
+    (train / "b" / name).hardlink_to(train / "b" / "0.png")
+    with caplog.at_level("WARNING"):
+        examples, info = sources.load_split(str(root), "train", verify=False)
+    assert info.num_examples == 9 and info.num_classes == 2 and len(list(examples)) == 8
+    text = caplog.text
+    assert "loop1 (Too many levels of symbolic links)" in text
+    assert "self.png (Too many levels of symbolic links)" in text
+    assert "\\xff\\xfe.png': its name is not UTF-8" in text
