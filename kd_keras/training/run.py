@@ -306,7 +306,7 @@ def _run_in_workdir(r, extra_callbacks):
     if r.cfg.evaluate and r.role.is_chief and r.eval_info is not None:
         results.update(final_evaluation(r, results["steps"]))
     if r.cfg.export and r.role.is_chief:
-        results.update(export_run(r))
+        results.update(_export_or_report(r))
     if r.role.is_chief:
         _write_results(r.cfg.workdir, results)
         _write_done_marker(r.cfg.workdir)
@@ -821,6 +821,27 @@ def _random_student(r):
         return build_student(r.cfg, r.cfg.data.image_size)
 
 
+def _export_or_report(r):
+    """`export_run`, but a failed write (disk full, permissions) after training costs only the
+    export: the results and DONE are still written, with the failure recorded and logged (the
+    checkpoint holds the trained weights; the export is atomic, nothing half-written)."""
+    import tensorflow as tf
+
+    try:
+        return export_run(r)
+    except (OSError, tf.errors.OpError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        log.error(
+            "export to %s failed (%s); results.json and DONE are written without it. "
+            "Re-export from the checkpoint with evaluate --from_checkpoint, or free space and "
+            "rerun (training is done and will not repeat).",
+            os.path.join(r.cfg.workdir, EXPORT_DIR),
+            reason,
+        )
+        print(f"kd_keras.train: export failed: {reason}", file=sys.stderr, flush=True)
+        return {"export": None, "export_error": reason}
+
+
 def export_run(r):
     """Exports the method's backbone (the student, unless its exporter says otherwise) as a
     SavedModel + .keras under `<workdir>/export`; returns the results entries."""
@@ -909,6 +930,8 @@ def _print_summary(results):
             continue
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"k-NN {name:>24}: {shown}")
-    if "export" in results:
+    if results.get("export_error"):
+        print(f"export FAILED ({results['export_error']}); results and checkpoint are complete")
+    elif "export" in results:
         print(f"exported student backbone: {results['export']}")
     sys.stdout.flush()
