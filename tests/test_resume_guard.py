@@ -122,3 +122,26 @@ def test_a_folder_listing_changes_when_files_are_added_removed_or_renamed(tmp_pa
     (tmp_path / "train" / "b" / "1.png").unlink()
     removed = listing()
     assert len({first, renamed, removed}) == 3
+
+
+def test_a_checkpoint_beyond_the_runs_length_is_refused(stopped_run, tmp_path):
+    cfg, _ = stopped_run
+    shorter = dataclasses.replace(
+        cfg, optim=dataclasses.replace(cfg.optim, epochs=1, steps_per_epoch=1)
+    )
+    with pytest.raises(
+        train.UsageError, match="checkpoint is of step 2, beyond this run's 1 steps"
+    ):
+        train.run(shorter)
+
+
+def test_a_copied_in_checkpoint_is_named_as_unverified(stopped_run, caplog):
+    cfg, _ = stopped_run
+    ckpt = os.path.join(cfg.workdir, "checkpoints")
+    os.remove(os.path.join(ckpt, "checkpoint.json"))  # the file alone, as if copied in
+    with caplog.at_level(logging.WARNING, logger="kd_keras"):
+        results = train.run(cfg)
+    assert results["steps"] == 4
+    assert (
+        "resuming at step 2 from a checkpoint that checkpoint.json does not record" in caplog.text
+    )

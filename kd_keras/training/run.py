@@ -476,8 +476,22 @@ def check_resume_data(r):
     this run's, naming each difference (a longer run, more --epochs, stays allowed)."""
     from kd_keras.artifacts import checkpointing
 
+    total = r.cfg.optim.epochs * r.steps_per_epoch
+    if r.done_steps > total:
+        raise UsageError(
+            f"--workdir={r.cfg.workdir}: its newest checkpoint is of step {r.done_steps}, beyond "
+            f"this run's {total} steps ({r.cfg.optim.epochs} epochs of {r.steps_per_epoch}); "
+            "it belongs to another (longer) run. Use another --workdir."
+        )
     state = checkpointing.read_state(r.role.checkpoint_dirs[0]) or {}
     recorded = state.get("data")
+    if r.done_steps not in state.get("files", {}):
+        log.warning(
+            "resuming at step %d from a checkpoint that checkpoint.json does not record (copied "
+            "in?): its step <-> data mapping cannot be verified",
+            r.done_steps,
+        )
+        return
     if not isinstance(recorded, dict):
         log.warning(
             "resuming at step %d: the checkpoint records no step <-> data mapping (written "
