@@ -13,8 +13,16 @@ The object pickle is loaded by `RestrictedUnpickler`, whose `find_class` resolve
 globals a checkpoint legitimately needs (tensor/parameter rebuild functions, storage types,
 OrderedDict, argparse.Namespace, NumPy scalars) to local, side-effect-free stand-ins; any
 other global (e.g. `os.system` smuggled in through `__reduce__`) raises `UnsafeCheckpointError`
-naming it, before anything is called. Tensors come back as NumPy arrays (C-contiguous copies), or with `lazy=True` as `LazyTensor`s
-whose bytes are read only when converted to an array.
+naming it, before anything is called; the allowed globals cannot be modified by the pickle.
+Tensors come back as NumPy arrays (C-contiguous copies), or with `lazy=True` as
+`LazyTensor`s whose bytes are read only when converted to an array.
+
+Hostile files (a checkpoint is often downloaded): every tensor's offset, sizes and strides are
+checked against its storage's declared element count when the tensor is rebuilt, before any
+view exists; a storage is read only as far as its tensors reach (a zip member is inflated no
+further), and a zip member larger than its declared storage is refused (a deflate bomb).
+Tensors over MAX_TENSOR_ELEMENTS, object pickles over MAX_PICKLE_BYTES and containers nested
+deeper than MAX_NESTING are refused; shared and self-containing containers are walked once.
 """
 
 import argparse
