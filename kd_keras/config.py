@@ -254,6 +254,12 @@ def _define_data_flags():
     )
     flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer size (examples).")
     flags.DEFINE_bool("cache_decoded", False, "Cache decoded images in memory.")
+    flags.DEFINE_integer(
+        "max_image_pixels",
+        64_000_000,
+        "Image folders: a file whose header claims more pixels (width x height) is never "
+        "decoded and is skipped like a corrupt file (a decompression-bomb guard, as PIL's).",
+    )
     flags.DEFINE_bool(
         "deterministic",
         True,
@@ -433,6 +439,7 @@ class DataConfig:
     shuffle_buffer: int = 10000
     cache_decoded: bool = False
     deterministic: bool = True
+    max_image_pixels: int = 64_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -655,7 +662,14 @@ def _check_run_flags(v):
     _positive("multi_worker_timeout", v.multi_worker_timeout)
     if v.worker_restarts < 0:
         raise ValueError(f"--worker_restarts must be >= 0, got {v.worker_restarts}.")
-    for name in ("batch_size", "epochs", "image_size", "eval_batch_size", "shuffle_buffer"):
+    for name in (
+        "batch_size",
+        "epochs",
+        "image_size",
+        "eval_batch_size",
+        "shuffle_buffer",
+        "max_image_pixels",
+    ):
         _positive(name, v[name])
     for name in ("steps_per_epoch", "knn_max_train"):
         _positive(name, v[name], allow_none=True)

@@ -18,7 +18,9 @@ def main(argv):
     from kd_keras import cli
 
     cli.quiet_logging()
-    with cli.one_line_errors("kd_keras.experiment", (ValueError, FileNotFoundError)):
+    from kd_keras.training.runlock import WorkdirError
+
+    with cli.one_line_errors("kd_keras.experiment", (ValueError, FileNotFoundError, WorkdirError)):
         cfg = config_lib.experiment_config_from_flags(flags.FLAGS)
         try:
             code = runner.run_experiment(cfg)

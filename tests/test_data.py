@@ -190,7 +190,7 @@ def check_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_CHECKED", {})
     calls = []
     real = data.verify_images
-    monkeypatch.setattr(data, "verify_images", lambda paths: calls.append(1) or real(paths))
+    monkeypatch.setattr(data, "verify_images", lambda paths, **kw: calls.append(1) or real(paths, **kw))
     return calls
 
 

@@ -257,3 +257,57 @@ def test_sigterm_to_the_runner_reaches_the_step_and_its_exit_code_returns(tmp_pa
     assert experiment.run_forwarding_signals([sys.executable, "-c", child]) == 75
     assert time.time() - start < 20
     assert signal.getsignal(signal.SIGTERM) == before  # the runner's own handler is back
+
+
+def test_a_second_runner_on_one_workdir_is_refused_in_one_line(tmp_path):
+    from kd_keras.training import runlock
+
+    base = "--dataset=digits\n--method=supervised\n--image_size=8\n"
+    path = _spec_file(tmp_path, "[experiment]\nbase = {base}\n[variant a]\n--lr=0.2\n", base)
+    workdir = tmp_path / "w"
+    with runlock.hold(str(workdir), lock_file=experiment.LOCK_FILE, what="experiment runner"):
+        out = _experiment(f"--spec={path}", f"--workdir={workdir}", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kd_keras.experiment: error: --workdir={workdir} is in use by "
+                           f"another experiment runner (pid {os.getpid()} on ")  # fmt: skip
+    assert sorted(os.listdir(workdir)) == [experiment.LOCK_FILE]  # no job was started
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_runner_takes_its_step_with_it(tmp_path):
+    import signal
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    step = (
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(pidfile)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    runner_code = (
+        "import sys\nfrom kd_keras.experiments import runner\n"
+        f"runner.run_forwarding_signals([sys.executable, '-c', {step!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", runner_code], env=_env())
+    for _ in range(600):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    assert _alive(child)
+    assert os.getpgid(child) == os.getpgid(proc.pid)  # the runner's process group
+    proc.send_signal(signal.SIGKILL)  # nothing the runner could forward
+    proc.wait()
+    for _ in range(200):
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child)

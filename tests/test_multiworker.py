@@ -152,6 +152,48 @@ def two_worker_run(tmp_path_factory, teacher_file):
     return workdir, launch
 
 
+def test_launch_runs_a_preset_flagfile_as_a_multi_worker_run(tmp_path, teacher_file):
+    """flags/simreg.cfg includes flags/common.cfg's --strategy=auto: the launcher's
+    --strategy=multi_worker must still win (it comes after the user's flags)."""
+    workdir = tmp_path / "preset"
+    launch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kd_keras.launch",
+            "--num_workers=2",
+            "--max_restarts=0",
+            "--",
+            "--flagfile=flags/simreg.cfg",
+            f"--workdir={workdir}",
+            f"--teacher={teacher_file}",
+            "--student=convnet_tiny",
+            "--head=mlp2",
+            "--image_size=8",
+            "--batch_size=32",
+            "--epochs=1",
+            "--warmup_epochs=0",
+            "--steps_per_epoch=2",
+            "--knn_max_train=100",
+            "--evaluate=false",
+            "--jit_compile=false",
+            "--export=false",
+            "--log_images=0",
+            "--verbose=2",
+            "--multi_worker_timeout=120",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert launch.returncode == 0, launch.stdout[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["strategy"] == "multi_worker"
+    assert (workdir / "worker_1" / "checkpoints").is_dir()
+    assert "workdir in use" not in launch.stdout
+
+
 def test_two_local_workers_train_simreg_to_identical_weights(two_worker_run):
     workdir, launch = two_worker_run
     results = json.loads((workdir / "results.json").read_text())

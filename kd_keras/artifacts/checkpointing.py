@@ -136,7 +136,12 @@ def read_state(directory):
         with open(path) as f:
             raw = json.load(f)
         files = {int(k): os.path.join(directory, v) for k, v in raw.get("files", {}).items()}
-        return {"step": int(raw["step"]), "files": files, "logs": raw.get("logs", {})}
+        return {
+            "step": int(raw["step"]),
+            "files": files,
+            "logs": raw.get("logs", {}),
+            "data": raw.get("data"),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("ignoring unreadable %s; checkpoints are found by name", path)
         return None
@@ -251,12 +256,17 @@ class StepCheckpoint(keras.callbacks.Callback):
         of N (the step count, not the batch index in the epoch, so a resumed run saves at the
         same steps as an uninterrupted one).
       keep: checkpoints kept on disk (the newest `keep`).
+      data: JSON-able dict recorded in checkpoint.json with every checkpoint (see
+        `kd_keras.training.run.data_mapping`).
 
     Place it after `NaNGuard`, which raises before a non-finite state could be saved.
     """
 
-    def __init__(self, directory, save_freq="epoch", keep=KEEP):
+    def __init__(self, directory, save_freq="epoch", keep=KEEP, data=None):
         super().__init__()
+        # What maps a step to its examples (global batch, dataset listing, seed, views),
+        # recorded with every checkpoint so that a resume can refuse a different one.
+        self.data = data
         if save_freq != "epoch" and not (isinstance(save_freq, int) and save_freq > 0):
             raise ValueError(f"--save_freq must be 'epoch' or a positive int, got {save_freq!r}.")
         self.directory = directory
@@ -326,6 +336,8 @@ class StepCheckpoint(keras.callbacks.Callback):
             "files": {str(s): older[s] for s in kept},
             "logs": _numbers(logs),
         }
+        if self.data is not None:
+            state["data"] = self.data
         write_atomic(os.path.join(self.directory, STATE_FILE), json.dumps(state, indent=1))
         for s, n in older.items():
             if s not in kept:

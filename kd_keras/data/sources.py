@@ -28,6 +28,11 @@ Bad files are reported once (count and first names), counted in ``SplitInfo.skip
 and left out of the split, so ``num_examples`` counts only decodable images; a split with none
 is an error. A file that breaks after the check is dropped by ``ignore_errors`` in the
 pipeline rather than ending the run.
+
+Decompression bombs (folder source): a small file can claim a huge image (a 1 MB PNG of
+20000x20000 pixels decodes to 1.2 GB). Every file's header is read before it is decoded, in the
+check and in the training pipeline; an image with more than ``max_image_pixels`` pixels
+(default 64 Mpx, as PIL's guard) is never decoded and counts as an undecodable file.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ from kd_keras.data import holdout
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DIGITS_SPLIT_SEED = 0
+# Largest image (width x height) a folder file may claim before it is decoded; a decoded
+# 64 Mpx image is 192 MB as uint8 and 768 MB as float32.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_DEFAULT_SIZE = 32
 
@@ -88,6 +96,23 @@ class SplitInfo:
     skipped_files: int = 0
     image_shape: tuple | None = None
     skipped_names: tuple = ()
+    listing: str = ""
+
+    @property
+    def listing_hash(self):
+        """sha1 naming which example has which index: folders hash their (relative path,
+        label) list, so files added, removed or renamed change it; other sources their name,
+        split and size."""
+        return self.listing or hashlib.sha1(
+            f"{self.source}\0{self.split}\0{self.num_examples}".encode()
+        ).hexdigest()
+
+
+def _folder_listing(root, paths, labels):
+    digest = hashlib.sha1()
+    for path, label in zip(paths, labels, strict=True):
+        digest.update(f"{os.path.relpath(path, root)}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +153,76 @@ def _to_rgb_float(image):
     return image
 
 
-def _decode_file(path):
-    """Reads and decodes one image file -> float32 [H, W, 3]; raises on a bad file."""
-    raw = tf.io.read_file(path)
+def _header_bytes(raw, count=32):
+    """uint8 [count]: the first `count` bytes of an encoded file, zero-padded."""
+    head = tf.strings.substr(raw, 0, count)
+    padded = tf.strings.join([head, tf.constant(b"\0" * count)])
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, count), tf.uint8), tf.int64)
+
+
+def _uint(b, start, size, big_endian):
+    """The unsigned integer of bytes b[start:start+size] (int64 [])."""
+    order = range(size) if big_endian else range(size - 1, -1, -1)
+    value = tf.constant(0, tf.int64)
+    for i in order:
+        value = value * 256 + b[start + i]
+    return value
+
+
+def header_pixels(raw):
+    """int64 []: width x height a JPEG, PNG, GIF or BMP file claims in its header (0 for any
+    other format), read without decoding the image. A JPEG header that cannot be parsed
+    raises, like a corrupt file."""
+    b = _header_bytes(raw)
+
+    def starts_with(magic):
+        return tf.reduce_all(tf.equal(b[: len(magic)], tf.constant(list(magic), tf.int64)))
+
+    def jpeg():
+        hw = tf.cast(tf.io.extract_jpeg_shape(raw), tf.int64)
+        return hw[0] * hw[1]
+
+    def bmp():
+        # Signed 32-bit sizes (a negative height means top-down rows).
+        w, h = _uint(b, 18, 4, False), _uint(b, 22, 4, False)
+        w, h = tf.where(w >= 2**31, 2**32 - w, w), tf.where(h >= 2**31, 2**32 - h, h)
+        return w * h
+
+    return tf.case(
+        [
+            (tf.io.is_jpeg(raw), jpeg),
+            (starts_with(b"\x89PNG\r\n\x1a\n"), lambda: _uint(b, 16, 4, True) * _uint(b, 20, 4, True)),
+            (starts_with(b"GIF8"), lambda: _uint(b, 6, 2, False) * _uint(b, 8, 2, False)),
+            (starts_with(b"BM"), bmp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )
+
+
+def _checked_size(raw, max_pixels):
+    """`raw` once its header claims at most `max_pixels` pixels; raises (InvalidArgument)
+    otherwise, which the pipelines' `ignore_errors` turn into a skipped file."""
+    check = tf.debugging.assert_less_equal(
+        header_pixels(raw),
+        tf.constant(max_pixels, tf.int64),
+        message=f"image larger than max_image_pixels={max_pixels}",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(raw)
+
+
+def _check_max_pixels(max_image_pixels):
+    if not isinstance(max_image_pixels, int) or isinstance(max_image_pixels, bool) or (
+        max_image_pixels < 1
+    ):
+        raise ValueError(f"--max_image_pixels must be a positive int, got {max_image_pixels!r}.")
+    return max_image_pixels
+
+
+def _decode_file(path, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Reads and decodes one image file -> float32 [H, W, 3]; raises on a bad file or one
+    larger than `max_pixels`, before decoding it."""
+    raw = _checked_size(tf.io.read_file(path), max_pixels)
     # expand_animations=False keeps GIFs 3-D (first frame), like every other format.
     image = tf.io.decode_image(raw, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
@@ -142,14 +234,15 @@ def _to_float(image):
     return tf.image.convert_image_dtype(image, tf.float32)
 
 
-def _check_decodes(path):
-    """int32 [3] shape of a file's image, raising when it is missing or does not decode.
+def _check_decodes(path, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """int32 [3] shape of a file's image, raising when it is missing, claims more than
+    `max_pixels` pixels (checked on the header, before decoding) or does not decode.
 
     JPEGs are decoded at 1/8 scale with the fast integer DCT: every entropy-coded segment is
     still read, so truncation and corrupt data fail just as a full decode would, for a fraction
     of the work. Other formats are decoded in full.
     """
-    raw = tf.io.read_file(path)
+    raw = _checked_size(tf.io.read_file(path), max_pixels)
     return tf.cond(
         tf.io.is_jpeg(raw),
         lambda: tf.shape(tf.io.decode_jpeg(raw, channels=3, ratio=8, dct_method="INTEGER_FAST")),
@@ -157,23 +250,29 @@ def _check_decodes(path):
     )
 
 
-def verify_images(paths: Sequence[str], num_parallel_calls=tf.data.AUTOTUNE) -> list[str]:
+def verify_images(
+    paths: Sequence[str],
+    num_parallel_calls=tf.data.AUTOTUNE,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[str]:
     """Checks in parallel that every file decodes (see ``_check_decodes``).
 
     Args:
       paths: image file paths.
       num_parallel_calls: check parallelism.
+      max_image_pixels: files whose header claims more pixels are bad (never decoded).
 
     Returns:
-      The paths (as given, in input order) that are missing or cannot be decoded.
+      The paths (as given, in input order) that are missing, too large or cannot be decoded.
     """
+    max_pixels = _check_max_pixels(max_image_pixels)
     paths = [os.fspath(p) for p in paths]
     if not paths:
         return []
     good = (
         tf.data.Dataset.from_tensor_slices(paths)
         .map(
-            lambda p: (p, _check_decodes(p)),
+            lambda p: (p, _check_decodes(p, max_pixels)),
             num_parallel_calls=num_parallel_calls,
             deterministic=False,
         )
@@ -191,9 +290,10 @@ _CHECKED = {}
 _REPORTED_NAMES = 5
 
 
-def _listing_key(paths):
-    """sha1 over (path, size, mtime) of every file: changes whenever a file does."""
-    digest = hashlib.sha1()
+def _listing_key(paths, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """sha1 over (path, size, mtime) of every file and the pixel limit: changes whenever a
+    file or the limit does."""
+    digest = hashlib.sha1(f"max_pixels={max_pixels}\n".encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -235,13 +335,15 @@ def _write_check_cache(key, bad):
         logging.info("kd_keras.data: image check not cached (%s)", err)
 
 
-def undecodable_files(paths: Sequence[str]) -> list[str]:
+def undecodable_files(
+    paths: Sequence[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> list[str]:
     """``verify_images(paths)``, remembered per file list in memory and on disk."""
-    key = _listing_key(paths)
+    key = _listing_key(paths, max_image_pixels)
     if key not in _CHECKED:
         bad = _read_check_cache(key)
         if bad is None:
-            bad = verify_images(paths)
+            bad = verify_images(paths, max_image_pixels=max_image_pixels)
             _write_check_cache(key, bad)
         _CHECKED[key] = bad
     return list(_CHECKED[key])
@@ -335,19 +437,48 @@ def _load_digits(source, split, image_size_hint):
 # image folders
 
 
+def _is(entry, kind):
+    """entry.is_dir() / is_file(), False for an entry that cannot be followed (a symlink loop,
+    a dangling link, no permission): such an entry is skipped, not a crash."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as err:
+        logging.warning("kd_keras.data: skipping %s (%s)", entry.path, err.strerror or err)
+        return False
+
+
+def _usable_name(name):
+    """Whether a file name can become a tf.string path (valid UTF-8)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        return False
+
+
 def _subdirs(path):
     with os.scandir(path) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        return sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(".") and _usable_name(e.name) and _is(e, "dir")
+        )
 
 
 def _image_files(class_dir):
-    """Sorted image file names directly inside class_dir, plus the count of other files."""
+    """Sorted image file names directly inside class_dir, plus the count of other files
+    (non-image files and image files whose names are not UTF-8, which are logged)."""
     images, others = [], 0
     with os.scandir(class_dir) as entries:
         for e in entries:
-            if e.name.startswith(".") or not e.is_file():
+            if e.name.startswith(".") or not _is(e, "file"):
                 continue
-            if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+            if not _usable_name(e.name):
+                logging.warning(
+                    "kd_keras.data: skipping %r: its name is not UTF-8", os.fsencode(e.path)
+                )
+                others += 1
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 images.append(e.name)
             else:
                 others += 1
@@ -423,16 +554,26 @@ def _list_folder(root, split):
     return paths, labels, class_names, others
 
 
-def _decode_folder_record(record):
-    image = _decode_file(record["path"])
-    return tf.constant(True), {"image": image, "label": record["label"], "index": record["index"]}
+def _folder_decoders(max_pixels):
+    """(decode, encoded) record functions of a folder split: decode gives (ok, example),
+    encoded the file's bytes (for crops cut before decoding); both refuse a file claiming
+    more than `max_pixels` pixels before anything is decoded."""
+
+    def decode(record):
+        image = _decode_file(record["path"], max_pixels)
+        return tf.constant(True), {
+            "image": image,
+            "label": record["label"],
+            "index": record["index"],
+        }
+
+    def encoded(record):
+        return _checked_size(tf.io.read_file(record["path"]), max_pixels)
+
+    return decode, encoded
 
 
-def _read_folder_record(record):
-    return tf.io.read_file(record["path"])
-
-
-def _load_folder(source, root, split, verify):
+def _load_folder(source, root, split, verify, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     root = os.path.abspath(os.path.expanduser(root))
     base, part, percent = holdout.parse_split(split)
     paths, labels, class_names, others = _list_folder(root, base)
@@ -444,7 +585,7 @@ def _load_folder(source, root, split, verify):
         logging.info("kd_keras.data: ignored %d non-image files under %s", others, root)
     skipped = ()
     if verify:
-        paths, labels, skipped = _drop_undecodable(root, split, paths, labels)
+        paths, labels, skipped = _drop_undecodable(root, split, paths, labels, max_image_pixels)
     records = tf.data.Dataset.from_tensor_slices(
         {
             "path": tf.constant(paths, tf.string),
@@ -462,13 +603,14 @@ def _load_folder(source, root, split, verify):
         skipped_files=len(skipped),
         image_shape=None,
         skipped_names=tuple(skipped[:_REPORTED_NAMES]),
+        listing=_folder_listing(root, paths, labels),
     )
-    return _lazy_examples(records, _decode_folder_record, _read_folder_record), info
+    return _lazy_examples(records, *_folder_decoders(max_image_pixels)), info
 
 
-def _drop_undecodable(root, split, paths, labels):
+def _drop_undecodable(root, split, paths, labels, max_image_pixels):
     """(paths, labels, skipped relative names) without the files that do not decode."""
-    bad = set(undecodable_files(paths))
+    bad = set(undecodable_files(paths, max_image_pixels))
     if not bad:
         return paths, labels, ()
     keep = [i for i, p in enumerate(paths) if p not in bad]
@@ -482,7 +624,8 @@ def _drop_undecodable(root, split, paths, labels):
         ", ..." if len(skipped) > _REPORTED_NAMES else ""
     )
     logging.warning(
-        "kd_keras.data: %d of %d images of split %r under %s cannot be decoded and are left out: %s",
+        "kd_keras.data: %d of %d images of split %r under %s cannot be decoded (or claim more "
+        "than max_image_pixels) and are left out: %s",
         len(bad),
         len(paths),
         split,
@@ -594,6 +737,7 @@ def load_split(
     image_size_hint=None,
     download: bool = False,
     verify: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Loads one split of a dataset as a tf.data pipeline of examples.
 
@@ -611,6 +755,8 @@ def load_split(
         cached per split, see the module docstring), leave the bad ones out and report them
         in ``SplitInfo.skipped_files`` / ``skipped_names``. False skips the check; a bad file
         is then dropped by ``ignore_errors`` when read.
+      max_image_pixels: image folders only: a file whose header claims more pixels is never
+        decoded; it counts as undecodable (the ``--max_image_pixels`` flag).
     Returns:
       ``(examples, info)``: a ``tf.data.Dataset`` of example dicts (see module docstring) in
       index order, and a :class:`SplitInfo`.
@@ -637,9 +783,9 @@ def load_split(
         root = source[len("folder:") :]
         if not root:
             raise ValueError("--dataset 'folder:' needs a path, e.g. 'folder:/data/imagenette'.")
-        return _load_folder(source, root, split, verify)
+        return _load_folder(source, root, split, verify, _check_max_pixels(max_image_pixels))
     if os.path.isdir(os.path.expanduser(source)):
-        return _load_folder(source, source, split, verify)
+        return _load_folder(source, source, split, verify, _check_max_pixels(max_image_pixels))
     if os.sep in source or source.startswith("~"):
         raise FileNotFoundError(f"--dataset image-folder root does not exist: {source}")
     raise ValueError(

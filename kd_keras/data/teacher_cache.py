@@ -190,12 +190,43 @@ def read_manifest(cache_dir):
             "interrupted; run `python -m kd_keras.cache_teacher` again)."
         )
     with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        try:
+            manifest = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"--teacher_cache: {path} is not valid JSON ({err}).") from err
+    if not isinstance(manifest, dict) or (
+        manifest.get("format") != FORMAT or manifest.get("version") != VERSION
+    ):
         raise ValueError(
             f"--teacher_cache: {path} is not a {FORMAT} manifest of version {VERSION}."
         )
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+# (section, key) of the sizes every reader relies on: each must be a positive int.
+_SIZES = (
+    ("teacher", "feature_dim"),
+    ("views", "epochs"),
+    ("dataset", "num_examples"),
+    ("storage", "shard_size"),
+)
+
+
+def _check_manifest_fields(manifest, path):
+    """ValueError naming the file and the field, for a hand-edited or damaged manifest."""
+    for section in ("teacher", "dataset", "views", "storage"):
+        if not isinstance(manifest.get(section), dict):
+            raise ValueError(f"--teacher_cache: {path}: section {section!r} missing or not an object.")
+    if not isinstance(manifest["teacher"].get("name"), str):
+        raise ValueError(f"--teacher_cache: {path}: teacher.name missing or not a string.")
+    for section, key in _SIZES:
+        value = manifest[section].get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"--teacher_cache: {path}: {section}.{key} must be a positive integer, got "
+                f"{value!r}."
+            )
 
 
 def expand_cache_dirs(paths):

@@ -71,7 +71,7 @@ def evaluate(loaded, cfg, train_split=None, eval_split=None):
     names = protocols_lib.check_protocols(cfg.protocols)
     source = _data_source(loaded, cfg)
     eval_dir = cfg.eval_dir or default_eval_dir(loaded, cfg.model if cfg.model else None)
-    os.makedirs(eval_dir, exist_ok=True)
+    _check_writable(eval_dir)
     embed, layer_info = layers.layer_embedding(loaded, cfg.eval_layer)
     protocols_lib.check_model(names, loaded, cfg)
     train, evals = _load_splits(source, train_split, eval_split)
@@ -215,3 +215,16 @@ def _write_extras(results, data, eval_dir):
         plot = report.plot_knn_monitor(data.loaded.run_dir, os.path.join(eval_dir, report.PLOT))
         if plot:
             results["knn_monitor_plot"] = plot
+
+
+def _check_writable(eval_dir):
+    """Creates --eval_dir, or one line saying why it cannot be used, before any evaluation
+    runs (not a PermissionError trace after minutes of work)."""
+    if os.path.exists(eval_dir) and not os.path.isdir(eval_dir):
+        raise EvaluationError(f"--eval_dir={eval_dir} is a file, not a directory.")
+    try:
+        os.makedirs(eval_dir, exist_ok=True)
+    except OSError as err:
+        raise EvaluationError(f"--eval_dir={eval_dir} cannot be created: {err.strerror}.") from err
+    if not os.access(eval_dir, os.W_OK | os.X_OK):
+        raise EvaluationError(f"--eval_dir={eval_dir} is not writable.")

@@ -55,8 +55,11 @@ class LoadedModel:
         if heads is not None and not isinstance(heads, dict):
             heads = {h.name: h for h in heads}
         shape = backbone.input_shape
-        if image_size is not None and len(shape) == 4 and shape[1] is None and shape[2] is None:
-            side = int(image_size)
+        any_side = len(shape) == 4 and shape[1] is None and shape[2] is None
+        if any_side:
+            # A backbone of any input size (a converted teacher, a multi-crop student): the
+            # caller's size, else None and evaluation takes --image_size or the run's.
+            side = None if image_size is None else int(image_size)
         else:
             side = _input_side(shape, source)
             if image_size is not None and side != image_size:
@@ -169,9 +172,25 @@ def _load_keras(path):
 
     try:
         return keras.models.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    # A half-written file fails deep inside zipfile/h5py with whatever they raise
+    # (BadZipFile, IndexError, ...): every failure to load is the file's fault here.
+    except Exception as err:
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise EvaluationError(f"--model: cannot load {path}: {reason}") from err
+
+
+def _load_heads(export_dir):
+    """The export's heads/, every file's failure one line naming it."""
+    from kd_keras.artifacts import export
+
+    heads_dir = os.path.join(export_dir, export.HEADS_DIR)
+    if not os.path.isdir(heads_dir):
+        return {}
+    return {
+        name.removesuffix(".keras"): _load_keras(os.path.join(heads_dir, name))
+        for name in sorted(os.listdir(heads_dir))
+        if name.endswith(".keras")
+    }
 
 
 def _load_export(export_dir):
@@ -192,7 +211,12 @@ def _load_export(export_dir):
     manifest = {}
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
-            manifest = json.load(f)
+            try:
+                manifest = json.load(f)
+            except ValueError as err:
+                raise EvaluationError(f"--model: {manifest_path} is not valid JSON ({err}).") from err
+        if not isinstance(manifest, dict):
+            raise EvaluationError(f"--model: {manifest_path} is not a JSON object.")
     any_side = backbone is None or (
         len(backbone.input_shape) == 4 and backbone.input_shape[1] is None
     )
@@ -211,7 +235,7 @@ def _load_export(export_dir):
     loaded = LoadedModel(
         backbone=backbone,
         serve=serve,
-        heads=export.load_exported_heads(export_dir),
+        heads=_load_heads(export_dir),
         image_size=size,
         feature_dim=dim,
         source=f"export {export_dir}",

@@ -25,6 +25,7 @@ machines sharing DIR, then `--report_only` anywhere.
 """
 
 import copy
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -40,6 +41,7 @@ from absl import flags
 from kd_keras import config as config_lib
 from kd_keras.artifacts.layout import read_json
 from kd_keras.experiments import spec as spec_lib
+from kd_keras.training import runlock
 
 # Flags that decide the views a teacher cache stores (cache_teacher's own inputs).
 VIEW_FLAGS = (
@@ -47,6 +49,7 @@ VIEW_FLAGS = (
     "crop_scale_min", "seed", "cache_decoded", "deterministic",
 )
 COMMANDS_LOG = "commands.log"
+LOCK_FILE = "experiment.lock"
 STATE_FILE = "experiment.json"
 RUN_COMMAND = "experiment_command.json"
 
@@ -510,11 +513,27 @@ def check_run_command(job):
         )
 
 
+def _end_with_parent():
+    """In the child, before exec: SIGTERM when the runner dies, however it dies (kill -9
+    included), so no train is left running that a rerun would then find holding its workdir.
+    The child stays in the runner's process group, so `kill -- -<pgid>` ends both too."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: Ctrl-C / SIGTERM are still forwarded
+        pass
+    if os.getppid() == 1:  # the runner died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def run_forwarding_signals(cmd):
     """Runs `cmd`; returns its exit code. SIGTERM/SIGINT to the runner go to the child and the
     runner waits for it, so a preempted train can save its checkpoint and exit 75 (with
     subprocess.run, Ctrl-C would kill the child after a quarter second)."""
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, preexec_fn=_end_with_parent)
 
     def forward(signum, _frame):
         if child.poll() is None:
@@ -583,8 +602,6 @@ def run_sweeps(runner, sweeps, metric):
 
 def run_experiment(cfg):
     """The experiment CLI as a list of steps; returns the process exit code."""
-    from kd_keras.experiments import report as experiment_report
-
     spec = spec_lib.read_spec(cfg.spec)
     planner = Planner(spec, cfg.workdir, cfg.scale)
     names = select_variants(spec.variants, cfg.only, cfg.spec)
@@ -595,6 +612,15 @@ def run_experiment(cfg):
         _print_plan([p for c in sweeps.values() for p in c])
         _print_plan(planner.plan(chosen, names))
         return 0
+    # One runner per workdir: two would start the same jobs into the same directories.
+    with runlock.hold(cfg.workdir, lock_file=LOCK_FILE, what="experiment runner"):
+        return _run_locked(cfg, spec, plans, selected, shared)
+
+
+def _run_locked(cfg, spec, plans, selected, shared):
+    """`run_experiment` once the workdir's runner lock is held."""
+    from kd_keras.experiments import report as experiment_report
+
     check_workdir_state(cfg.workdir, spec, cfg.scale)
     runner = Runner(spec, cfg.workdir)
     failed = []

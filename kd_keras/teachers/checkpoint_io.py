@@ -122,16 +122,29 @@ def read_checkpoint(path):
     fmt = "torch_zip" if zipfile.is_zipfile(path) else "torch_legacy"
     try:
         obj = torch_pickle.load(path, lazy=True)
+        torch_pickle.count_tensors(obj)  # refuses too deep nesting before anything walks it
     except torch_pickle.UnsafeCheckpointError:
         raise
     except (torch_pickle.CheckpointFormatError, EOFError, OSError) as err:
         raise ValueError(
-            f"{path} is not a PyTorch checkpoint, .safetensors file or TF checkpoint ({err})."
+            f"{path} is not a PyTorch checkpoint, .safetensors file or TF checkpoint "
+            f"({_reason(err)})."
         ) from err
     except Exception as err:  # a corrupt pickle can raise nearly anything (UnpicklingError, ...)
-        raise ValueError(f"{path}: cannot read it as a PyTorch checkpoint ({err}).") from err
+        raise ValueError(
+            f"{path}: cannot read it as a PyTorch checkpoint ({_reason(err)})."
+        ) from err
     containers, other = _split_containers(obj, path)
     return SourceCheckpoint(path, fmt, sha, containers, other)
+
+
+def _reason(err):
+    """The error's message, or its type when it has none (a MemoryError from a pickle claiming
+    a 2^60-byte string)."""
+    text = str(err).strip()
+    if isinstance(err, MemoryError):
+        return f"MemoryError: a length in the file is too large{': ' + text if text else ''}"
+    return text or type(err).__name__
 
 
 def _is_state_dict(value):
@@ -144,21 +157,11 @@ def _is_state_dict(value):
 
 def _describe(value):
     if isinstance(value, dict):
-        tensors = _count_arrays(value)
+        tensors = torch_pickle.count_tensors(value)
         return f"{type(value).__name__} with {len(value)} entries, {tensors} tensors"
     if isinstance(value, _TENSORS):
         return f"tensor {list(value.shape)}"
     return type(value).__name__
-
-
-def _count_arrays(value):
-    if isinstance(value, _TENSORS):
-        return 1
-    if isinstance(value, dict):
-        return sum(_count_arrays(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_count_arrays(v) for v in value)
-    return 0
 
 
 def _split_containers(obj, path):

@@ -42,6 +42,10 @@ NORMS = ("layout", *backbones.NORM_MODES)
 # The default image size written to a SwAV networks manifest (SwAV's large crops).
 NETWORK_IMAGE_SIZE = 224
 _LIST_LIMIT = 8
+# Sizes a SwAV checkpoint chooses itself (SwAV: 3000 prototypes, a 2048-8192-128 head); the
+# bounds keep a forged file from claiming gigabytes before its shapes are checked.
+MAX_PROTOTYPES = 1 << 16
+MAX_HEAD_DIM = 1 << 14
 
 
 class ConversionError(ValueError):
@@ -302,10 +306,32 @@ def _model_name(cfg):
 
 
 def _check_out(out, overwrite):
-    if os.path.exists(out) and not overwrite:
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
         raise ValueError(f"--out={out} exists; remove it or pass --overwrite.")
-    if os.path.isfile(out):
-        raise ValueError(f"--out={out} is a file, not a directory.")
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise ValueError(f"--out={out} is not a directory; --overwrite replaces only a converted teacher.")
+    if os.listdir(out) and not is_converted_dir(out):
+        # --overwrite deletes the directory: only ever one this command wrote.
+        raise ValueError(
+            f"--out={out} is not a kd_keras converted teacher (no {MANIFEST} of kind "
+            f"{CONVERTED_KIND}); --overwrite refuses to delete it."
+        )
+
+
+def is_converted_dir(directory):
+    """Whether `directory` holds a converted teacher (its manifest says so)."""
+    from kd_keras.artifacts import layout as run_layout
+
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError):
+        return False
+    return manifest is not None and manifest.get("kind") in (
+        CONVERTED_KIND,
+        run_layout.NETWORK_KIND,  # a SwAV conversion is also a clustering networks directory
+    )
 
 
 def _swav_heads(state, prefix, feature_dim):
@@ -314,22 +340,32 @@ def _swav_heads(state, prefix, feature_dim):
 
     weight = state.get(f"{prefix}projection_head.0.weight")
     out_weight = state.get(f"{prefix}projection_head.3.weight")
-    protos = np.asarray(state[f"{prefix}prototypes.weight"], np.float32)
+    # Shapes only: nothing is read before `_check_plan` has checked every shape.
+    protos_shape = tuple(np.shape(state[f"{prefix}prototypes.weight"]))
     if weight is None or out_weight is None or np.ndim(weight) != 2 or np.ndim(out_weight) != 2:
         raise ConversionError(
             f"SwAV checkpoint: prototypes without the MLP projection head "
             f"({prefix}projection_head.0.weight / .3.weight); a linear head is not supported."
         )
     hidden, proj_dim = int(np.shape(weight)[0]), int(np.shape(out_weight)[0])
-    if protos.ndim != 2 or protos.shape[1] != proj_dim:
+    if len(protos_shape) != 2 or protos_shape[1] != proj_dim:
         raise ConversionError(
-            f"{prefix}prototypes.weight has shape {list(protos.shape)}, expected "
+            f"{prefix}prototypes.weight has shape {list(protos_shape)}, expected "
             f"[K, {proj_dim}] after a {proj_dim}-d projection head."
         )
+    # The other sizes are fixed by --arch (checked in `_check_plan`); these three come from the
+    # file alone, so a forged one could claim gigabytes.
+    for what, size, limit in (
+        ("prototypes.weight rows (K)", protos_shape[0], MAX_PROTOTYPES),
+        ("projection_head hidden size", hidden, MAX_HEAD_DIM),
+        ("projection_head output size", proj_dim, MAX_HEAD_DIM),
+    ):
+        if not 0 < size <= limit:
+            raise ConversionError(f"SwAV checkpoint: {prefix}{what} is {size}, expected 1..{limit}.")
     # The head of a --method=swav export: no dropout (OSS runs the teacher's head without).
     head = heads.ProjectionHead(hidden, proj_dim, (0.0, 0.0), name="projection_head")
     head.build((None, feature_dim))
-    prototypes = clustering.Prototypes(protos.shape[0], proj_dim, name="prototypes")
+    prototypes = clustering.Prototypes(protos_shape[0], proj_dim, name="prototypes")
     prototypes.build()
     head_plan = _swav_head_plan(head, prefix)
     head_plan.append(
@@ -422,6 +458,7 @@ def _write(out, model, head, prototypes, manifest, overwrite):
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
         if overwrite and os.path.isdir(out):
+            _check_out(out, overwrite)  # still one we wrote, just before deleting it
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
@@ -434,7 +471,12 @@ def read_manifest(directory):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        manifest = json.load(f)
+        try:
+            manifest = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}).") from err
+    if not isinstance(manifest, dict):
+        return None
     return manifest if "source" in manifest and "mapping" in manifest else None
 
 

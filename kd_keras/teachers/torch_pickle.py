@@ -13,8 +13,16 @@ The object pickle is loaded by `RestrictedUnpickler`, whose `find_class` resolve
 globals a checkpoint legitimately needs (tensor/parameter rebuild functions, storage types,
 OrderedDict, argparse.Namespace, NumPy scalars) to local, side-effect-free stand-ins; any
 other global (e.g. `os.system` smuggled in through `__reduce__`) raises `UnsafeCheckpointError`
-naming it, before anything is called. Tensors come back as NumPy arrays (C-contiguous copies), or with `lazy=True` as `LazyTensor`s
-whose bytes are read only when converted to an array.
+naming it, before anything is called; the allowed globals cannot be modified by the pickle.
+Tensors come back as NumPy arrays (C-contiguous copies), or with `lazy=True` as
+`LazyTensor`s whose bytes are read only when converted to an array.
+
+Hostile files (a checkpoint is often downloaded): every tensor's offset, sizes and strides are
+checked against its storage's declared element count when the tensor is rebuilt, before any
+view exists; a storage is read only as far as its tensors reach (a zip member is inflated no
+further), and a zip member larger than its declared storage is refused (a deflate bomb).
+Tensors over MAX_TENSOR_ELEMENTS, object pickles over MAX_PICKLE_BYTES and containers nested
+deeper than MAX_NESTING are refused; shared and self-containing containers are walked once.
 """
 
 import argparse
@@ -29,6 +37,13 @@ import numpy as np
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+
+# Limits against hostile files (a checkpoint is often downloaded from the internet). A vision
+# checkpoint's largest tensors (a MoCo queue, a wide fc) hold a few 10^7 elements and its object
+# pickle a few MB; these bounds are far above that and far below what would exhaust memory.
+MAX_TENSOR_ELEMENTS = 1 << 28  # 1 GiB as float32
+MAX_PICKLE_BYTES = 256 << 20
+MAX_NESTING = 64  # containers inside containers
 
 # torch storage class name -> NumPy dtype. bfloat16 has no NumPy dtype: read as uint16 and
 # widened to float32 (exact) in `_bfloat16_to_float32`.
@@ -69,26 +84,36 @@ class _StorageType:
 
 
 class _Storage:
-    """A storage: its element type and a function reading its elements as a flat array.
+    """A storage: its element type, its declared element count and a function reading its
+    first elements as a flat array.
 
-    The bytes are read only when a tensor on it is materialised, so tensors a conversion skips
-    (a key encoder, optimizer state) never occupy memory.
+    The bytes are read only when a tensor on it is materialised, and only as many as that
+    tensor reaches, so tensors a conversion skips (a key encoder, optimizer state) never occupy
+    memory and a storage member that inflates past its declared size is never inflated.
     """
 
-    def __init__(self, storage_type, read=None):
+    def __init__(self, storage_type, numel, read=None):
         if not isinstance(storage_type, _StorageType):
             raise CheckpointFormatError(f"storage of unknown type {storage_type!r}")
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise CheckpointFormatError(f"storage with element count {str(numel)[:40]}")
         self.storage_type = storage_type
+        self.numel = numel
         self.read = read  # set later for legacy files, whose bytes follow the object pickle
 
-    def elements(self):
+    def elements(self, count):
+        """The first `count` (<= numel) elements, as a flat array."""
         if self.read is None:
             raise CheckpointFormatError("a storage has no data")
-        return self.read()
+        return self.read(count)
 
 
 class _TensorType:
-    """Stand-in for torch.Tensor / torch.nn.Parameter in `_rebuild_from_type_v2`."""
+    """Stand-in for torch.Tensor / torch.nn.Parameter in `_rebuild_from_type_v2` (each load
+    gets a subclass of its own, which a BUILD opcode may alter harmlessly)."""
+
+
+_TENSOR_TYPES = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter")}
 
 
 def _bfloat16_to_float32(raw):
@@ -106,11 +131,23 @@ class LazyTensor:
         if not isinstance(storage, _Storage):
             raise CheckpointFormatError(f"tensor rebuilt from {type(storage).__name__}")
         self.storage = storage
-        self.offset = int(storage_offset)
-        self.shape = tuple(int(n) for n in size)
-        self.stride = tuple(int(n) for n in stride)
-        if len(self.stride) != len(self.shape) or any(n < 0 for n in self.shape + self.stride):
-            raise CheckpointFormatError(f"tensor with size {size} and stride {stride}")
+        self.offset = _index(storage_offset, "storage offset")
+        self.shape = _index_tuple(size, "size")
+        self.stride = _index_tuple(stride, "stride")
+        if len(self.stride) != len(self.shape):
+            raise CheckpointFormatError(f"tensor with size {list(size)} and stride {list(stride)}")
+        # Everything is checked here, before any array or view exists: a negative offset or a
+        # view past the storage's end would read foreign memory in as_strided.
+        self.extent = _extent(self.offset, self.shape, self.stride)
+        if self.extent > storage.numel:
+            raise CheckpointFormatError(
+                f"tensor of size {list(self.shape)}, stride {list(self.stride)} at offset "
+                f"{self.offset} runs past its storage ({storage.numel} elements)"
+            )
+        if _numel(self.shape) > MAX_TENSOR_ELEMENTS:
+            raise CheckpointFormatError(
+                f"tensor of size {list(self.shape)} has more than {MAX_TENSOR_ELEMENTS} elements"
+            )
         kind = storage.storage_type.dtype
         self.dtype = np.dtype(np.float32 if kind == "bfloat16" else kind)
 
@@ -119,8 +156,36 @@ class LazyTensor:
         return len(self.shape)
 
     def __array__(self, dtype=None, copy=None):
-        array = _strided_copy(self.storage.elements(), self.offset, self.shape, self.stride)
+        flat = self.storage.elements(self.extent)
+        array = _strided_copy(flat, self.offset, self.shape, self.stride)
         return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def _index(value, what):
+    """A non-negative Python int from the pickle, else CheckpointFormatError naming `what`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CheckpointFormatError(f"tensor with {what} {str(value)[:40]}")
+    return value
+
+
+def _index_tuple(values, what):
+    if not isinstance(values, (tuple, list)) or len(values) > MAX_NESTING:
+        raise CheckpointFormatError(f"tensor with {what} {str(values)[:80]}")
+    return tuple(_index(v, what) for v in values)
+
+
+def _numel(shape):
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def _extent(offset, shape, stride):
+    """Storage elements a strided view reaches: its last index + 1 (0 for an empty view)."""
+    if 0 in shape:
+        return 0
+    return offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) + 1
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
@@ -130,10 +195,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
 
 def _strided_copy(flat, offset, shape, stride):
     """A C-contiguous copy of the strided view (offset, shape, stride) of the flat array."""
-    if shape and min(shape) == 0:
+    if 0 in shape:
         return np.zeros(shape, flat.dtype)
-    last = offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
-    if last >= flat.size:
+    # Checked by LazyTensor already; as_strided itself checks nothing.
+    if offset < 0 or min(stride, default=0) < 0 or _extent(offset, shape, stride) > flat.size:
         raise CheckpointFormatError(
             f"tensor of size {list(shape)} at offset {offset} runs past its storage "
             f"({flat.size} elements)"
@@ -183,25 +248,53 @@ def _reconstructor(cls, base, state):
     return cls()
 
 
-_SAFE_GLOBALS = {
+class _Frozen:
+    """A callable global handed to a pickle: calls `function`, but no attribute of it (nor of
+    the function behind it: `__defaults__`, `__dict__`) can be set by a BUILD opcode, so a
+    checkpoint cannot change how later loads in this process behave."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function):
+        object.__setattr__(self, "_function", function)
+
+    def __call__(self, *args, **kwargs):
+        return self._function(*args, **kwargs)
+
+    def __setattr__(self, key, value):
+        raise UnsafeCheckpointError("a checkpoint tried to modify an allowed global")
+
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+
+_SAFE_FUNCTIONS = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): _TensorType,
-    ("torch.nn.parameter", "Parameter"): _TensorType,
-    ("collections", "OrderedDict"): collections.OrderedDict,
     ("copyreg", "_reconstructor"): _reconstructor,
-    ("builtins", "object"): object,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
     ("_codecs", "encode"): _codecs_encode,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): _numpy_dtype,
 }
+# Built-in types refuse attribute setting themselves (TypeError: immutable type).
+_SAFE_TYPES = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "object"): object,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    # Protocol 0-2 pickles written by Python 2 (or with fix_imports) name the module __builtin__.
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
+    ("__builtin__", "object"): object,
+    ("__builtin__", "slice"): slice,
+}
+_SAFE_GLOBALS = {key: _Frozen(f) for key, f in _SAFE_FUNCTIONS.items()}
+_SAFE_GLOBALS.update(_SAFE_TYPES)
 _SAFE_GLOBALS.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
 
 
@@ -219,10 +312,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         # A class of this load only: a BUILD opcode applied to the class object itself would
         # otherwise set attributes on argparse.Namespace for the whole process.
         self._namespace = type("Namespace", (argparse.Namespace,), {"__module__": "argparse"})
+        self._tensor_type = type("Tensor", (_TensorType,), {})
 
     def find_class(self, module, name):
         if (module, name) == ("argparse", "Namespace"):
             return self._namespace
+        if (module, name) in _TENSOR_TYPES:
+            return self._tensor_type
         try:
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:
@@ -247,13 +343,13 @@ def _load_zip(path):
     # The archive stays open while tensors may still be materialised (closed when the last
     # LazyTensor referring to it is garbage collected).
     archive = zipfile.ZipFile(path)
-    names = set(archive.namelist())
-    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    infos = {info.filename: info for info in archive.infolist()}
+    pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise CheckpointFormatError("zip file without exactly one <name>/data.pkl")
     root = pickles[0][: -len("data.pkl")]
     byteorder = root + "byteorder"
-    if byteorder in names and archive.read(byteorder).strip() != b"little":
+    if byteorder in infos and _read_member(archive, infos[byteorder], 16).strip() != b"little":
         raise CheckpointFormatError("big-endian checkpoints are not supported")
     storages = {}
 
@@ -261,17 +357,47 @@ def _load_zip(path):
         # ("storage", storage_type, key, location, numel)
         if len(pid) != 5:
             raise CheckpointFormatError(f"unknown storage id {str(pid)[:80]}")
-        _, storage_type, key, _location, _numel = pid
-        member = f"{root}data/{key}"
-        if member not in names:
+        _, storage_type, key, _location, numel = pid
+        info = infos.get(f"{root}data/{key}")
+        if info is None:
             raise CheckpointFormatError(f"storage data/{key} missing")
         if key not in storages:
-            storages[key] = _Storage(
-                storage_type, lambda: _storage_array(archive.read(member), storage_type)
-            )
+            storage = _Storage(storage_type, numel)
+            itemsize = np.dtype(_raw_dtype(storage_type)).itemsize
+            if info.file_size > numel * itemsize:
+                # torch writes exactly numel * itemsize bytes: more is a forged member (a
+                # deflate bomb inflating far past what the tensors declare).
+                raise CheckpointFormatError(
+                    f"storage data/{key} holds {info.file_size} bytes, more than its declared "
+                    f"{numel} elements ({numel * itemsize} bytes)"
+                )
+            storage.read = _member_reader(archive, info, storage_type, itemsize)
+            storages[key] = storage
         return storages[key]
 
-    return RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage).load()
+    pickle_info = infos[pickles[0]]
+    if pickle_info.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointFormatError(
+            f"{pickles[0]} inflates to {pickle_info.file_size} bytes (limit {MAX_PICKLE_BYTES})"
+        )
+    raw = _read_member(archive, pickle_info, MAX_PICKLE_BYTES)
+    return RestrictedUnpickler(io.BytesIO(raw), load_storage).load()
+
+
+def _read_member(archive, info, limit):
+    """At most `limit` bytes of a zip member, inflating no more than that."""
+    with archive.open(info) as f:
+        return f.read(limit)
+
+
+def _member_reader(archive, info, storage_type, itemsize):
+    def read(count):
+        raw = _read_member(archive, info, count * itemsize)
+        if len(raw) != count * itemsize:
+            raise CheckpointFormatError(f"storage {info.filename} is truncated")
+        return _storage_array(raw, storage_type)
+
+    return read
 
 
 def _load_legacy(path):
@@ -292,37 +418,46 @@ def _load_legacy(path):
             # ("storage", storage_type, key, location, numel, view_metadata)
             if len(pid) != 6:
                 raise CheckpointFormatError(f"unknown legacy storage id {str(pid)[:80]}")
-            _, storage_type, key, _location, _numel, view = pid
+            _, storage_type, key, _location, numel, view = pid
             if view is not None:
                 raise CheckpointFormatError("storage views (pre-1.0 files) are not supported")
             if key not in storages:
-                storages[key] = _Storage(storage_type)
+                storages[key] = _Storage(storage_type, numel)
             return storages[key]
 
         obj = RestrictedUnpickler(f, load_storage).load()
         keys = _load_plain(f)
+        if not isinstance(keys, list):
+            raise CheckpointFormatError("the storage key list is not a list")
         for key in keys:
             if key not in storages:
                 raise CheckpointFormatError(f"storage {key} is not referenced by the object")
             storage = storages[key]
-            (count,) = struct.unpack("<q", f.read(8))
-            nbytes = count * np.dtype(_raw_dtype(storage.storage_type)).itemsize
-            offset = f.tell()
-            if count < 0 or offset + nbytes > size:
+            header = f.read(8)
+            if len(header) != 8:
                 raise CheckpointFormatError(f"storage {key} is truncated")
-            storage.read = _file_reader(path, offset, nbytes, storage.storage_type)
-            f.seek(nbytes, io.SEEK_CUR)
+            (count,) = struct.unpack("<q", header)
+            if count != storage.numel:
+                raise CheckpointFormatError(
+                    f"storage {key} holds {count} elements, its tensors declare {storage.numel}"
+                )
+            itemsize = np.dtype(_raw_dtype(storage.storage_type)).itemsize
+            offset = f.tell()
+            if offset + count * itemsize > size:
+                raise CheckpointFormatError(f"storage {key} is truncated")
+            storage.read = _file_reader(path, offset, itemsize, storage.storage_type)
+            f.seek(count * itemsize, io.SEEK_CUR)
         missing = sorted(set(storages) - set(keys))
         if missing:
             raise CheckpointFormatError(f"storages {missing[:5]} have no data")
     return obj
 
 
-def _file_reader(path, offset, nbytes, storage_type):
-    def read():
+def _file_reader(path, offset, itemsize, storage_type):
+    def read(count):
         with open(path, "rb") as f:
             f.seek(offset)
-            return _storage_array(f.read(nbytes), storage_type)
+            return _storage_array(f.read(count * itemsize), storage_type)
 
     return read
 
@@ -342,19 +477,60 @@ def _raw_dtype(storage_type):
 
 
 def _materialise(obj):
-    """Replaces every `LazyTensor` in nested containers by its array (in place, returns obj)."""
+    """Replaces every `LazyTensor` in nested containers by its array (in place, returns obj).
+
+    Each container is visited once (a pickle can share one list along 2^80 paths or make a
+    list contain itself) and nesting deeper than MAX_NESTING is refused.
+    """
+    return _materialised(obj, {}, 0)
+
+
+def _materialised(obj, seen, depth):
     if isinstance(obj, LazyTensor):
         return np.asarray(obj)
+    if not isinstance(obj, (dict, list, tuple, argparse.Namespace)):
+        return obj
+    if id(obj) in seen:
+        return seen[id(obj)]
+    if depth >= MAX_NESTING:
+        raise CheckpointFormatError(f"containers nested deeper than {MAX_NESTING} levels")
+    seen[id(obj)] = obj  # a list inside itself stays the same (mutated) list
     if isinstance(obj, dict):
         for key, value in obj.items():
-            obj[key] = _materialise(value)
+            obj[key] = _materialised(value, seen, depth + 1)
     elif isinstance(obj, list):
-        obj[:] = [_materialise(v) for v in obj]
+        obj[:] = [_materialised(v, seen, depth + 1) for v in obj]
     elif isinstance(obj, tuple):
-        return tuple(_materialise(v) for v in obj)
-    elif isinstance(obj, argparse.Namespace):
-        _materialise(vars(obj))
-    return obj
+        seen[id(obj)] = tuple(_materialised(v, seen, depth + 1) for v in obj)
+    else:
+        _materialised(vars(obj), seen, depth + 1)
+    return seen[id(obj)]
+
+
+def count_tensors(obj):
+    """How many distinct tensors (LazyTensor or array) nested containers hold; each container
+    is counted once however often it is shared, nesting deeper than MAX_NESTING is refused."""
+    seen, count, stack = set(), 0, [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (LazyTensor, np.ndarray)):
+            count += 1
+            continue
+        if isinstance(item, argparse.Namespace):
+            item = vars(item)
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = item
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            raise CheckpointFormatError(f"containers nested deeper than {MAX_NESTING} levels")
+        stack.extend((child, depth + 1) for child in children)
+    return count
 
 
 def load(path, lazy=False):

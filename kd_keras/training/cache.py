@@ -63,6 +63,7 @@ def run(cache_cfg, workdir=None):
         data_dir=d.data_dir,
         image_size_hint=d.image_size,
         download=d.download,
+        max_image_pixels=d.max_image_pixels,
     )
     dirs = [os.path.join(cache_cfg.cache_dir, name) for name in names]
     print(

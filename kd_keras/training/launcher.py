@@ -2,9 +2,10 @@
 
   python -m kd_keras.launch --num_workers=2 -- --flagfile=flags/simreg.cfg --workdir=/tmp/run
 
-Every flag after `--` goes unchanged to each worker's `python -m kd_keras.train
---strategy=multi_worker ...`; worker k gets a TF_CONFIG naming all workers on --host (free
-ports unless --ports is given) with itself as task k. Worker output is printed with a
+Every flag after `--` goes unchanged to each worker's `python -m kd_keras.train ...
+--strategy=multi_worker` (the launcher's flag last, so that it wins over any flagfile); worker
+k gets a TF_CONFIG naming all workers on --host (free ports unless --ports is given) with
+itself as task k. Worker output is printed with a
 "[worker k]" prefix.
 
 When a worker dies (killed, crashed: any exit other than 0 or 2), it is started again with the
@@ -54,8 +55,14 @@ def tf_config(addresses, index):
     )
 
 
+# What the launcher sets on every worker. absl applies flags in order, a flagfile's contents
+# where the flagfile is named: these come last so that no preset (flags/common.cfg sets
+# --strategy=auto) can turn the workers back into single-process runs.
+LAUNCHER_FLAGS = ("--strategy=multi_worker",)
+
+
 def worker_command(train_args):
-    return [sys.executable, "-m", "kd_keras.train", "--strategy=multi_worker", *train_args]
+    return [sys.executable, "-m", "kd_keras.train", *train_args, *LAUNCHER_FLAGS]
 
 
 def _pump(stream, prefix):

@@ -15,6 +15,7 @@ finished run re-evaluates and re-exports without training again.
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from kd_keras.artifacts.layout import (  # noqa: E402
     EXPORT_DIR,
     LOG_DIR,
     RESULTS,
+    RUN_CONFIG,
 )
 
 
@@ -272,6 +274,7 @@ class Run:
     caches: tuple = ()
     view_fn: object = None
     done_steps: int = 0
+    config_changes: list = dataclasses.field(default_factory=list)
     student: object = None
     method: object = None
 
@@ -290,11 +293,12 @@ class Run:
 
 def _run_in_workdir(r, extra_callbacks):
     """`run_and_return_model` once the strategy is made and the workdir is locked."""
-    prepare_run(r.cfg, r.role)
+    r.config_changes = prepare_run(r.cfg, r.role)
     load_data(r)
     load_teachers(r)
     prepare_views(r)
     build_model(r)
+    save_config(r)
     cbs = make_callbacks(r, extra_callbacks)
     t0 = time.time()
     last_logs = fit(r, cbs)
@@ -302,7 +306,7 @@ def _run_in_workdir(r, extra_callbacks):
     if r.cfg.evaluate and r.role.is_chief and r.eval_info is not None:
         results.update(final_evaluation(r, results["steps"]))
     if r.cfg.export and r.role.is_chief:
-        results.update(export_run(r))
+        results.update(_export_or_report(r))
     if r.role.is_chief:
         _write_results(r.cfg.workdir, results)
         _write_done_marker(r.cfg.workdir)
@@ -312,24 +316,30 @@ def _run_in_workdir(r, extra_callbacks):
 
 
 def prepare_run(cfg, role):
-    """Creates the workdir, saves config.json (warning when it differs from an earlier one),
-    seeds everything and applies the process-wide settings."""
+    """Creates the workdir, compares config.json with an earlier one (warning which settings
+    differ), seeds everything and applies the process-wide settings.
+
+    Returns the differing settings ("name: old -> new" strings; empty for a new run). A new
+    run's config.json is written here; a changed one only by `save_config`, once the
+    checkpoint has been restored, so that a refused resume leaves the run's record intact.
+    """
     import keras
 
     from kd_keras.training import precision
 
     os.makedirs(cfg.workdir, exist_ok=True)
-    config_path = os.path.join(cfg.workdir, "config.json")
+    config_path = os.path.join(cfg.workdir, RUN_CONFIG)
+    changes = []
     if os.path.isfile(config_path):
-        with open(config_path) as f:
-            previous = f.read().strip()
-        if previous != cfg.to_json().strip():
+        changes = config_changes(_read_config(config_path), json.loads(cfg.to_json()))
+        if changes:
             log.warning(
-                "%s differs from this command's configuration; the new one is used and "
-                "saved (resuming from the existing checkpoint).",
+                "%s differs from this command's configuration (%s); the new one is used and "
+                "saved once the checkpoint is restored.",
                 config_path,
+                "; ".join(changes),
             )
-    if role.is_chief:
+    elif role.is_chief:
         cfg.save(config_path)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.op_determinism:
@@ -337,6 +347,53 @@ def prepare_run(cfg, role):
 
         tf.config.experimental.enable_op_determinism()  # process-wide, cannot be undone
     precision.warn_if_unsupported(cfg.precision)
+    return changes
+
+
+def save_config(r):
+    """Writes config.json after a resume was accepted (see `prepare_run`)."""
+    if r.role.is_chief and r.config_changes:
+        r.cfg.save(os.path.join(r.cfg.workdir, RUN_CONFIG))
+
+
+def _read_config(path):
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix or remove it.") from err
+    if not isinstance(previous, dict):
+        raise ValueError(f"{path}: not a kd_keras configuration (a JSON object expected).")
+    return previous
+
+
+def config_changes(previous, current):
+    """The settings that differ between two configurations (nested dicts), as sorted
+    "dotted.name: old -> new" strings."""
+    old, new = _flatten(previous), _flatten(current)
+    return [
+        f"{name}: {_short(old.get(name, '(unset)'))} -> {_short(new.get(name, '(unset)'))}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name, _MISSING) != new.get(name, _MISSING)
+    ]
+
+
+_MISSING = object()
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value, limit=60):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_data(r):
@@ -346,7 +403,10 @@ def load_data(r):
     cfg = r.cfg
     r.eval_split = cfg.data.eval_split or data.default_eval_split(cfg.data.dataset)
     load = dict(
-        data_dir=cfg.data.data_dir, image_size_hint=cfg.data.image_size, download=cfg.data.download
+        data_dir=cfg.data.data_dir,
+        image_size_hint=cfg.data.image_size,
+        download=cfg.data.download,
+        max_image_pixels=cfg.data.max_image_pixels,
     )
     r.train_examples, r.train_info = data.load_split(cfg.data.dataset, cfg.data.train_split, **load)
     data.check_batch_size(
@@ -383,6 +443,71 @@ def prepare_views(r):
     # Where a resumed run picks up: the optimizer step of the newest checkpoint (in a
     # multi-worker run, the newest one every worker has).
     r.done_steps = distributed.resume_step(r.strategy, r.role.checkpoint_dirs)
+    if r.done_steps:
+        check_resume_data(r)
+
+
+def data_mapping(r):
+    """What turns an optimizer step into (epoch, batch, examples, views): recorded with every
+    checkpoint; a resume with any of it changed would silently train on other data."""
+    cfg, d = r.cfg, r.cfg.data
+    return {
+        "global_batch_size": cfg.optim.batch_size,
+        "steps_per_epoch": r.steps_per_epoch,
+        "dataset": d.dataset,
+        "train_split": d.train_split,
+        "examples": r.train_info.num_examples,
+        "listing_sha1": r.train_info.listing_hash,
+        "seed": cfg.seed,
+        "views": {
+            "image_size": d.image_size,
+            "augment": d.augment,
+            "aug_mode": d.aug_mode,
+            "crop_scale_min": d.crop_scale_min,
+            "view_resize": d.view_resize,
+            "shuffle_buffer": d.shuffle_buffer,
+            "method": cfg.method,
+        },
+    }
+
+
+def check_resume_data(r):
+    """Refuses to resume from a checkpoint whose recorded step <-> data mapping differs from
+    this run's, naming each difference (a longer run, more --epochs, stays allowed)."""
+    from kd_keras.artifacts import checkpointing
+
+    total = r.cfg.optim.epochs * r.steps_per_epoch
+    if r.done_steps > total:
+        raise UsageError(
+            f"--workdir={r.cfg.workdir}: its newest checkpoint is of step {r.done_steps}, beyond "
+            f"this run's {total} steps ({r.cfg.optim.epochs} epochs of {r.steps_per_epoch}); "
+            "it belongs to another (longer) run. Use another --workdir."
+        )
+    state = checkpointing.read_state(r.role.checkpoint_dirs[0]) or {}
+    recorded = state.get("data")
+    if r.done_steps not in state.get("files", {}):
+        log.warning(
+            "resuming at step %d from a checkpoint that checkpoint.json does not record (copied "
+            "in?): its step <-> data mapping cannot be verified",
+            r.done_steps,
+        )
+        return
+    if not isinstance(recorded, dict):
+        log.warning(
+            "resuming at step %d: the checkpoint records no step <-> data mapping (written "
+            "before kd_keras recorded it), so batch size, data and seed cannot be verified",
+            r.done_steps,
+        )
+        return
+    current = json.loads(json.dumps(data_mapping(r)))  # tuples -> lists, as recorded
+    changes = config_changes(recorded, current)
+    if changes:
+        raise UsageError(
+            f"--workdir={r.cfg.workdir}: its checkpoint of step {r.done_steps} was trained "
+            f"with other data settings ({'; '.join(changes)}); resuming would silently "
+            "reinterpret its steps. Use the original settings or another --workdir."
+        )
+    log.info("resuming at step %d with the recorded data mapping", r.done_steps)
 
 
 def view_fn_for(cfg, spec, cached_teachers=False):
@@ -458,7 +583,6 @@ def build_model(r):
     """Student, method, optimizer and compile, restored to the resumed step."""
     import keras
 
-    from kd_keras.artifacts import checkpointing
     from kd_keras.methods import registry
     from kd_keras.optim import optimizers
     from kd_keras.training import precision
@@ -482,12 +606,29 @@ def build_model(r):
             jit_compile=jit_compile and not measure,
         )
         r.method.build((None, size, size, 3))
-        checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+        _restore(r)
         if measure:
             jit_compile, why = _measured_jit_compile(r)
             r.method.jit_compile = jit_compile
             r.method.train_function = None  # fit makes it again with the chosen setting
     log.info("XLA jit_compile=%s (%s)", jit_compile, why)
+
+
+def _restore(r):
+    """Restores the resumed step; a checkpoint that does not fit this configuration (another
+    student, head, image size) is one line naming what changed, not Keras' variable dump."""
+    from kd_keras.artifacts import checkpointing
+
+    try:
+        checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+    except (ValueError, KeyError, TypeError) as err:
+        changed = "; ".join(r.config_changes) or "no setting of config.json changed"
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(
+            f"--workdir={r.cfg.workdir}: its checkpoint of step {r.done_steps} does not fit "
+            f"this command's configuration (changed: {changed}); resume with the original "
+            f"flags or use another --workdir. ({detail})"
+        ) from err
 
 
 def _measure_xla(r):
@@ -539,7 +680,9 @@ def make_callbacks(r, extra_callbacks=()):
         # Before TensorBoard, so that the epoch logs it writes include theirs.
         *(own(cfg) if own else ()),
         # Every worker saves (its own copy); resuming restarts at the exact optimizer step.
-        checkpointing.StepCheckpoint(role.checkpoint_dirs[0], save_freq=cfg.save_freq),
+        checkpointing.StepCheckpoint(
+            role.checkpoint_dirs[0], save_freq=cfg.save_freq, data=data_mapping(r)
+        ),
         # After StepCheckpoint: SIGTERM/SIGINT save the step just finished, then stop the run.
         preemption.PreemptionGuard(
             role.checkpoint_dirs[0],
@@ -692,6 +835,27 @@ def _random_student(r):
         return build_student(r.cfg, r.cfg.data.image_size)
 
 
+def _export_or_report(r):
+    """`export_run`, but a failed write (disk full, permissions) after training costs only the
+    export: the results and DONE are still written, with the failure recorded and logged (the
+    checkpoint holds the trained weights; the export is atomic, nothing half-written)."""
+    import tensorflow as tf
+
+    try:
+        return export_run(r)
+    except (OSError, tf.errors.OpError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        log.error(
+            "export to %s failed (%s); results.json and DONE are written without it. "
+            "Re-export from the checkpoint with evaluate --from_checkpoint, or free space and "
+            "rerun (training is done and will not repeat).",
+            os.path.join(r.cfg.workdir, EXPORT_DIR),
+            reason,
+        )
+        print(f"kd_keras.train: export failed: {reason}", file=sys.stderr, flush=True)
+        return {"export": None, "export_error": reason}
+
+
 def export_run(r):
     """Exports the method's backbone (the student, unless its exporter says otherwise) as a
     SavedModel + .keras under `<workdir>/export`; returns the results entries."""
@@ -780,6 +944,8 @@ def _print_summary(results):
             continue
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"k-NN {name:>24}: {shown}")
-    if "export" in results:
+    if results.get("export_error"):
+        print(f"export FAILED ({results['export_error']}); results and checkpoint are complete")
+    elif "export" in results:
         print(f"exported student backbone: {results['export']}")
     sys.stdout.flush()

@@ -37,15 +37,18 @@ def prepare_workdir(workdir):
 
 
 @contextlib.contextmanager
-def hold(workdir):
+def hold(workdir, lock_file=LOCK_FILE, what="run"):
     """Holds `workdir`'s run lock for the block (creating the directory first).
+
+    `lock_file` and `what` let another kind of job (an experiment runner) hold a lock of its
+    own in a directory whose runs hold theirs.
 
     Raises:
       WorkdirError: another live process holds the lock (its pid and host named), or the
         workdir is a file / not writable.
     """
     prepare_workdir(workdir)
-    path = os.path.join(workdir, LOCK_FILE)
+    path = os.path.join(workdir, lock_file)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
@@ -57,7 +60,8 @@ def hold(workdir):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WorkdirError(
-                f"--workdir={workdir} is in use by another run ({_describe(read_holder(path))}); "
+                f"--workdir={workdir} is in use by another {what} "
+                f"({_describe(read_holder(path))}); "
                 "wait for it to end or choose another --workdir."
             ) from None
         _write_holder(fd)
