@@ -614,11 +614,12 @@ def run_experiment(cfg):
         return 0
     # One runner per workdir: two would start the same jobs into the same directories.
     with runlock.hold(cfg.workdir, lock_file=LOCK_FILE, what="experiment runner"):
-        return _run_locked(cfg, spec, plans, selected, shared)
+        return _run_locked(cfg, spec, planner, names, sweeps, chosen)
 
 
-def _run_locked(cfg, spec, plans, selected, shared):
-    """`run_experiment` once the workdir's runner lock is held."""
+def _run_locked(cfg, spec, planner, names, sweeps, chosen):
+    """`run_experiment` once the workdir's runner lock is held: the sweeps (when the spec has
+    one), the shared teachers and caches, the variants' seeds, the report."""
     from kd_keras.experiments import report as experiment_report
 
     check_workdir_state(cfg.workdir, spec, cfg.scale)
