@@ -272,6 +272,8 @@ class Run:
     caches: tuple = ()
     view_fn: object = None
     done_steps: int = 0
+    # --momentum_form of the run that wrote the checkpoints (None: no earlier SGD run).
+    saved_momentum_form: str | None = None
     student: object = None
     method: object = None
 
@@ -290,7 +292,7 @@ class Run:
 
 def _run_in_workdir(r, extra_callbacks):
     """`run_and_return_model` once the strategy is made and the workdir is locked."""
-    prepare_run(r.cfg, r.role)
+    r.saved_momentum_form = prepare_run(r.cfg, r.role)
     load_data(r)
     load_teachers(r)
     prepare_views(r)
@@ -313,16 +315,22 @@ def _run_in_workdir(r, extra_callbacks):
 
 def prepare_run(cfg, role):
     """Creates the workdir, saves config.json (warning when it differs from an earlier one),
-    seeds everything and applies the process-wide settings."""
+    seeds everything and applies the process-wide settings.
+
+    Returns the SGD momentum form the earlier config.json trained with (runs from before
+    --momentum_form existed: "keras"), None when there was none or it used LARS.
+    """
     import keras
 
     from kd_keras.training import precision
 
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
+    saved_form = None
     if os.path.isfile(config_path):
         with open(config_path) as f:
             previous = f.read().strip()
+        saved_form = _momentum_form_of(previous)
         if previous != cfg.to_json().strip():
             log.warning(
                 "%s differs from this command's configuration; the new one is used and "
@@ -337,6 +345,20 @@ def prepare_run(cfg, role):
 
         tf.config.experimental.enable_op_determinism()  # process-wide, cannot be undone
     precision.warn_if_unsupported(cfg.precision)
+    return saved_form
+
+
+def _momentum_form_of(config_json):
+    """The SGD momentum form a saved config.json trained with (see `prepare_run`)."""
+    import json
+
+    try:
+        optim = json.loads(config_json).get("optim", {})
+    except (ValueError, AttributeError):
+        return None
+    if optim.get("optimizer", "sgd") != "sgd":
+        return None
+    return optim.get("momentum_form", "keras")
 
 
 def load_data(r):
@@ -483,11 +505,30 @@ def build_model(r):
         )
         r.method.build((None, size, size, 3))
         checkpointing.restore(r.method, r.role.checkpoint_dirs, r.done_steps)
+        _convert_restored_momentum(r)
         if measure:
             jit_compile, why = _measured_jit_compile(r)
             r.method.jit_compile = jit_compile
             r.method.train_function = None  # fit makes it again with the chosen setting
     log.info("XLA jit_compile=%s (%s)", jit_compile, why)
+
+
+def _convert_restored_momentum(r):
+    """Checkpoint slots written under another --momentum_form, rewritten into this run's
+    (`optimizers.convert_momentum`; documented there)."""
+    from kd_keras.optim import optimizers
+
+    opt = getattr(r.method.optimizer, "inner_optimizer", r.method.optimizer)
+    if not (r.done_steps and r.saved_momentum_form and isinstance(opt, optimizers.SGD)):
+        return
+    if r.saved_momentum_form != opt.momentum_form:
+        log.warning(
+            "checkpoint momentum written with --momentum_form=%s, converted to %s at step %d",
+            r.saved_momentum_form,
+            opt.momentum_form,
+            r.done_steps,
+        )
+        optimizers.convert_momentum(opt, r.saved_momentum_form, r.done_steps)
 
 
 def _measure_xla(r):
