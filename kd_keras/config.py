@@ -703,6 +703,11 @@ def _check_optim_flags(v):
         raise ValueError(f"--final_lr must be in [0, --lr={v.lr}], got {v.final_lr}.")
     if v.lars_trust <= 0:
         raise ValueError(f"--lars_trust must be positive, got {v.lars_trust}.")
+    if v.schedule == "epoch_cosine" and v.warmup_epochs:
+        raise ValueError(
+            f"--warmup_epochs={v.warmup_epochs} has no effect with --schedule=epoch_cosine "
+            "(the official SimReg staircase has no warm-up)."
+        )
     if v.schedule == "constant":
         for name in ("final_lr", "warmup_epochs"):
             if v[name]:

@@ -19,7 +19,9 @@ def learning_rate_schedule(optim, steps_per_epoch):
     cosine: linear warm-up from 0 over --warmup_epochs, then a cosine from the peak to
     --final_lr at the last step (`schedules.WarmupCosine`). constant: the peak throughout (a
     plain float, so the optimizer keeps it as a variable, as runs have always stored it).
-    Both rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+    epoch_cosine: the official SimReg code's staircase, the rate set once per epoch e (from 0)
+    to final + (peak - final) / 2 * (1 + cos(pi e / epochs)), never 0 in training
+    (`schedules.EpochCosine`; no warm-up). All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
 
     Args:
       optim: `config.OptimConfig`.
@@ -28,6 +30,10 @@ def learning_rate_schedule(optim, steps_per_epoch):
     peak = optim.scaled_lr()
     if optim.schedule == "constant":
         return peak
+    if optim.schedule == "epoch_cosine":
+        return schedules.EpochCosine(
+            peak, steps_per_epoch, optim.epochs, final_lr=optim.final_lr * peak / optim.lr
+        )
     return schedules.WarmupCosine(
         peak,
         optim.epochs * steps_per_epoch,
