@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--momentum", type=float, default=0.9, help="official --sgd_momentum")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="official --weight_decay")
     p.add_argument("--tiny", action="store_true", help="tiny ResNets (fixtures, quick checks)")
     p.add_argument("--momentum_form", default="torch", choices=["torch", "keras"])
     p.add_argument(
@@ -80,6 +82,14 @@ def parse_args(argv=None):
         "own draw (a loss curve only, weights differ)",
     )
     p.add_argument("--fixture", default=None, help="write a golden trajectory .npz here")
+    p.add_argument(
+        "--noise_floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run kd_keras from its initial student scaled by (1 + --noise_scale): how "
+        "far a rounding-sized change of the start alone moves this trajectory",
+    )
+    p.add_argument("--noise_scale", type=float, default=1e-7)
     p.add_argument("--work", default=None, help="scratch directory (default: a new temp dir)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps_per_epoch < 1:
@@ -106,7 +116,8 @@ def export_official(repo, dest):
 
 
 def make_views(args):
-    """kd_keras' weak views of synthetic images: student and teacher [steps, B, S, S, 3]."""
+    """kd_keras' weak views of synthetic images, rounded to 8 bits (so a fixture stores them
+    exactly as uint8): student and teacher float32 [steps, B, S, S, 3] in [0, 1]."""
     import tensorflow as tf
 
     from kd_keras.data import augment
@@ -126,9 +137,16 @@ def make_views(args):
             )
             for i, img in enumerate(images)
         ]
-        views.append(np.stack([v.numpy() for v in out]).astype(np.float32))
+        views.append(
+            from_uint8(np.round(np.stack([v.numpy() for v in out]) * 255).astype(np.uint8))
+        )
     shape = (args.steps, args.batch_size, args.image_size, args.image_size, 3)
     return views[0].reshape(shape), views[1].reshape(shape)
+
+
+def from_uint8(values):
+    """uint8 pixels -> float32 in [0, 1], the one conversion both sides and the test use."""
+    return values.astype(np.float32) / np.float32(255)
 
 
 def to_nchw_normalised(views):
@@ -150,6 +168,8 @@ def run_torch_side(args, official_dir, work):
         f"--steps={args.steps}",
         f"--epochs={args.epochs}",
         f"--lr={args.lr}",
+        f"--momentum={args.momentum}",
+        f"--weight_decay={args.weight_decay}",
         f"--batch_size={args.batch_size}",
         f"--seed={args.seed}",
         *(["--tiny"] if args.tiny else []),
@@ -253,7 +273,7 @@ def build_kd_keras(student_arch, image_size, teacher, steps_per_epoch, epochs, l
             lr=lr,
             lr_scaling="none",
             schedule="epoch_cosine",
-            momentum=0.9,
+            momentum=options["momentum"],
             momentum_form=options["momentum_form"],
             weight_decay=options["weight_decay"],
         ),
@@ -323,7 +343,8 @@ def main(argv=None):
     options = dict(
         momentum_form=args.momentum_form,
         head_init=args.head_init,
-        weight_decay=1e-4,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
         batch_size=args.batch_size,
     )
     method, step = build_kd_keras(
@@ -342,10 +363,14 @@ def main(argv=None):
     }
 
     keras_started = time.time()
-    losses = []
-    for t in range(args.steps):
-        losses.append(step({"student": student_views[t], "teacher": teacher_views[t]}))
+    views = [
+        {"student": s, "teacher": t} for s, t in zip(student_views, teacher_views, strict=True)
+    ]
+    losses = [step(batch) for batch in views]
     keras_seconds = time.time() - keras_started
+    noise = None
+    if args.noise_floor:
+        noise = noise_floor(args, student_arch, teacher, options, initial, views, losses)
 
     official_losses = np.asarray(official["losses"], np.float64)
     rel = np.abs(np.asarray(losses) - official_losses) / np.abs(official_losses)
@@ -371,6 +396,7 @@ def main(argv=None):
         "head_init": args.head_init,
         "max_rel_loss_diff": float(rel.max()),
         "mean_rel_loss_diff": float(rel.mean()),
+        "noise_floor_max_rel_loss_diff": noise,
         "max_abs_weight_diff": max(student_abs, head_abs),
         "max_rel_weight_diff": max(student_rel, head_rel),
         "student_max_abs_weight_diff": student_abs,
@@ -387,11 +413,30 @@ def main(argv=None):
     return result
 
 
+def noise_floor(args, student_arch, teacher, options, initial, views, losses):
+    """max relative loss difference between kd_keras' run and kd_keras from the same start with
+    every student weight scaled by (1 + --noise_scale), about one float32 rounding: how much
+    this trajectory amplifies a rounding-sized difference (ReLU and max-pool decisions near
+    ties flip, BN biases get cancellation-dominated gradients)."""
+    method, step = build_kd_keras(
+        student_arch, args.image_size, teacher, args.steps_per_epoch, args.epochs, args.lr, options
+    )
+    for part, model in (("student", method.student), ("head", method.heads[0])):
+        for layer in model.layers:
+            for w in layer.weights:
+                value = initial[part][f"{layer.name}/{w.path.split('/')[-1]}"]
+                w.assign(value * np.float32(1 + args.noise_scale) if part == "student" else value)
+    perturbed = np.asarray([step(batch) for batch in views])
+    rel = np.abs(perturbed - losses) / np.abs(losses)
+    print("noise floor per step:", rel.tolist(), file=sys.stderr)
+    return float(rel.max())
+
+
 def write_fixture(args, student_views, work, official, initial, final_student, final_head):
     """The golden trajectory tests/test_lockstep_golden.py replays without torch."""
     teacher_features = np.load(os.path.join(work, "teacher_features.npy"))
     arrays = {
-        "student_views": student_views.astype(np.float32),
+        "student_views_uint8": np.round(student_views * 255).astype(np.uint8),
         "teacher_features": teacher_features.astype(np.float32),
         "official_losses": np.asarray(official["losses"], np.float64),
         "official_lrs": np.asarray(official["lrs"], np.float64),
@@ -404,7 +449,8 @@ def write_fixture(args, student_views, work, official, initial, final_student, f
                     "steps_per_epoch": args.steps_per_epoch,
                     "epochs": args.epochs,
                     "lr": args.lr,
-                    "weight_decay": 1e-4,
+                    "weight_decay": args.weight_decay,
+                    "momentum": args.momentum,
                     "source": "UCDvision/simreg main.py via scripts/lockstep_official.py",
                 }
             )

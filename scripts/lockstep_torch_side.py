@@ -114,6 +114,7 @@ def main():
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--batch_size", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true")
@@ -173,7 +174,7 @@ def main():
         f"--epochs={args.epochs}",
         f"--learning_rate={args.lr}",
         f"--weight_decay={args.weight_decay}",
-        "--sgd_momentum=0.9",
+        f"--sgd_momentum={args.momentum}",
         "--arch_teacher=resnet50",
         "--arch_student=resnet18",
         "--n_mlp_layers=4",
