@@ -46,7 +46,9 @@ def _replay(run, name, wrap, nesterov):
     for t in range(len(run["lrs"])):
         grads = [run[f"grads_{i}"][t] for i in range(NUM_VARIABLES)]
         if decay:
-            grads = [_fma_decay(g, np.asarray(w), decay) for g, w in zip(grads, weights, strict=True)]
+            grads = [
+                _fma_decay(g, np.asarray(w), decay) for g, w in zip(grads, weights, strict=True)
+            ]
         step([tf.constant(g) for g in grads])
         trajectory.append(
             ([np.asarray(w) for w in weights], [np.asarray(b) for b in opt.momentums])
@@ -182,3 +184,30 @@ def test_make_optimizer_follows_momentum_form_and_it_serialises():
     assert config.OptimConfig().momentum_form == "torch"
     with pytest.raises(ValueError, match="--momentum_form"):
         optimizers.SGD(0.1, momentum=0.9, momentum_form="jax")
+
+
+def test_a_resumed_run_converts_the_momentum_of_an_older_keras_form_run():
+    import json
+    import types
+
+    from kd_keras.training import run
+
+    old = json.dumps({"optim": {"optimizer": "sgd", "momentum": 0.9}})  # before --momentum_form
+    assert run._momentum_form_of(old) == "keras"
+    assert run._momentum_form_of(json.dumps({"optim": {"optimizer": "lars"}})) is None
+    assert run._momentum_form_of(json.dumps({"optim": {"momentum_form": "torch"}})) == "torch"
+    assert run._momentum_form_of("not json") is None
+
+    w = keras.Variable(np.ones(2, "float32"))
+    opt = optimizers.SGD(0.5, momentum=0.9)
+    opt.build([w])
+    opt.momentums[0].assign([-1.0, 2.0])  # a Keras velocity at lr 0.5
+    r = types.SimpleNamespace(
+        method=types.SimpleNamespace(optimizer=opt), done_steps=3, saved_momentum_form="keras"
+    )
+    run._convert_restored_momentum(r)
+    np.testing.assert_allclose(np.asarray(opt.momentums[0]), [2.0, -4.0])
+    run._convert_restored_momentum(
+        types.SimpleNamespace(**{**vars(r), "saved_momentum_form": "torch"})
+    )
+    np.testing.assert_allclose(np.asarray(opt.momentums[0]), [2.0, -4.0])  # same form: untouched
