@@ -207,14 +207,15 @@ class ProjectionHead(keras.layers.Layer):
         self.dropout_position = dropout_position
         self.sync_bn = bool(sync_bn)
         self.init = init
-        self.linear1 = keras.layers.Dense(self.hidden_dim, name="linear1")
+        # Initialisers made here, so their seeds are drawn in construction order; Linear1's
+        # fan-in (its bias bound under torch's init) is set when the input size is known.
+        self.linear1 = initializers.dense(self.hidden_dim, None, init, name="linear1")
         self.bn = _bn("bn1", self.sync_bn)
         self.linear2 = initializers.dense(self.output_dim, self.hidden_dim, init, name="linear2")
 
     def build(self, input_shape):
-        # Linear1's fan-in (its bias bound under torch's init) is known only now.
-        for attr, value in initializers.dense_initializers(input_shape[-1], self.init).items():
-            setattr(self.linear1, attr, keras.initializers.get(value))
+        if isinstance(self.linear1.bias_initializer, initializers.TorchLinearUniform):
+            self.linear1.bias_initializer.fan_in = int(input_shape[-1])
         self.linear1.build(input_shape)
         self.bn.build((None, self.hidden_dim))
         self.linear2.build((None, self.hidden_dim))

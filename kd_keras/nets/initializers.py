@@ -76,6 +76,8 @@ def dense_initializers(fan_in, init="torch"):
     """{kernel_initializer, bias_initializer} for a Dense layer of input size `fan_in`.
 
     torch: both `TorchLinearUniform`; keras: glorot_uniform and zeros (Keras' defaults).
+    fan_in may be None when the input size is not known yet: set the bias initializer's
+    `fan_in` before the layer is built.
     """
     check_init(init)
     if init == "keras":
