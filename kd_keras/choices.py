@@ -13,9 +13,15 @@ AUG_MODES = ("same", "different")  # one image for teacher and student, or two
 # kd_keras before --view_resize, e.g. for an older teacher cache).
 VIEW_RESIZES = ("auto", "antialias")
 HEADS = ("linear", "mlp2", "mlp4")  # heads.prediction_head kinds
+# nets.initializers.dense: torch.nn.Linear's default init (the papers' PyTorch code) or Keras'
+# glorot-uniform kernels with zero biases.
+HEAD_INITS = ("torch", "keras")
 KNN_VOTES = ("majority", "weighted")  # knn voting rules (SimReg; DINO's weighted vote)
 OPTIMIZERS = ("sgd", "lars")  # optimizers.make_optimizer
-SCHEDULES = ("cosine", "constant")  # optimizers.learning_rate_schedule
+SCHEDULES = ("cosine", "constant", "epoch_cosine")  # optimizers.learning_rate_schedule
+# optimizers.SGD: torch.optim.SGD's buffer (buf = m buf + g; w -= lr buf) or Keras' velocity
+# (v = m v - lr g; w += v); they differ whenever the learning rate changes.
+MOMENTUM_FORMS = ("torch", "keras")
 
 # Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
 # the same command again to resume). kd_keras.launch passes it on.

@@ -40,6 +40,8 @@ AUGMENTATIONS = choices.AUGMENTATIONS
 AUG_MODES = choices.AUG_MODES
 VIEW_RESIZES = choices.VIEW_RESIZES
 HEADS = choices.HEADS
+HEAD_INITS = choices.HEAD_INITS
+MOMENTUM_FORMS = choices.MOMENTUM_FORMS
 NORMS = ("imagenet", "unit", "minus_one_one", "native")
 SCHEDULES = choices.SCHEDULES
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -291,6 +293,14 @@ def _define_network_flags():
     flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
     flags.DEFINE_enum("head", "mlp4", HEADS, "SimReg prediction head.")
     flags.DEFINE_list("head_hidden_dims", None, "Override hidden sizes of the head.")
+    flags.DEFINE_enum(
+        "head_init",
+        "torch",
+        HEAD_INITS,
+        "How the Dense layers of heads, projection heads, prototypes and classifiers start: "
+        "torch = torch.nn.Linear's U(+-1/sqrt(fan_in)) (the authors' code), keras = "
+        "glorot-uniform kernels and zero biases.",
+    )
 
 
 def _define_optim_flags():
@@ -303,6 +313,13 @@ def _define_optim_flags():
     flags.DEFINE_enum("schedule", "cosine", SCHEDULES, "Learning-rate schedule.")
     flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up epochs.")
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_enum(
+        "momentum_form",
+        "torch",
+        MOMENTUM_FORMS,
+        "--optimizer=sgd: torch = torch.optim.SGD (buf = m buf + g; w -= lr buf, the authors' "
+        "code), keras = Keras' SGD (v = m v - lr g; w += v); they differ when the lr changes.",
+    )
     flags.DEFINE_float(
         "weight_decay", 1e-4, "L2 weight decay added to the gradient (PyTorch SGD semantics)."
     )
@@ -453,6 +470,7 @@ class ModelConfig:
     teacher_recipe_lr: float = 0.1
     head: str = "mlp4"
     head_hidden_dims: tuple[int, ...] | None = None
+    head_init: str = "torch"
     teacher_caches: tuple[str, ...] = ()
 
 
@@ -466,6 +484,7 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     momentum: float = 0.9
+    momentum_form: str = "torch"
     weight_decay: float = 1e-4
     optimizer: str = "sgd"
     final_lr: float = 0.0
@@ -698,6 +717,11 @@ def _check_optim_flags(v):
         raise ValueError(f"--final_lr must be in [0, --lr={v.lr}], got {v.final_lr}.")
     if v.lars_trust <= 0:
         raise ValueError(f"--lars_trust must be positive, got {v.lars_trust}.")
+    if v.schedule == "epoch_cosine" and v.warmup_epochs:
+        raise ValueError(
+            f"--warmup_epochs={v.warmup_epochs} has no effect with --schedule=epoch_cosine "
+            "(the official SimReg staircase has no warm-up)."
+        )
     if v.schedule == "constant":
         for name in ("final_lr", "warmup_epochs"):
             if v[name]:
@@ -705,6 +729,11 @@ def _check_optim_flags(v):
                     f"--{name}={v[name]} has no effect with --schedule=constant; drop it or "
                     "use --schedule=cosine."
                 )
+    if v.optimizer == "lars" and v.changed("momentum_form"):
+        raise ValueError(
+            f"--momentum_form={v.momentum_form} applies to --optimizer=sgd; LARS always keeps "
+            "torch's momentum buffer."
+        )
     if v.optimizer != "lars":
         for name in ("lars_trust", "lars_exclude_bn_bias"):
             if v.changed(name):

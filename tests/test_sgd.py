@@ -1,4 +1,7 @@
-"""optimizers.SGD (one fused kernel per variable) against keras.optimizers.SGD, its reference."""
+"""optimizers.SGD(momentum_form="keras") (one fused kernel per variable) against
+keras.optimizers.SGD, its reference (the torch form: tests/test_sgd_torch_form.py)."""
+
+import functools
 
 import keras
 import numpy as np
@@ -42,7 +45,7 @@ def test_update_equals_keras_sgd(nesterov, wrap):
     grads = _gradients(4, SHAPES)
     kwargs = dict(learning_rate=0.1, momentum=0.9, nesterov=nesterov)
     expected = _run(keras.optimizers.SGD, grads, INITIAL, wrap, **kwargs)
-    got = _run(optimizers.SGD, grads, INITIAL, wrap, **kwargs)
+    got = _run(optimizers.SGD, grads, INITIAL, wrap, momentum_form="keras", **kwargs)
     for e, g in zip(expected, got, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
     assert not np.allclose(got[0], INITIAL[0])
@@ -55,7 +58,14 @@ def test_update_equals_the_formula_in_numpy():
     for (g,) in grads:
         v = momentum * v - lr * g
         w = w + v
-    got = _run(optimizers.SGD, grads, INITIAL[:1], learning_rate=lr, momentum=momentum)
+    got = _run(
+        optimizers.SGD,
+        grads,
+        INITIAL[:1],
+        learning_rate=lr,
+        momentum=momentum,
+        momentum_form="keras",
+    )
     np.testing.assert_allclose(got[0], w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1], v, rtol=1e-5, atol=1e-6)
 
@@ -78,7 +88,10 @@ def _fit(optimizer_cls, strategy):
 def test_update_under_mirrored_strategy_equals_keras_sgd():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     expected = _fit(keras.optimizers.SGD, strategy)
-    got = _fit(optimizers.SGD, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    got = _fit(
+        functools.partial(optimizers.SGD, momentum_form="keras"),
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+    )
     for e, g in zip(expected, got, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
     assert np.abs(got[-1]).max() > 0  # the velocities moved
@@ -87,7 +100,7 @@ def test_update_under_mirrored_strategy_equals_keras_sgd():
 def test_learning_rate_schedule_and_sparse_gradients_follow_keras():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 1, 0.5)
     table = keras.Variable(np.ones((6, 2), "float32"))
-    opt = optimizers.SGD(schedule, momentum=0.9)
+    opt = optimizers.SGD(schedule, momentum=0.9, momentum_form="keras")
     reference_table = keras.Variable(np.ones((6, 2), "float32"))
     reference = keras.optimizers.SGD(schedule, momentum=0.9)
     for _ in range(2):

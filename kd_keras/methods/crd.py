@@ -44,6 +44,7 @@ class CRD(SingleTeacherDistillation):
       num_negatives: K (16,384).
       temperature: T (0.07). momentum: memory momentum m (0.5).
       seed: seed of the memory initialisation and of the negative sampling.
+      head_init: how the teacher embedding starts ("torch" / "keras", --head_init).
 
     Batches: as for `SingleTeacherDistillation`, plus "index" int [B]. Logged: loss.
     """
@@ -59,6 +60,7 @@ class CRD(SingleTeacherDistillation):
         temperature=TEMPERATURE,
         momentum=MEMORY_MOMENTUM,
         seed=0,
+        head_init="torch",
         **kwargs,
     ):
         super().__init__(student, teacher, head, **kwargs)
@@ -81,7 +83,11 @@ class CRD(SingleTeacherDistillation):
         self.memory_momentum = float(momentum)
         self.seed = int(seed)
         self.teacher_embed = heads.prediction_head(
-            int(self.teacher.feature_dim), feature_dim, "linear", name="teacher_embed"
+            int(self.teacher.feature_dim),
+            feature_dim,
+            "linear",
+            name="teacher_embed",
+            init=head_init,
         )
         self.student_memory = IndexedMemory(num_data, feature_dim, seed=seed, name="student_memory")
         self.teacher_memory = IndexedMemory(
@@ -202,6 +208,7 @@ def build_crd(ctx):
         temperature=o.crd_temperature,
         momentum=o.crd_momentum,
         seed=cfg.seed,
+        head_init=cfg.model.head_init,
         weight_decay=ctx.weight_decay,
         name="crd",
     )

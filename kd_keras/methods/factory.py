@@ -53,6 +53,7 @@ def _head(cfg, name, dropout=True):
         c.proj_dropout if dropout else (0.0, 0.0),
         c.dropout_position,
         sync_bn=cfg.sync_bn,
+        init=cfg.model.head_init,
         name=name,
     )
 
@@ -81,7 +82,7 @@ def _clustering_kwargs(ctx):
 
 def _prototypes(cfg):
     return clustering.Prototypes(
-        cfg.cluster.num_prototypes, cfg.cluster.proj_dim, name="prototypes"
+        cfg.cluster.num_prototypes, cfg.cluster.proj_dim, cfg.model.head_init, name="prototypes"
     )
 
 
@@ -103,7 +104,9 @@ def build_oss(ctx):
     cfg, c = ctx.cfg, ctx.cfg.cluster
     classifier = grl = None
     if c.feature_classifier:
-        classifier = heads.feature_classifier(c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn)
+        classifier = heads.feature_classifier(
+            c.proj_dim, c.classifier_hidden, sync_bn=cfg.sync_bn, init=cfg.model.head_init
+        )
         grl = heads.GradientReversal(name="gradient_reversal")
     return OSS(
         build_backbone(cfg, c.online_teacher),

@@ -188,6 +188,7 @@ def build_simreg(ctx):
             hidden_dims=cfg.model.head_hidden_dims,
             sync_bn=cfg.sync_bn,
             name=f"head_{t.name}",
+            init=cfg.model.head_init,
         )
         for t in ctx.teachers
     ]

@@ -117,4 +117,5 @@ def student_head(ctx, out_dim, name="head"):
         hidden_dims=cfg.model.head_hidden_dims,
         sync_bn=cfg.sync_bn,
         name=name,
+        init=cfg.model.head_init,
     )

@@ -606,11 +606,13 @@ RESNET_ARCHS = {
     "resnet50_x4": ResNetSpec("bottleneck", (3, 4, 6, 3), tuple(4 * w for w in _BASE_WIDTHS)),
 }
 _ARCH_PATTERN = re.compile(
-    r"resnet-(basic|bottleneck)-(\d+)\.(\d+)\.(\d+)\.(\d+)-(\d+)(?:-wide(\d+))?$"
+    r"resnet-(basic|bottleneck)-(\d+)\.(\d+)\.(\d+)\.(\d+)-(\d+)(?:-wide(\d+))?(?:-stem(\d+))?$"
 )
 ARCH_HELP = (
     f"one of {tuple(RESNET_ARCHS)} or resnet-<basic|bottleneck>-<b1>.<b2>.<b3>.<b4>-<width>"
-    "[-wide<f>] (blocks per stage; stage widths width, 2x, 4x, 8x; wide: inner factor f)"
+    "[-wide<f>][-stem<s>] (blocks per stage; stage widths width, 2x, 4x, 8x; wide: inner "
+    "factor f; stem: s stem channels, default width, e.g. 64 for torch ResNets built with a "
+    "width multiplier)"
 )
 
 
@@ -630,7 +632,9 @@ def parse_resnet_arch(arch):
     blocks = tuple(int(n) for n in numbers[:4])
     width = int(numbers[4])
     factor = int(numbers[5]) if numbers[5] else 1
-    return ResNetSpec(block, blocks, tuple(width * 2**i for i in range(4)), width_factor=factor)
+    stem = int(numbers[6]) if numbers[6] else None
+    widths = tuple(width * 2**i for i in range(4))
+    return ResNetSpec(block, blocks, widths, width_factor=factor, stem=stem)
 
 
 MAX_POOLS = ("torch", "tf_same")

@@ -7,6 +7,8 @@ resumed run continues with the same prototypes and the same queue.
 import keras
 import tensorflow as tf
 
+from kd_keras.nets import initializers
+
 
 def replica_info():
     """(replica id (int or scalar tensor), replica count) of the current replica context."""
@@ -46,14 +48,21 @@ class Prototypes(keras.layers.Layer):
     update (a `UnitNorm(axis=0)` constraint, which Keras applies right after each gradient
     step, as OSS's "normalize prototypes" after `update`). Scores are computed in float32.
 
+    Before the normalisation the vectors are drawn as torch's `nn.Linear(E, K, bias=False)`
+    draws SwAV's (U(+-1/sqrt(E)), init="torch") or from N(0, 1) (init="keras", the isotropic
+    draw kd_keras used before); both are then scaled to unit norm.
+
     Args:
       num_prototypes: K (3000 in SwAV/OSS).
       dim: E, the embedding size (128).
+      init: "torch" or "keras" (see above).
     Call: l2-normalised embeddings [N, E] -> scores [N, K] float32 (cosine similarities).
     """
 
-    def __init__(self, num_prototypes=3000, dim=128, **kwargs):
+    def __init__(self, num_prototypes=3000, dim=128, init="torch", **kwargs):
         super().__init__(**kwargs)
+        initializers.check_init(init)
+        self.init = init
         if int(num_prototypes) < 2 or int(dim) < 1:
             raise ValueError(
                 f"need >= 2 prototypes and dim >= 1 (--num_prototypes, --proj_dim), got "
@@ -65,7 +74,11 @@ class Prototypes(keras.layers.Layer):
     def build(self, input_shape=None):
         self.kernel = self.add_weight(
             shape=(self.dim, self.num_prototypes),
-            initializer=keras.initializers.RandomNormal(stddev=1.0),
+            initializer=(
+                initializers.TorchLinearUniform()
+                if self.init == "torch"
+                else keras.initializers.RandomNormal(stddev=1.0)
+            ),
             constraint=keras.constraints.UnitNorm(axis=0),
             dtype="float32",
             autocast=False,
@@ -82,7 +95,7 @@ class Prototypes(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_prototypes=self.num_prototypes, dim=self.dim)
+        config.update(num_prototypes=self.num_prototypes, dim=self.dim, init=self.init)
         return config
 
 

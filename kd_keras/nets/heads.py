@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from kd_keras import choices
-from kd_keras.nets import fused_batch_norm
+from kd_keras.nets import fused_batch_norm, initializers
 
 HEAD_KINDS = choices.HEADS
 
@@ -43,7 +43,9 @@ def head_dims(in_dim, out_dim, kind, hidden_dims=None):
     return (in_dim, *hidden, out_dim)
 
 
-def prediction_head(in_dim, out_dim, kind="mlp4", hidden_dims=None, sync_bn=False, name="head"):
+def prediction_head(
+    in_dim, out_dim, kind="mlp4", hidden_dims=None, sync_bn=False, name="head", init="torch"
+):
     """Builds a SimReg prediction head (supplement B.5).
 
     Layer order, with m = in_dim and d = out_dim:
@@ -60,6 +62,8 @@ def prediction_head(in_dim, out_dim, kind="mlp4", hidden_dims=None, sync_bn=Fals
       hidden_dims: optional override of the hidden sizes (e.g. (d, d, d) for the paper's
         Table 2 ablation); must have 0 / 1 / 3 entries for linear / mlp2 / mlp4.
       sync_bn: synchronise BN statistics across replicas.
+      init: "torch" (torch.nn.Linear's init, the reference code's) or "keras" (glorot /
+        zeros); see `kd_keras.nets.initializers`.
     Returns:
       keras.Model mapping float [B, m] -> float [B, d].
     """
@@ -67,8 +71,8 @@ def prediction_head(in_dim, out_dim, kind="mlp4", hidden_dims=None, sync_bn=Fals
     inputs = keras.Input((in_dim,), name=f"{name}_input")
     x = inputs
     num_linear = len(dims) - 1
-    for i, width in enumerate(dims[1:], start=1):
-        x = keras.layers.Dense(width, name=f"linear{i}")(x)
+    for i, (fan_in, width) in enumerate(zip(dims[:-1], dims[1:], strict=True), start=1):
+        x = initializers.dense(width, fan_in, init, name=f"linear{i}")(x)
         # BN + ReLU after odd-numbered linear layers that are not the output.
         if i % 2 == 1 and i < num_linear:
             x = _bn(f"bn{i}", sync_bn)(x)
@@ -171,6 +175,7 @@ class ProjectionHead(keras.layers.Layer):
       dropout_rates: (rate1, rate2), each in [0, 1).
       dropout_position: "output" or "input" (see above).
       sync_bn: synchronise the BN statistics across replicas.
+      init: "torch" or "keras", how the two Dense layers start (`kd_keras.nets.initializers`).
     Call: features float [B, m] -> embeddings [B, E] (not normalised).
     """
 
@@ -181,9 +186,11 @@ class ProjectionHead(keras.layers.Layer):
         dropout_rates=(0.1, 0.05),
         dropout_position="output",
         sync_bn=False,
+        init="torch",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        initializers.check_init(init)
         rates = tuple(float(r) for r in dropout_rates)
         if len(rates) != 2 or not all(0.0 <= r < 1.0 for r in rates):
             raise ValueError(
@@ -199,11 +206,16 @@ class ProjectionHead(keras.layers.Layer):
         self.dropout_rates = rates
         self.dropout_position = dropout_position
         self.sync_bn = bool(sync_bn)
-        self.linear1 = keras.layers.Dense(self.hidden_dim, name="linear1")
+        self.init = init
+        # Initialisers made here, so their seeds are drawn in construction order; Linear1's
+        # fan-in (its bias bound under torch's init) is set when the input size is known.
+        self.linear1 = initializers.dense(self.hidden_dim, None, init, name="linear1")
         self.bn = _bn("bn1", self.sync_bn)
-        self.linear2 = keras.layers.Dense(self.output_dim, name="linear2")
+        self.linear2 = initializers.dense(self.output_dim, self.hidden_dim, init, name="linear2")
 
     def build(self, input_shape):
+        if isinstance(self.linear1.bias_initializer, initializers.TorchLinearUniform):
+            self.linear1.bias_initializer.fan_in = int(input_shape[-1])
         self.linear1.build(input_shape)
         self.bn.build((None, self.hidden_dim))
         self.linear2.build((None, self.hidden_dim))
@@ -247,22 +259,25 @@ class ProjectionHead(keras.layers.Layer):
             dropout_rates=list(self.dropout_rates),
             dropout_position=self.dropout_position,
             sync_bn=self.sync_bn,
+            init=self.init,
         )
         return config
 
 
-def feature_classifier(in_dim, hidden_dim=100, sync_bn=False, name="feature_classifier"):
+def feature_classifier(
+    in_dim, hidden_dim=100, sync_bn=False, name="feature_classifier", init="torch"
+):
     """OSS feature classifier D: Linear(100) -> BN -> ReLU -> Linear(2) (teacher 0, student 1).
 
     It is placed behind a `GradientReversal` layer by the OSS method, not here, so the same
-    classifier can be evaluated on its own.
+    classifier can be evaluated on its own. `init`: "torch" or "keras" (`nets.initializers`).
 
     Returns:
       keras.Model float [N, in_dim] -> logits [N, 2].
     """
     inputs = keras.Input((in_dim,), name=f"{name}_input")
-    x = keras.layers.Dense(hidden_dim, name="linear1")(inputs)
+    x = initializers.dense(hidden_dim, in_dim, init, name="linear1")(inputs)
     x = _bn("bn1", sync_bn)(x)
     x = keras.layers.ReLU(name="relu1")(x)
-    x = keras.layers.Dense(2, name="linear2")(x)
+    x = initializers.dense(2, hidden_dim, init, name="linear2")(x)
     return keras.Model(inputs, x, name=name)

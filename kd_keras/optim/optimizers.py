@@ -7,6 +7,7 @@ import numbers
 import keras
 import tensorflow as tf
 
+from kd_keras import choices
 from kd_keras.optim import schedules
 
 LARS_EXCLUDED = ("bias", "bn", "batch_normalization")  # --lars_exclude_bn_bias
@@ -18,7 +19,9 @@ def learning_rate_schedule(optim, steps_per_epoch):
     cosine: linear warm-up from 0 over --warmup_epochs, then a cosine from the peak to
     --final_lr at the last step (`schedules.WarmupCosine`). constant: the peak throughout (a
     plain float, so the optimizer keeps it as a variable, as runs have always stored it).
-    Both rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+    epoch_cosine: the official SimReg code's staircase, the rate set once per epoch e (from 0)
+    to final + (peak - final) / 2 * (1 + cos(pi e / epochs)), never 0 in training
+    (`schedules.EpochCosine`; no warm-up). All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
 
     Args:
       optim: `config.OptimConfig`.
@@ -27,6 +30,10 @@ def learning_rate_schedule(optim, steps_per_epoch):
     peak = optim.scaled_lr()
     if optim.schedule == "constant":
         return peak
+    if optim.schedule == "epoch_cosine":
+        return schedules.EpochCosine(
+            peak, steps_per_epoch, optim.epochs, final_lr=optim.final_lr * peak / optim.lr
+        )
     return schedules.WarmupCosine(
         peak,
         optim.epochs * steps_per_epoch,
@@ -51,7 +58,7 @@ def make_optimizer(optim, steps_per_epoch):
             trust_coefficient=optim.lars_trust,
             exclude_from_adaptation=list(LARS_EXCLUDED) if optim.lars_exclude_bn_bias else None,
         )
-    return SGD(schedule, momentum=optim.momentum)
+    return SGD(schedule, momentum=optim.momentum, momentum_form=optim.momentum_form)
 
 
 def coupled_weight_decay(optim):
@@ -207,33 +214,145 @@ def _resource(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+MOMENTUM_FORMS = choices.MOMENTUM_FORMS
+
+
 @keras.saving.register_keras_serializable(package="kd_keras")
 class SGD(keras.optimizers.SGD):
-    """keras.optimizers.SGD (same variables, config and update rule) applied by one kernel.
+    """Momentum SGD in PyTorch's form (default) or Keras' (on one fused kernel).
 
-    Keras writes the momentum update as four ops per variable (two multiplies, a subtraction,
-    an assignment, then an assign-add), each a pass over the parameters; TensorFlow's
-    `ResourceApplyKerasMomentum` computes the same rule in one:
+    momentum_form="torch" is torch.optim.SGD (dampening 0), the form of the methods' reference
+    code, with torch's CPU rounding (tests/test_sgd_torch_form.py: bit-identical weights and
+    buffers on a fixed sequence of gradients and changing learning rates):
 
-        velocity = momentum * velocity - lr * g;   w = w + velocity
-        (nesterov: w = w + momentum * velocity - lr * g)
+        buf = momentum * buf + g              (two roundings, as buf.mul_(m).add_(g))
+        w = w - lr * buf                      (one rounding: torch's add_ with alpha is a
+                                               fused multiply-add)
+        nesterov: w = w - lr * (g + momentum * buf), each bracket one fused multiply-add
 
-    Sparse gradients (IndexedSlices) and momentum 0 keep Keras' own update.
+    momentum_form="keras" is keras.optimizers.SGD on `ResourceApplyKerasMomentum`:
+
+        v = momentum * v - lr * g;  w = w + v
+        (nesterov: w = w + momentum * v - lr * g)
+
+    TensorFlow's own `ResourceApplyMomentum` computes the torch form but rounds lr * buf
+    before the subtraction (1 ulp off torch now and then, which the torch form avoids at the
+    cost of a float64 pass per variable: see `_fma`).
+
+    With a constant lr the two forms are one trajectory (v = -lr * buf); when the lr changes
+    (every step of a cosine) Keras' velocity keeps the old rates inside it while torch's
+    buffer holds raw gradients and applies the new rate to all of them. Both keep their state
+    in the same slot variables (`momentums`, named as Keras' own), so checkpoints of either
+    form load into either; `convert_momentum` turns one state into the other on resume. The
+    weight decay, when any, is coupled: the method adds wd * w to g (`coupled_weight_decay`),
+    as torch's SGD(weight_decay=wd) does.
+
+    Sparse gradients (IndexedSlices) keep Keras' own update under the Keras form and are
+    densified under torch's (torch decays every row of the buffer each step); momentum 0
+    keeps Keras' update (w = w - lr * g in both forms).
+
+    Args:
+      learning_rate, momentum, nesterov, name, **kwargs: as keras.optimizers.SGD.
+      momentum_form: "torch" or "keras" (--momentum_form).
     """
 
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.0,
+        nesterov=False,
+        momentum_form="torch",
+        name="SGD",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs
+        )
+        if momentum_form not in MOMENTUM_FORMS:
+            raise ValueError(f"--momentum_form={momentum_form!r}: choose one of {MOMENTUM_FORMS}.")
+        self.momentum_form = momentum_form
+
     def update_step(self, gradient, variable, learning_rate):
-        if self.momentum == 0 or isinstance(gradient, tf.IndexedSlices):
+        torch_form = self.momentum_form == "torch"
+        if self.momentum == 0 or (isinstance(gradient, tf.IndexedSlices) and not torch_form):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
-        velocity = self.momentums[self._get_variable_index(variable)]
-        tf.raw_ops.ResourceApplyKerasMomentum(
-            var=_resource(variable).handle,
-            accum=_resource(velocity).handle,
-            lr=tf.cast(learning_rate, dtype),
-            grad=tf.cast(gradient, dtype),
-            momentum=tf.cast(self.momentum, dtype),
-            use_nesterov=bool(self.nesterov),
+        lr = tf.cast(learning_rate, dtype)
+        grad = tf.cast(tf.convert_to_tensor(gradient), dtype)
+        momentum = tf.cast(self.momentum, dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]
+        if not torch_form:
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=_resource(variable).handle,
+                accum=_resource(buffer).handle,
+                lr=lr,
+                grad=grad,
+                momentum=momentum,
+                use_nesterov=bool(self.nesterov),
+            )
+            return
+        buf = momentum * tf.convert_to_tensor(buffer) + grad
+        self.assign(buffer, buf)
+        step = _fma(buf, momentum, grad) if self.nesterov else buf
+        self.assign(variable, _fma(step, -lr, tf.convert_to_tensor(variable)))
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum_form"] = self.momentum_form
+        return config
+
+
+def _fma(a, b, c):
+    """a * b + c rounded once, as torch's CPU kernels' fused multiply-add rounds it.
+
+    The product of two float32 numbers is exact in float64, so the float64 sum rounded back
+    to float32 is the fused result (short of a double rounding when the sum itself is inexact
+    in float64, far rarer than torch-vs-TF differences). float64 inputs are computed as is.
+    """
+    wide = tf.float64
+    exact = tf.cast(a, wide) * tf.cast(b, wide) + tf.cast(c, wide)
+    return tf.cast(exact, a.dtype)
+
+
+def convert_momentum(optimizer, from_form, step):
+    """Rewrites `optimizer`'s momentum slots, written under `from_form`, into its own form.
+
+    Keras' velocity after a step at rate lr is v = -lr * buf when the rate was constant, so
+    the conversion uses the rate of the last step taken (step - 1):
+
+        keras -> torch:  buf = -v / lr        torch -> keras:  v = -lr * buf
+
+    Exact for a constant schedule; under a changing one it is the buffer the last rate
+    implies (Keras' velocity mixes several rates and no single buffer reproduces it), so the
+    resumed trajectory is torch's from then on, not the one a torch-form run would have
+    taken. Slots are left alone when the forms agree or at step 0.
+
+    Args:
+      optimizer: a built `SGD` (inside a LossScaleOptimizer: pass the inner one).
+      from_form: "torch" or "keras", the form that wrote the restored slots.
+      step: optimizer steps taken (the restored `iterations`).
+    Raises:
+      ValueError: naming --momentum_form, when the last rate is 0 and a Keras velocity
+        would have to be divided by it.
+    """
+    if from_form not in MOMENTUM_FORMS:
+        raise ValueError(f"--momentum_form={from_form!r}: choose one of {MOMENTUM_FORMS}.")
+    to_form = getattr(optimizer, "momentum_form", "torch")
+    if from_form == to_form or step <= 0 or not getattr(optimizer, "momentums", None):
+        return
+    rate = optimizer.learning_rate
+    if isinstance(optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = optimizer._learning_rate(step - 1)
+    rate = float(keras.ops.convert_to_numpy(rate))
+    if to_form == "torch" and rate == 0.0:
+        raise ValueError(
+            "--momentum_form=torch cannot resume this checkpoint written with "
+            "--momentum_form=keras: its last learning rate was 0, so the momentum buffer is "
+            "undefined; resume with --momentum_form=keras."
         )
+    for slot in optimizer.momentums:
+        value = tf.convert_to_tensor(slot)
+        slot.assign(-value / rate if to_form == "torch" else -rate * value)
 
 
 def _float(value):

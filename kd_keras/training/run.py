@@ -275,6 +275,8 @@ class Run:
     view_fn: object = None
     done_steps: int = 0
     config_changes: list = dataclasses.field(default_factory=list)
+    # --momentum_form of the run that wrote the checkpoints (None: no earlier SGD run).
+    saved_momentum_form: str | None = None
     student: object = None
     method: object = None
 
@@ -293,7 +295,7 @@ class Run:
 
 def _run_in_workdir(r, extra_callbacks):
     """`run_and_return_model` once the strategy is made and the workdir is locked."""
-    r.config_changes = prepare_run(r.cfg, r.role)
+    r.config_changes, r.saved_momentum_form = prepare_run(r.cfg, r.role)
     load_data(r)
     load_teachers(r)
     prepare_views(r)
@@ -319,9 +321,11 @@ def prepare_run(cfg, role):
     """Creates the workdir, compares config.json with an earlier one (warning which settings
     differ), seeds everything and applies the process-wide settings.
 
-    Returns the differing settings ("name: old -> new" strings; empty for a new run). A new
-    run's config.json is written here; a changed one only by `save_config`, once the
-    checkpoint has been restored, so that a refused resume leaves the run's record intact.
+    Returns (the differing settings as "name: old -> new" strings, empty for a new run; the SGD
+    momentum form the earlier config.json trained with: "keras" for runs from before
+    --momentum_form existed, None when there was none or it used LARS). A new run's config.json
+    is written here; a changed one only by `save_config`, once the checkpoint has been
+    restored, so that a refused resume leaves the run's record intact.
     """
     import keras
 
@@ -329,9 +333,11 @@ def prepare_run(cfg, role):
 
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, RUN_CONFIG)
-    changes = []
+    changes, saved_form = [], None
     if os.path.isfile(config_path):
-        changes = config_changes(_read_config(config_path), json.loads(cfg.to_json()))
+        previous = _read_config(config_path)
+        saved_form = _momentum_form_of(previous)
+        changes = config_changes(previous, json.loads(cfg.to_json()))
         if changes:
             log.warning(
                 "%s differs from this command's configuration (%s); the new one is used and "
@@ -347,7 +353,7 @@ def prepare_run(cfg, role):
 
         tf.config.experimental.enable_op_determinism()  # process-wide, cannot be undone
     precision.warn_if_unsupported(cfg.precision)
-    return changes
+    return changes, saved_form
 
 
 def save_config(r):
@@ -394,6 +400,15 @@ def _flatten(tree, prefix=""):
 def _short(value, limit=60):
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _momentum_form_of(previous):
+    """The SGD momentum form a saved configuration (parsed config.json) trained with (see
+    `prepare_run`)."""
+    optim = previous.get("optim", {})
+    if not isinstance(optim, dict) or optim.get("optimizer", "sgd") != "sgd":
+        return None
+    return optim.get("momentum_form", "keras")
 
 
 def load_data(r):
@@ -607,6 +622,7 @@ def build_model(r):
         )
         r.method.build((None, size, size, 3))
         _restore(r)
+        _convert_restored_momentum(r)
         if measure:
             jit_compile, why = _measured_jit_compile(r)
             r.method.jit_compile = jit_compile
@@ -629,6 +645,24 @@ def _restore(r):
             f"this command's configuration (changed: {changed}); resume with the original "
             f"flags or use another --workdir. ({detail})"
         ) from err
+
+
+def _convert_restored_momentum(r):
+    """Checkpoint slots written under another --momentum_form, rewritten into this run's
+    (`optimizers.convert_momentum`; documented there)."""
+    from kd_keras.optim import optimizers
+
+    opt = getattr(r.method.optimizer, "inner_optimizer", r.method.optimizer)
+    if not (r.done_steps and r.saved_momentum_form and isinstance(opt, optimizers.SGD)):
+        return
+    if r.saved_momentum_form != opt.momentum_form:
+        log.warning(
+            "checkpoint momentum written with --momentum_form=%s, converted to %s at step %d",
+            r.saved_momentum_form,
+            opt.momentum_form,
+            r.done_steps,
+        )
+        optimizers.convert_momentum(opt, r.saved_momentum_form, r.done_steps)
 
 
 def _measure_xla(r):

@@ -1,0 +1,68 @@
+"""Options that reproduce the authors' training code (issue 21): the official SimReg lr
+staircase (--schedule=epoch_cosine), ResNets with a width multiplier and torch's 64-channel
+stem (-stem<s>), and the flag checks around --momentum_form."""
+
+import math
+
+import numpy as np
+import pytest
+
+from kd_keras import config as config_lib
+from kd_keras.nets import backbones
+from kd_keras.optim import optimizers
+
+
+def test_epoch_cosine_is_the_official_simreg_staircase():
+    # tools.adjust_learning_rate: lr_e = base / 2 (1 + cos(pi (e - 1) / E)), epochs from 1.
+    base, epochs, steps_per_epoch = 0.05, 4, 3
+    cfg = config_lib.OptimConfig(
+        batch_size=128, epochs=epochs, lr=base, lr_scaling="none", schedule="epoch_cosine"
+    )
+    schedule = optimizers.learning_rate_schedule(cfg, steps_per_epoch)
+    got = [float(schedule(step)) for step in range(epochs * steps_per_epoch)]
+    expected = [
+        base * 0.5 * (1 + math.cos(math.pi * (e - 1) / epochs))
+        for e in range(1, epochs + 1)
+        for _ in range(steps_per_epoch)
+    ]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert min(got) > 0  # the staircase never reaches 0 in training
+
+
+def _flags(tmp_path, *argv):
+    config_lib.define_flags()
+    fv = config_lib.FLAGS
+    fv.unparse_flags()
+    fv(["prog", f"--workdir={tmp_path}", "--teacher=recipe:supervised", *argv])
+    return fv
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--schedule=epoch_cosine", "--warmup_epochs=1"], "--warmup_epochs"),
+        (["--method=swav", "--optimizer=lars", "--momentum_form=keras"], "--momentum_form"),
+        (["--head_init=xavier"], "head_init"),
+    ],
+)
+def test_flags_that_would_do_nothing_or_are_unknown_are_refused(tmp_path, argv, message):
+    with pytest.raises(Exception, match=message):
+        config_lib.config_from_flags(_flags(tmp_path, *argv))
+
+
+def test_epoch_cosine_flag_reaches_the_optimizer(tmp_path):
+    cfg = config_lib.config_from_flags(_flags(tmp_path, "--schedule=epoch_cosine", "--epochs=3"))
+    assert cfg.optim.schedule == "epoch_cosine"
+    opt = optimizers.make_optimizer(cfg.optim, 10)
+    assert opt.momentum_form == "torch"
+    rates = [float(opt._learning_rate(s)) for s in (0, 9, 10, 29)]
+    assert rates[0] == rates[1] > rates[2] > rates[3] > 0
+
+
+def test_resnet_arch_with_a_torch_stem():
+    spec = backbones.parse_resnet_arch("resnet-basic-1.1.1.1-4-stem64")
+    assert spec.stem_width == 64 and spec.widths == (4, 8, 16, 32) and spec.feature_dim == 32
+    model = backbones.build_resnet(spec, 32)
+    assert model.get_layer("stem_conv").kernel.shape == (7, 7, 3, 64)
+    assert model.get_layer("stage1_block0_proj_conv").kernel.shape == (1, 1, 64, 4)
+    assert backbones.parse_resnet_arch("resnet-basic-1.1.1.1-4").stem_width == 4
