@@ -116,4 +116,6 @@ def test_symlink_loops_and_non_utf8_names_are_skipped_and_logged(tmp_path, caplo
     text = caplog.text
     assert "loop1 (Too many levels of symbolic links)" in text
     assert "self.png (Too many levels of symbolic links)" in text
-    assert "\\xff\\xfe.png': its name is not UTF-8" in text
+    assert "\\xff\\xfe.png: its name is not UTF-8" in text
+    # Counted and named with the files that cannot be read, as results.json reports them.
+    assert info.skipped_files == 1 and info.skipped_names == ("train/b/\\xff\\xfe.png",)

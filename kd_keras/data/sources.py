@@ -465,24 +465,30 @@ def _subdirs(path):
         )
 
 
+def _printable_name(path):
+    """A file name with its non-UTF-8 bytes shown as \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _image_files(class_dir):
-    """Sorted image file names directly inside class_dir, plus the count of other files
-    (non-image files and image files whose names are not UTF-8, which are logged)."""
-    images, others = [], 0
+    """(sorted image file names directly inside class_dir, the count of non-image files, the
+    printable paths of image files whose names are not UTF-8: skipped, logged and counted with
+    the undecodable files)."""
+    images, others, unusable = [], 0, []
     with os.scandir(class_dir) as entries:
         for e in entries:
             if e.name.startswith(".") or not _is(e, "file"):
                 continue
             if not _usable_name(e.name):
                 logging.warning(
-                    "kd_keras.data: skipping %r: its name is not UTF-8", os.fsencode(e.path)
+                    "kd_keras.data: skipping %s: its name is not UTF-8", _printable_name(e.path)
                 )
-                others += 1
+                unusable.append(_printable_name(e.path))
             elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 images.append(e.name)
             else:
                 others += 1
-    return sorted(images), others
+    return sorted(images), others, unusable
 
 
 def _split_dir(root, split):
@@ -510,7 +516,8 @@ def _folder_class_names(root, split, split_dir):
 
 
 def _list_folder(root, split):
-    """(paths, labels, class_names, other_files) of an image-folder split."""
+    """(paths, labels, class_names, other_files, skipped names) of an image-folder split; the
+    skipped names are files with image extensions whose names are not UTF-8."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--dataset image-folder root does not exist: {root}")
     split_dir = _split_dir(root, split)
@@ -539,10 +546,11 @@ def _list_folder(root, split):
             f"a class of the train split ({len(class_names)} classes)."
         )
     label_of = {c: i for i, c in enumerate(class_names)}
-    paths, labels, others = [], [], 0
+    paths, labels, others, unusable = [], [], 0, []
     for name in present:
         class_dir = os.path.join(split_dir, name)
-        files, n_other = _image_files(class_dir)
+        files, n_other, bad_names = _image_files(class_dir)
+        unusable += [os.path.relpath(p, root) for p in bad_names]
         if not files:
             raise ValueError(
                 f"Image-folder dataset: class folder {class_dir} contains no images "
@@ -551,7 +559,7 @@ def _list_folder(root, split):
         others += n_other
         paths.extend(os.path.join(class_dir, f) for f in files)
         labels.extend([label_of[name]] * len(files))
-    return paths, labels, class_names, others
+    return paths, labels, class_names, others, unusable
 
 
 def _folder_decoders(max_pixels):
@@ -576,7 +584,7 @@ def _folder_decoders(max_pixels):
 def _load_folder(source, root, split, verify, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     root = os.path.abspath(os.path.expanduser(root))
     base, part, percent = holdout.parse_split(split)
-    paths, labels, class_names, others = _list_folder(root, base)
+    paths, labels, class_names, others, unusable = _list_folder(root, base)
     if part is not None:
         names = [os.path.relpath(p, root) for p in paths]
         keep = holdout.select(part, labels, names, percent)
@@ -586,6 +594,7 @@ def _load_folder(source, root, split, verify, max_image_pixels=DEFAULT_MAX_IMAGE
     skipped = ()
     if verify:
         paths, labels, skipped = _drop_undecodable(root, split, paths, labels, max_image_pixels)
+    skipped = (*unusable, *skipped)
     records = tf.data.Dataset.from_tensor_slices(
         {
             "path": tf.constant(paths, tf.string),
