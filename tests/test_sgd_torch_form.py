@@ -187,16 +187,16 @@ def test_make_optimizer_follows_momentum_form_and_it_serialises():
 
 
 def test_a_resumed_run_converts_the_momentum_of_an_older_keras_form_run():
-    import json
     import types
 
     from kd_keras.training import run
 
-    old = json.dumps({"optim": {"optimizer": "sgd", "momentum": 0.9}})  # before --momentum_form
+    # A parsed config.json (prepare_run reads it once, for the differences and for this).
+    old = {"optim": {"optimizer": "sgd", "momentum": 0.9}}  # before --momentum_form
     assert run._momentum_form_of(old) == "keras"
-    assert run._momentum_form_of(json.dumps({"optim": {"optimizer": "lars"}})) is None
-    assert run._momentum_form_of(json.dumps({"optim": {"momentum_form": "torch"}})) == "torch"
-    assert run._momentum_form_of("not json") is None
+    assert run._momentum_form_of({"optim": {"optimizer": "lars"}}) is None
+    assert run._momentum_form_of({"optim": {"momentum_form": "torch"}}) == "torch"
+    assert run._momentum_form_of({"optim": "not a section"}) is None
 
     w = keras.Variable(np.ones(2, "float32"))
     opt = optimizers.SGD(0.5, momentum=0.9)
