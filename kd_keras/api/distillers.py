@@ -107,6 +107,7 @@ class _Distiller:
     def fit(self, x=None, y=None, batch_size=None, epochs=1, shuffle=True, **kwargs):
         """Trains on `x` (see `kd_keras.api.batches.ACCEPTED`); other arguments as Keras'."""
         prepared = self._prepare(x, y, batch_size, shuffle)
+        self._fit_epochs = int(epochs)
         with _Translated(self._argument_names):
             self._before_fit(prepared)
         if not self.built:
@@ -567,7 +568,8 @@ class OSS(_Distiller, oss.OSS):
         of any side, trained jointly (online OSS).
       num_prototypes, proj_dim, proj_hidden_dim, temperature, epsilon, sinkhorn_iters: as
         `SwAV`. dropout: the heads' dropout rates (0.1, 0.05). feature_classifier: the domain
-        classifier with gradient reversal (True). total_steps: steps of its schedule.
+        classifier with gradient reversal (True). total_steps: steps of its schedule ("auto":
+        the first fit's epochs x batches per epoch, when the data size is known).
     """
 
     def __init__(
@@ -579,7 +581,7 @@ class OSS(_Distiller, oss.OSS):
         proj_hidden_dim=2048,
         dropout=(0.1, 0.05),
         feature_classifier=True,
-        total_steps=1,
+        total_steps=AUTO,
         temperature=0.1,
         epsilon=0.05,
         sinkhorn_iters=3,
@@ -611,7 +613,7 @@ class OSS(_Distiller, oss.OSS):
             None,
             classifier,
             grl,
-            total_steps=total_steps,
+            total_steps=1 if total_steps == AUTO else total_steps,
             online=True,
             temperature=temperature,
             epsilon=epsilon,
@@ -621,3 +623,10 @@ class OSS(_Distiller, oss.OSS):
             **kwargs,
         )
         self._setup(_views(views, views_lib.Views("multicrop", size)), size)
+        self._total_steps_auto = total_steps == AUTO
+
+    def _before_fit(self, prepared):
+        # Read by the traced step, so only the first fit (before tracing) sets it.
+        if self._total_steps_auto and prepared.num_examples is not None:
+            self._total_steps_auto = False
+            self.total_steps = self._fit_epochs * (prepared.num_examples // prepared.batch_size)

@@ -26,6 +26,7 @@ REGISTERING_MODULES = (
     "kd_keras.methods.compress",
     "kd_keras.eval.layers",
     "kd_keras.eval.linear_probe",
+    "kd_keras.distillation",
 )
 PREFIX = "kd_keras>"
 _KERAS_REGISTRY = "keras.src.saving.object_registration"
