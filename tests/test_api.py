@@ -108,6 +108,16 @@ def test_teacher_forms_and_refusals():
     assert {"loss", "loss_a", "loss_b"} <= set(logs)
 
 
+def test_teacher_from_a_spec_string_as_on_the_command_line(tmp_path):
+    path = str(tmp_path / "t.keras")
+    teacher_model(dim=4).save(path)
+    distiller = kd_keras.SimReg(student=tiny_student(), teacher=f"{path},name=saved")
+    assert distiller.teachers[0].name == "saved" and distiller.heads[0].output_shape[-1] == 4
+    with pytest.raises(FileNotFoundError) as err:
+        kd_keras.SimReg(student=tiny_student(), teacher=str(tmp_path / "missing.keras"))
+    assert str(err.value).startswith("teacher: ")
+
+
 def test_teacher_input_converts_images_for_plain_models():
     inputs = keras.Input((8, 8, 3))
     identity = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))

@@ -83,7 +83,7 @@ def _head_for(head, student_dim, out_dim, name, hidden_dims=None):
 class _Distiller:
     """What every API class adds to its method (mixed in before the method class)."""
 
-    _argument_names = {"batch_size": "the batch size"}
+    _argument_names = {"batch_size": "batch_size"}
 
     def _setup(self, views, image_size, teachers=()):
         self._image_size = int(image_size)
@@ -258,7 +258,7 @@ class CompRess(_SingleTeacher, compress.CompRess):
         "bank_size": "bank_size",
         "compress_temperature": "temperature",
         "compress_momentum": "momentum",
-        "batch_size": "the batch size",
+        "batch_size": "batch_size",
         "head": "head",
     }
 
@@ -335,7 +335,7 @@ class SEED(_SingleTeacher, seed.SEED):
         "queue_size": "queue_size",
         "seed_student_temperature": "student_temperature",
         "seed_teacher_temperature": "teacher_temperature",
-        "batch_size": "the batch size",
+        "batch_size": "batch_size",
         "head": "head",
     }
 

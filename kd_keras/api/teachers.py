@@ -93,7 +93,11 @@ def resolve_teachers(teacher=None, teachers=None, teacher_input="unit", image_si
         if isinstance(item, Teacher):
             out.append(item)
         elif isinstance(item, str):
-            loaded = load_teacher(item, size, index=index)
+            try:
+                loaded = load_teacher(item, size, index=index)
+            except (ValueError, FileNotFoundError) as err:
+                # The loader speaks in command-line terms; here the argument is teacher=.
+                raise type(err)(str(err).replace("--teacher", "teacher")) from None
             if name:
                 loaded.name = name
             out.append(loaded)
