@@ -276,9 +276,10 @@ def _define_network_flags():
         "teacher",
         [],
         "Teacher spec, repeat for several teachers: a path "
-        "(SavedModel dir, .keras file, kd_keras run dir), 'app:NAME=WEIGHTS', "
-        "or 'recipe:supervised'; options after commas, e.g. "
-        "'path=/m.keras,norm=unit,name=moco'. See kd_keras/teachers.py.",
+        "(SavedModel dir, .keras file, kd_keras run dir, kd_keras.convert output), "
+        "'app:NAME=WEIGHTS', 'torch:ARCH=CHECKPOINT' (converted on first use) or "
+        "'recipe:supervised'; options after commas, e.g. "
+        "'path=/m.keras,norm=unit,name=moco' (kd_keras/teachers/loading.py).",
     )
     flags.DEFINE_string("teacher_recipe_backbone", "resnet50", "Backbone of a recipe teacher.")
     flags.DEFINE_integer("teacher_recipe_epochs", 10, "Epochs of a recipe teacher.")
