@@ -618,6 +618,7 @@ def config_from_flags(flag_values=FLAGS):
         raise ValueError("--workdir is required: the run directory for checkpoints and results.")
     spec = registry.get(fv.method)
     v = _effective_values(fv, spec)
+    _check_paths(v)
     save_freq = _check_run_flags(v)
     _check_optim_flags(v)
     knn_k = _int_list("knn_k", v.knn_k)
@@ -640,6 +641,24 @@ def config_from_flags(flag_values=FLAGS):
     )
     check_method_flags(cfg, spec, v)
     return cfg
+
+
+def _check_paths(v):
+    """--workdir can be created (or is a directory) and a --dataset folder exists, checked
+    here so that the command line answers before it imports TensorFlow or writes anything."""
+    workdir = os.path.abspath(os.path.expanduser(v.workdir))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory.")
+    parent = workdir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is not writable.")
+    source = v.dataset
+    root = source[len("folder:") :] if source.startswith("folder:") else source
+    is_path = source.startswith("folder:") or os.sep in source or source.startswith("~")
+    if is_path and not source.startswith("tfds:") and not os.path.isdir(os.path.expanduser(root)):
+        raise FileNotFoundError(f"--dataset image-folder root does not exist: {root}")
 
 
 def _check_run_flags(v):

@@ -50,12 +50,15 @@ HELP_FLAGS = (
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from kd_keras.training.callbacks import NonFiniteLoss
-    from kd_keras.training.runlock import WorkdirError
-
     cli.quiet_logging()
+    # The flags first, before anything imports TensorFlow: bad input fails in a second.
+    with cli.one_line_errors("kd_keras.train", (run.UsageError, ValueError, FileNotFoundError)):
+        cfg = config_lib.config_from_flags(flags.FLAGS)
+    cli.import_tensorflow_quietly()
     from kd_keras.artifacts.checkpointing import CheckpointWriteError
+    from kd_keras.training.callbacks import NonFiniteLoss
     from kd_keras.training.preemption import Preempted
+    from kd_keras.training.runlock import WorkdirError
 
     errors = (
         run.UsageError,
@@ -68,8 +71,6 @@ def main(argv):
     )
     with cli.one_line_errors("kd_keras.train", errors):
         try:
-            cfg = config_lib.config_from_flags(flags.FLAGS)
-            cli.import_tensorflow_quietly()  # after the flags are checked: bad input is fast
             _run_worker(cfg)
         except Preempted as stop:
             print(f"kd_keras.train: {stop}", file=sys.stderr, flush=True)
