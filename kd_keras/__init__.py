@@ -37,7 +37,6 @@ _API = {
     "Supervised": "kd_keras.api.distillers",
     "views": "kd_keras.api.views",
     "Views": "kd_keras.api.views",
-    "teacher": "kd_keras.api.teachers",
 }
 
 __all__ = sorted(_API)
