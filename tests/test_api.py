@@ -223,6 +223,19 @@ def test_swav_and_oss_make_their_multicrop_views():
     assert oss.total_steps == 2 and np.isfinite(logs["loss_student"][0])
 
 
+@pytest.mark.parametrize("views_in", ["step", "host"])
+def test_views_are_made_in_the_step_or_on_the_host(views_in):
+    distiller = kd_keras.SimReg(
+        student=tiny_student(), teacher=teacher_model(), head="linear", views_in=views_in
+    )
+    distiller.compile()
+    images = (image_batch(n=16, size=12) * 255).astype(np.uint8)  # views crop them to 8 px
+    logs = distiller.fit(images, batch_size=8, verbose=0).history
+    assert np.isfinite(logs["loss"][0])
+    with pytest.raises(ValueError, match="views_in='gpu'"):
+        kd_keras.SimReg(student=tiny_student(), teacher=teacher_model(), views_in="gpu")
+
+
 def test_views_helper_gives_dict_batches():
     batch = kd_keras.views("weak", 6)(tf.constant((image_batch(n=3) * 255).astype(np.uint8)))
     assert set(batch) == {"student"} and batch["student"].shape == (3, 6, 6, 3)

@@ -124,7 +124,7 @@ def _num_examples(ds, batch_size):
     return cardinality * batch_size if cardinality > 0 else None
 
 
-def prepare(x, y=None, batch_size=None, shuffle=True, views=None, to_float=True):
+def prepare(x, y=None, batch_size=None, shuffle=True, views=None, keep_images=False):
     """A `Prepared` of dict batches {"student" | "large"/"small", "label"?, "index"?}.
 
     Args:
@@ -133,6 +133,8 @@ def prepare(x, y=None, batch_size=None, shuffle=True, views=None, to_float=True)
       shuffle: shuffle arrays each epoch (datasets are used in their own order).
       views: `kd_keras.api.views.Views` applied to image batches, or None (images as given,
         converted to float32 in [0, 1]). Dict batches are never changed.
+      keep_images: with views=None, keep the raw images under "image" (the training step
+        makes the views).
     Raises:
       TypeError / ValueError listing the accepted forms.
     """
@@ -162,7 +164,7 @@ def prepare(x, y=None, batch_size=None, shuffle=True, views=None, to_float=True)
             ds = ds.shuffle(examples, reshuffle_each_iteration=True)
         # Whole batches only: the methods' banks take fixed-size pushes.
         ds = ds.batch(size, drop_remainder=True)
-    ds = ds.map(_make_views(kind, views, to_float), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_make_views(views, keep_images), num_parallel_calls=tf.data.AUTOTUNE)
     return Prepared(ds.prefetch(tf.data.AUTOTUNE), size, examples)
 
 
@@ -181,16 +183,16 @@ def _to_unit_float(images):
     return tf.cast(images, tf.float32)
 
 
-def _make_views(kind, views, to_float):
+def _make_views(views, keep_images):
     def fn(batch):
-        if "image" not in batch:  # a dict batch: the user's own views
+        if "image" not in batch or keep_images:  # a dict batch: the user's own views
             return batch
         out = {k: v for k, v in batch.items() if k != "image"}
         images = batch["image"]
         if views is not None:
             out.update(views(images))
         else:
-            out["student"] = _to_unit_float(images) if to_float else images
+            out["student"] = _to_unit_float(images)
         return out
 
     return fn

@@ -26,6 +26,8 @@ DEFAULT_MOMENTUM = 0.9
 DEFAULT_WEIGHT_DECAY = 1e-4
 SYNC_BN = True
 AUTO = "auto"
+HOST, STEP = "host", "step"
+VIEWS_IN = (HOST, STEP)  # where the default views are computed (docs/python_api.md)
 IMAGENET_SIZE = 1_281_167  # the papers' bank sizes are relative to ImageNet's train split
 
 
@@ -85,9 +87,17 @@ class _Distiller:
 
     _argument_names = {"batch_size": "batch_size"}
 
+    def __init__(self, *args, views_in=STEP, **kwargs):
+        if views_in not in VIEWS_IN:
+            raise ValueError(f"views_in={views_in!r}: use one of {VIEWS_IN}.")
+        super().__init__(*args, **kwargs)
+        self._views_in = views_in
+
     def _setup(self, views, image_size, teachers=()):
         self._image_size = int(image_size)
         self._default_views = views
+        # views_in="step": the batches carry the raw images and `train_step` makes the views.
+        self._step_views = views if self._views_in == STEP else None
         self._api_teachers = tuple(teachers)
         self._checked_teachers = False
 
@@ -99,7 +109,19 @@ class _Distiller:
         return super().compile(optimizer=optimizer, **kwargs)
 
     def _prepare(self, x, y, batch_size, shuffle):
+        if self._step_views is not None:
+            return batches.prepare(x, y, batch_size, shuffle, views=None, keep_images=True)
         return batches.prepare(x, y, batch_size, shuffle, views=self._default_views)
+
+    def _views_of(self, data):
+        """Dict batch with the raw "image" replaced by its views (views_in="step")."""
+        if self._step_views is None or not isinstance(data, dict) or "image" not in data:
+            return data
+        rest = {k: v for k, v in data.items() if k != "image"}
+        return {**rest, **self._step_views(data["image"])}
+
+    def train_step(self, data):
+        return super().train_step(self._views_of(data))
 
     def _before_fit(self, prepared):
         """Size the memories, check them against the batch and the teachers' features."""
@@ -115,7 +137,7 @@ class _Distiller:
             self.build((None, self._image_size, self._image_size, 3))
         if not self._checked_teachers and self._api_teachers:
             self._checked_teachers = True
-            first = next(iter(prepared.dataset.take(1)))
+            first = self._views_of(next(iter(prepared.dataset.take(1))))
             if "teacher_features" not in first and "student" in first:
                 for teacher in self._api_teachers:
                     warn_if_degenerate(teacher, first.get("teacher", first["student"]))

@@ -66,6 +66,12 @@ class Views:
             self._signature = {k: tf.TensorSpec(v.shape, tf.float32) for k, v in probe.items()}
         return self._signature
 
+    def per_image(self, image):
+        """The views of one image [H, W, 3] with a fresh seed pair: {key: view}; for a
+        `Dataset.map` before batching (the distillers' own path, as the command line's)."""
+        seed = tf.random.uniform([2], maxval=2**62, dtype=tf.int64, seed=self.seed)
+        return self.fn(tf.convert_to_tensor(image), seed)
+
     def __call__(self, images):
         images = tf.convert_to_tensor(images)
         batch = tf.shape(images)[0]
