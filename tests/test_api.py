@@ -54,6 +54,17 @@ def test_import_is_light_and_registers_for_load_model(tmp_path):
     assert "kd_keras.nets.backbones (None, 3)" in result.stdout
 
 
+def test_every_registering_module_is_found():
+    from kd_keras.api import registration
+
+    found = set(registration.registering_modules())
+    expected = {"kd_keras.nets.backbones", "kd_keras.nets.heads", "kd_keras.eval.layers"}
+    assert expected <= found and "kd_keras.api.registration" not in found
+    registration.register_all()
+    registered = keras.saving.get_registered_object("kd_keras>ProjectionHead")
+    assert registered is not None and registered.__name__ == "ProjectionHead"
+
+
 def test_simreg_fits_images_arrays_pairs_and_dicts():
     images = image_batch(n=16, size=8)
     distiller = kd_keras.SimReg(student=tiny_student(), teacher=teacher_model(), head="mlp2")

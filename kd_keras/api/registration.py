@@ -12,29 +12,36 @@ Keras is not imported yet, the wrapping waits for its registry module to be impo
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 
-# Every module with a `register_keras_serializable(package="kd_keras")` class.
-REGISTERING_MODULES = (
-    "kd_keras.nets.backbones",
-    "kd_keras.nets.fused_batch_norm",
-    "kd_keras.nets.heads",
-    "kd_keras.nets.clustering",
-    "kd_keras.optim.optimizers",
-    "kd_keras.optim.schedules",
-    "kd_keras.methods.memory_bank",
-    "kd_keras.methods.compress",
-    "kd_keras.eval.layers",
-    "kd_keras.eval.linear_probe",
-    "kd_keras.distillation",
-)
+MARKER = "register_keras_serializable"
 PREFIX = "kd_keras>"
 _KERAS_REGISTRY = "keras.src.saving.object_registration"
 
 
+def registering_modules():
+    """Dotted names of the kd_keras modules whose source registers a Keras class (found by
+    reading the files, so a new module with a custom layer needs no entry anywhere)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = os.path.dirname(root)
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for name in sorted(files):
+            if not name.endswith(".py") or name == "registration.py":
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path, encoding="utf-8") as f:
+                if MARKER not in f.read():
+                    continue
+            dotted = os.path.relpath(path, parent)[:-3].replace(os.sep, ".")
+            found.append(dotted.removesuffix(".__init__"))
+    return sorted(found)
+
+
 def register_all():
     """Imports every registering module (each class registers itself on import)."""
-    for name in REGISTERING_MODULES:
+    for name in registering_modules():
         importlib.import_module(name)
 
 
