@@ -80,7 +80,8 @@ def _flag_line(flag_values, name):
     if default is not None:
         extra.append(f"default {default}")
     text = re.sub(r"^<[^>]*>: ", "", flag.help)  # absl's choices prefix, given below instead
-    text = text.split(";     repeat this option")[0].split(" See ")[0].strip()
+    text = re.sub(r";\s*repeat this option.*$", " (repeat the flag for several)", text, flags=re.S)
+    text = text.split(" See ")[0].strip()
     if choices and len(text) > 160:  # e.g. --method's one line per method: --helpfull has it
         text = text.split(":")[0] + "."
     if extra:
