@@ -74,6 +74,9 @@ def fit_from_step(method, data_from, done_steps, steps_per_epoch, epochs, **fit_
       dict name -> list of per-epoch values, as `History.history`, over both calls.
     """
     history = {}
+    # The data is a tf.data pipeline that shuffles itself; Keras warns at every fit
+    # when told to shuffle it (its default).
+    fit_kwargs.setdefault("shuffle", False)
     epoch, into_epoch = divmod(done_steps, steps_per_epoch)
     if into_epoch and epoch < epochs:
         part = method.fit(
@@ -233,7 +236,7 @@ def train_recipe_teacher(cfg, spec, stage="1/2"):
     )
     print(
         f"{stage} training the recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
-        f"{teacher_cfg.optim.epochs} epochs) in {run_dir}",
+        f"{teacher_cfg.optim.epochs} epoch(s)) in {run_dir}",
         flush=True,
     )
     run(teacher_cfg)
