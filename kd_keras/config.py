@@ -284,9 +284,10 @@ def _define_network_flags():
         "teacher",
         [],
         "Teacher spec, repeat for several teachers: a path "
-        "(SavedModel dir, .keras file, kd_keras run dir), 'app:NAME=WEIGHTS', "
-        "or 'recipe:supervised'; options after commas, e.g. "
-        "'path=/m.keras,norm=unit,name=moco'. See kd_keras/teachers.py.",
+        "(SavedModel dir, .keras file, kd_keras run dir, kd_keras.convert output), "
+        "'app:NAME=WEIGHTS', 'torch:ARCH=CHECKPOINT' (converted on first use) or "
+        "'recipe:supervised'; options after commas, e.g. "
+        "'path=/m.keras,norm=unit,name=moco' (kd_keras/teachers/loading.py).",
     )
     flags.DEFINE_string("teacher_recipe_backbone", "resnet50", "Backbone of a recipe teacher.")
     flags.DEFINE_integer("teacher_recipe_epochs", 10, "Epochs of a recipe teacher.")
@@ -643,6 +644,7 @@ def config_from_flags(flag_values=FLAGS):
         raise ValueError("--workdir is required: the run directory for checkpoints and results.")
     spec = registry.get(fv.method)
     v = _effective_values(fv, spec)
+    _check_paths(v)
     save_freq = _check_run_flags(v)
     _check_optim_flags(v)
     knn_k = _int_list("knn_k", v.knn_k)
@@ -665,6 +667,24 @@ def config_from_flags(flag_values=FLAGS):
     )
     check_method_flags(cfg, spec, v)
     return cfg
+
+
+def _check_paths(v):
+    """--workdir can be created (or is a directory) and a --dataset folder exists, checked
+    here so that the command line answers before it imports TensorFlow or writes anything."""
+    workdir = os.path.abspath(os.path.expanduser(v.workdir))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory.")
+    parent = workdir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is not writable.")
+    source = v.dataset
+    root = source[len("folder:") :] if source.startswith("folder:") else source
+    is_path = source.startswith("folder:") or os.sep in source or source.startswith("~")
+    if is_path and not source.startswith("tfds:") and not os.path.isdir(os.path.expanduser(root)):
+        raise FileNotFoundError(f"--dataset image-folder root does not exist: {root}")
 
 
 def _check_run_flags(v):

@@ -6,9 +6,13 @@ import os
 
 from absl import app, flags
 
-from kd_keras import config as config_lib
-from kd_keras.nets import backbones, vit
-from kd_keras.teachers import conversion, layouts, vit_layouts
+from kd_keras import cli
+
+# TensorFlow loads with the modules below: silence its import banners first.
+cli.import_tensorflow_quietly()
+from kd_keras import config as config_lib  # noqa: E402
+from kd_keras.nets import backbones, vit  # noqa: E402
+from kd_keras.teachers import conversion, layouts, vit_layouts  # noqa: E402
 
 
 def define_flags():
@@ -68,8 +72,12 @@ def config_from_flags(fv):
     )
 
 
+HELP = """Converts a published PyTorch checkpoint (.pth, .safetensors or TF) into a kd_keras teacher
+directory, usable as --teacher=DIR or kd_keras.SimReg(teacher="DIR")."""
+HELP_FLAGS = ("checkpoint", "arch", "out", "layout", "norm", "overwrite")
+
+
 def main(argv):
-    from kd_keras import cli
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -84,8 +92,10 @@ def main(argv):
 
 define_flags()
 
+
 def run_cli():
     """Entry point of the `kd-convert` console script."""
+    cli.exit_with_help_if_asked("kd_keras.convert", HELP, HELP_FLAGS)
     app.run(
         main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.convert")
     )

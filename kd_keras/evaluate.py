@@ -7,17 +7,35 @@ import sys
 
 from absl import app, flags
 
-from kd_keras import config as config_lib
-from kd_keras.eval import evaluation
+from kd_keras import cli
+
+# TensorFlow loads with the modules below: silence its import banners first.
+cli.import_tensorflow_quietly()
+from kd_keras import config as config_lib  # noqa: E402
+from kd_keras.eval import evaluation  # noqa: E402
 
 config_lib.define_evaluate_flags()
+
+
+HELP = """Evaluates a trained network (a run directory, an export, a .keras file or a teacher spec):
+k-NN and the other --protocols; prints a table and writes results.json under --eval_dir."""
+HELP_FLAGS = (
+    "model",
+    "protocols",
+    "dataset",
+    "image_size",
+    "knn_k",
+    "eval_dir",
+    "from_checkpoint",
+    "eval_batch_size",
+    "eval_layer",
+    "transfer_data",
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from kd_keras import cli
-
     cli.quiet_logging()
     errors = (evaluation.EvaluationError, ValueError, FileNotFoundError)
     with cli.one_line_errors(evaluation.PROG, errors, first_line=True):
@@ -33,7 +51,10 @@ def main(argv):
 
 def run_cli():
     """Entry point of the `kd-evaluate` console script."""
-    app.run(main, flags_parser=functools.partial(config_lib.parse_command_line, prog=evaluation.PROG))
+    cli.exit_with_help_if_asked("kd_keras.evaluate", HELP, HELP_FLAGS)
+    app.run(
+        main, flags_parser=functools.partial(config_lib.parse_command_line, prog=evaluation.PROG)
+    )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,16 @@ import sys
 
 from absl import app, flags
 
+from kd_keras import cli
 from kd_keras import config as config_lib
 from kd_keras.training import launcher
 
 config_lib.define_launch_flags()
+
+
+HELP = """Starts --num_workers local worker processes of a multi-worker kd_keras.train run (the
+remaining flags are passed to every worker) and restarts failed workers."""
+HELP_FLAGS = ("num_workers", "host", "ports", "max_restarts")
 
 
 def main(argv):
@@ -29,6 +35,7 @@ def main(argv):
 
 def run_cli():
     """Entry point of the `kd-launch` console script."""
+    cli.exit_with_help_if_asked("kd_keras.launch", HELP, HELP_FLAGS)
     app.run(
         main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.launch")
     )

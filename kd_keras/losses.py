@@ -3,6 +3,13 @@
 All losses return the mean over the local (per-replica) batch. Under a multi-replica
 `tf.distribute` strategy the caller divides by `num_replicas_in_sync` before taking gradients,
 because Keras 3's optimizer sums the replicas' gradients (see `methods/base.py`).
+
+Argument order: the STUDENT side comes first, then the teacher side (`simreg_loss(prediction,
+target)`, `compress_loss(student, teacher, ...)`, `seed_loss(student, teacher, ...)`), the
+reverse of Keras' `loss(y_true, y_pred)`. Gradients flow only through the student argument:
+the teacher argument is a constant. To use these losses with Keras' own API, use the adapters
+in `kd_keras.distillation` (e.g. `SimRegLoss` for `keras.distillation.Distiller`), which take
+Keras' order.
 """
 
 import numbers

@@ -35,6 +35,13 @@ OUT = os.path.join(REPO, "tests", "data", "golden_views")
 VIEW_SIZE = 16
 MULTICROP = {"sizes": (20, 12), "counts": (2, 3)}
 TRIPLES = ((0, 0, 0), (0, 3, 1), (7, 1, 0), (1234, 5, 9))
+# The fixtures hold the bits of the antialiased kernel for every crop; tests set
+# KD_GOLDEN_VIEW_RESIZE=auto to compare the library's default mode against them.
+RESIZE_ENV = "KD_GOLDEN_VIEW_RESIZE"
+
+
+def _resize():
+    return os.environ.get(RESIZE_ENV, "antialias")
 
 
 def _picture(height, width, seed):
@@ -74,12 +81,12 @@ def write_images():
 def view_fns():
     """name -> fn(image, seed) of the view kinds the library builds."""
     fns = {
-        f"{kind}_{mode}": augment.make_view_fn(kind, VIEW_SIZE, mode)
+        f"{kind}_{mode}": augment.make_view_fn(kind, VIEW_SIZE, mode, resize=_resize())
         for kind in ("weak", "strong")
         for mode in ("same", "different")
     }
-    fns["none"] = augment.make_view_fn("none", VIEW_SIZE, "same")
-    fns["multicrop"] = augment.make_multicrop_fn(**MULTICROP)
+    fns["none"] = augment.make_view_fn("none", VIEW_SIZE, "same", resize=_resize())
+    fns["multicrop"] = augment.make_multicrop_fn(**MULTICROP, resize=_resize())
     return fns
 
 
@@ -116,7 +123,7 @@ def pipelines():
     return {
         "weak_different": data.make_train_dataset(
             examples,
-            augment.make_view_fn("weak", VIEW_SIZE, "different"),
+            augment.make_view_fn("weak", VIEW_SIZE, "different", resize=_resize()),
             2,
             seed=3,
             num_epochs=2,
@@ -125,7 +132,7 @@ def pipelines():
         # Single-crop views: the fast pipeline decodes only the crop window of a JPEG.
         "weak_same": data.make_train_dataset(
             examples,
-            augment.make_view_fn("weak", VIEW_SIZE, "same"),
+            augment.make_view_fn("weak", VIEW_SIZE, "same", resize=_resize()),
             2,
             seed=11,
             num_epochs=2,
@@ -133,7 +140,7 @@ def pipelines():
         ),
         "strong_same": data.make_train_dataset(
             examples,
-            augment.make_view_fn("strong", VIEW_SIZE, "same"),
+            augment.make_view_fn("strong", VIEW_SIZE, "same", resize=_resize()),
             2,
             seed=13,
             num_epochs=2,
@@ -141,7 +148,7 @@ def pipelines():
         ),
         "multicrop": data.make_train_dataset(
             examples,
-            augment.make_multicrop_fn(**MULTICROP),
+            augment.make_multicrop_fn(**MULTICROP, resize=_resize()),
             2,
             seed=5,
             num_epochs=2,

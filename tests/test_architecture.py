@@ -28,7 +28,7 @@ LAYERS = (
     ("eval",),
     ("training",),
     ("experiments",),
-    ("api",),
+    ("api", "distillation"),
     ("cli",),
     ("train", "evaluate", "convert", "cache_teacher", "experiment", "launch"),
 )

@@ -266,6 +266,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_results_table_plot_and_projector(run, tmp_path):
     run_dir, _ = run
     out = tmp_path / "cli"

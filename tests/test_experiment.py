@@ -80,6 +80,7 @@ def finished(tmp_path_factory, teacher_file):
     return str(spec), str(workdir), out
 
 
+@pytest.mark.slow
 def test_runs_both_variants_and_writes_the_report(finished):
     spec, workdir, out = finished
     assert "variant 1/2 lin (0 done, 2 left)" in out.stdout
@@ -122,6 +123,7 @@ def _plugins(logdir):
     return names
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_finished_and_resumes_interrupted_variant(finished):
     spec, workdir, _ = finished
     run = os.path.join(workdir, "runs", "mlp")

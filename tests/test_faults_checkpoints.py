@@ -212,6 +212,7 @@ def _train_cmd(workdir, teacher, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_the_rerun_resumes_then_a_final_phase_kill_recovers(
     tmp_path, teacher_file
 ):

@@ -93,6 +93,7 @@ def _train(args, env, timeout=120):
     )
 
 
+@pytest.mark.slow
 def test_bad_tf_config_and_a_missing_worker_end_with_one_line(tmp_path):
     common = [f"--workdir={tmp_path}/run", "--method=supervised", "--image_size=8"]
     bad = _train(common, _env("{oops"))
@@ -152,6 +153,7 @@ def two_worker_run(tmp_path_factory, teacher_file):
     return workdir, launch
 
 
+@pytest.mark.slow
 def test_launch_runs_a_preset_flagfile_as_a_multi_worker_run(tmp_path, teacher_file):
     """flags/simreg.cfg includes flags/common.cfg's --strategy=auto: the launcher's
     --strategy=multi_worker must still win (it comes after the user's flags)."""
@@ -194,6 +196,7 @@ def test_launch_runs_a_preset_flagfile_as_a_multi_worker_run(tmp_path, teacher_f
     assert "workdir in use" not in launch.stdout
 
 
+@pytest.mark.slow
 def test_two_local_workers_train_simreg_to_identical_weights(two_worker_run):
     workdir, launch = two_worker_run
     results = json.loads((workdir / "results.json").read_text())
@@ -230,6 +233,7 @@ def test_two_local_workers_train_simreg_to_identical_weights(two_worker_run):
     assert tf.io.gfile.exists(str(workdir / "export" / "saved_model"))
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
     tmp_path, teacher_file, two_worker_run
 ):
@@ -292,6 +296,7 @@ def checkpointing_steps(directory):
     return checkpointing.available_steps(str(directory))
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_makes_every_worker_save_the_same_step(tmp_path, teacher_file):
     import signal
     import time

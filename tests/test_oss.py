@@ -297,6 +297,7 @@ def _weights(model):
     return [v.numpy() for v in model.weights]
 
 
+@pytest.mark.slow
 def test_oss_two_replicas_sync_bn_equal_one_device():
     # Dropout masks are drawn per replica, so the equality is checked with rates 0 (the
     # dropout views are still computed and enter every term). Keras' zero biases: a Linear bias
@@ -330,6 +331,7 @@ def float32_first_step():
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
+@pytest.mark.slow
 def test_oss_step_under_xla_and_mixed_precision(precision, float32_first_step):
     from kd_keras.training.precision import policy_scope
 

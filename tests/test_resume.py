@@ -104,6 +104,7 @@ def _train_cmd(workdir, teacher):
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_same_command_ends_like_an_uninterrupted_run(tmp_path, teacher_file):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"

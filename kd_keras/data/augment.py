@@ -1096,7 +1096,7 @@ def _view_recipe(kind, size, scale, resize):
 
 
 def make_view_fn(
-    kind, size, mode, scale=(0.2, 1.0), keys=None, colour_stage="example", resize="antialias"
+    kind, size, mode, scale=(0.2, 1.0), keys=None, colour_stage="example", resize="auto"
 ):
     """Builds ``fn(image, seed) -> {"student": view, "teacher": view}`` for a dataset map.
 
@@ -1109,7 +1109,8 @@ def make_view_fn(
         keys: output keys to keep (e.g. ``("student",)``); default both.
         colour_stage: "example" or "batch" (see ``COLOUR_STAGES``); the same bits either way.
         resize: ``resize_crop``'s mode for the random crops (the centre crop of "none" is
-            always antialiased). "antialias" gives the bits of ``weak_view``/``strong_view``.
+            always antialiased); "auto" by default, as ``--view_resize``. "antialias" gives the
+            bits of ``weak_view``/``strong_view``.
 
     The returned :class:`StagedViews` takes an image ``[H, W, C]`` of any dtype accepted by
     ``to_float_image`` and an integer ``[2]`` seed, and returns float32
@@ -1141,7 +1142,7 @@ def make_multicrop_fn(
     color_strength=1.0,
     blur_p=0.5,
     colour_stage="example",
-    resize="antialias",
+    resize="auto",
 ):
     """Builds ``fn(image, seed) -> {"large": [n0, S0, S0, 3], "small": [n1, S1, S1, 3]}``.
 
@@ -1157,7 +1158,8 @@ def make_multicrop_fn(
         color_strength: SwAV's colour-distortion strength s.
         blur_p: probability of the Gaussian blur (SwAV: 0.5).
         colour_stage: "example" or "batch" (see ``COLOUR_STAGES``); the same bits either way.
-        resize: ``resize_crop``'s mode; "antialias" gives the bits of ``swav_view``.
+        resize: ``resize_crop``'s mode, "auto" by default (as ``--view_resize``); "antialias"
+            gives the bits of ``swav_view``.
 
     Returns:
         a :class:`StagedViews`.

@@ -72,7 +72,7 @@ registry.register(
 registry.register(
     registry.MethodSpec(
         name="oss",
-        summary="OSS: teacher and student trained jointly with SwAV (paper 000, A.1).",
+        summary="OSS: teacher and student trained jointly with SwAV (OSS paper, appendix A.1).",
         builder="kd_keras.methods.factory:build_oss",
         unused_flags=_oss_unused,
         knn_networks="kd_keras.methods.factory:teacher_network",
@@ -83,7 +83,7 @@ registry.register(
     registry.MethodSpec(
         name="oss_offline",
         unused_flags=_no_feature_classifier,
-        summary="OSS offline: a frozen SwAV teacher gives the codes (paper 000, A.8).",
+        summary="OSS offline: a frozen SwAV teacher gives the codes (OSS paper, appendix A.8).",
         builder="kd_keras.methods.factory:build_oss_offline",
         needs_teacher=True,
         frozen_teacher="kd_keras.methods.factory:load_frozen_teacher",

@@ -22,7 +22,7 @@ _COMMON = dict(
 
 registry.register(
     registry.MethodSpec(
-        name="simreg", summary="SimReg: regress normalised teacher features (paper 004).", **_COMMON
+        name="simreg", summary="SimReg: regress normalised teacher features (Navaneet et al., 2022).", **_COMMON
     )
 )
 registry.register(

@@ -76,6 +76,9 @@ def fit_from_step(method, data_from, done_steps, steps_per_epoch, epochs, **fit_
       dict name -> list of per-epoch values, as `History.history`, over both calls.
     """
     history = {}
+    # The data is a tf.data pipeline that shuffles itself; Keras warns at every fit
+    # when told to shuffle it (its default).
+    fit_kwargs.setdefault("shuffle", False)
     epoch, into_epoch = divmod(done_steps, steps_per_epoch)
     if into_epoch and epoch < epochs:
         part = method.fit(
@@ -122,10 +125,13 @@ def resolve_teachers(cfg, strategy):
     from kd_keras.teachers import loading as teachers_lib
 
     loaded = []
-    for i, raw in enumerate(cfg.model.teachers):
-        spec = teachers_lib.parse_teacher_spec(raw, i)
+    specs = [teachers_lib.parse_teacher_spec(raw, i) for i, raw in enumerate(cfg.model.teachers)]
+    stages = sum(spec.kind == "recipe" for spec in specs) + 1
+    stage = 0
+    for i, spec in enumerate(specs):
         if spec.kind == "recipe":
-            run_dir = train_recipe_teacher(cfg, spec)
+            stage += 1
+            run_dir = train_recipe_teacher(cfg, spec, f"{stage}/{stages}")
             spec = dataclasses.replace(spec, kind="run", path=run_dir)
         with strategy.scope():
             loaded.append(teachers_lib.load_teacher(spec, cfg.data.image_size, i, cfg.workdir))
@@ -135,6 +141,12 @@ def resolve_teachers(cfg, strategy):
             spec.path,
             spec.kind,
             loaded[-1].feature_dim,
+        )
+    if stages > 1:
+        print(
+            f"{stages}/{stages} distilling into the student {cfg.model.student} "
+            f"({cfg.method}) in {cfg.workdir}",
+            flush=True,
         )
     return loaded
 
@@ -191,7 +203,7 @@ def open_teacher_caches(cfg, teachers, train_examples, train_info):
 RECIPES = ("supervised",)
 
 
-def train_recipe_teacher(cfg, spec):
+def train_recipe_teacher(cfg, spec, stage="1/2"):
     """Trains (or reuses) the teacher named by `recipe:NAME` on the same data.
 
     The teacher run lives in `<workdir>/teacher_<recipe>`; a finished one (DONE marker) is
@@ -203,7 +215,7 @@ def train_recipe_teacher(cfg, spec):
 
     run_dir = teachers_lib.recipe_dir(cfg.workdir, spec.recipe)
     if os.path.isfile(os.path.join(run_dir, DONE_MARKER)):
-        log.info("reusing recipe teacher %s", run_dir)
+        print(f"{stage} reusing the recipe teacher '{spec.recipe}' trained in {run_dir}", flush=True)
         return run_dir
     teacher_cfg = dataclasses.replace(
         cfg,
@@ -225,8 +237,8 @@ def train_recipe_teacher(cfg, spec):
         method_options={},
     )
     print(
-        f"Training recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
-        f"{teacher_cfg.optim.epochs} epochs) in {run_dir}",
+        f"{stage} training the recipe teacher '{spec.recipe}' ({teacher_cfg.model.student}, "
+        f"{teacher_cfg.optim.epochs} epoch(s)) in {run_dir}",
         flush=True,
     )
     run(teacher_cfg)
@@ -252,8 +264,27 @@ def run_and_return_model(cfg, extra_callbacks=()):
     strategy = select_strategy(cfg.strategy, cfg.multi_worker_timeout)
     multi_worker = cfg.strategy == "multi_worker"
     role = distributed.worker_role(cfg.workdir, multi_worker, CHECKPOINT_DIR, LOG_DIR)
-    with runlock.hold(os.path.dirname(role.checkpoint_dirs[0])):
-        return _run_in_workdir(Run(cfg, spec, strategy, role), extra_callbacks)
+    created = not os.path.exists(cfg.workdir)
+    r = Run(cfg, spec, strategy, role)
+    try:
+        with runlock.hold(os.path.dirname(role.checkpoint_dirs[0])):
+            return _run_in_workdir(r, extra_callbacks)
+    except BaseException:
+        # A run that fails before training starts (bad data, teacher, model) leaves no
+        # workdir behind when it created it; one that trained keeps it to resume from.
+        if created and not r.started and not multi_worker and not _has_checkpoints(cfg.workdir):
+            import shutil
+
+            shutil.rmtree(cfg.workdir, ignore_errors=True)
+        raise
+
+
+def _has_checkpoints(workdir):
+    """Whether any checkpoint was written under `workdir` (e.g. by a recipe teacher's run)."""
+    for dirpath, _, files in os.walk(workdir):
+        if files and CHECKPOINT_DIR in dirpath.split(os.sep):
+            return True
+    return False
 
 
 @dataclasses.dataclass
@@ -279,6 +310,7 @@ class Run:
     saved_momentum_form: str | None = None
     student: object = None
     method: object = None
+    started: bool = False  # training began: the workdir holds state worth keeping
 
     @property
     def multi_worker(self):
@@ -303,6 +335,7 @@ def _run_in_workdir(r, extra_callbacks):
     save_config(r)
     cbs = make_callbacks(r, extra_callbacks)
     t0 = time.time()
+    r.started = True
     last_logs = fit(r, cbs)
     results = run_summary(r, last_logs, time.time() - t0)
     if r.cfg.evaluate and r.role.is_chief and r.eval_info is not None:
@@ -312,7 +345,7 @@ def _run_in_workdir(r, extra_callbacks):
     if r.role.is_chief:
         _write_results(r.cfg.workdir, results)
         _write_done_marker(r.cfg.workdir)
-        _print_summary(results)
+        _print_summary(results, r.cfg.workdir)
     r.role.finish(r.strategy)
     return results, r.method
 
@@ -971,15 +1004,22 @@ def _log_knn_to_tensorboard(logdir, knn_results, step):
     writer.flush()
 
 
-def _print_summary(results):
-    print(f"\n== {results['method']} | student {results['student']} | {results['steps']} steps ==")
+def _print_summary(results, workdir):
+    # A supervised run trains "the network" (a baseline, or a recipe teacher), not a student.
+    who = "network" if results["method"] == "supervised" else "student"
+    print(f"\n== {results['method']} | {who} {results['student']} | {results['steps']} steps ==")
     for name, metrics in results.get("knn", {}).items():
         if name == "protocol":
             continue
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"k-NN {name:>24}: {shown}")
+    print(f"results:     {os.path.join(workdir, RESULTS)}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, LOG_DIR)}")
     if results.get("export_error"):
         print(f"export FAILED ({results['export_error']}); results and checkpoint are complete")
     elif "export" in results:
-        print(f"exported student backbone: {results['export']}")
+        print(
+            f"export:      {results['export']} (backbone.keras: keras.models.load_model after "
+            "`import kd_keras`)"
+        )
     sys.stdout.flush()
