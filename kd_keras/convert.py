@@ -16,43 +16,56 @@ from kd_keras.teachers import conversion, layouts, vit_layouts  # noqa: E402
 
 
 def define_flags():
-    """The flags of `python -m kd_keras.convert` (idempotent)."""
-    if "checkpoint" in flags.FLAGS:
-        return
-    flags.DEFINE_string(
+    """The flags of `python -m kd_keras.convert` (idempotent).
+
+    Each flag is defined unless a flag of that name exists: in the command line none does, and
+    a process that also imports the training flags (tests, notebooks) shares their
+    `--image_size` instead of failing on a duplicate definition."""
+    defined = set(flags.FLAGS)
+
+    def define(kind, name, default, help_text, *args):
+        if name not in defined:
+            getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text)
+
+    define(
+        "string",
         "checkpoint",
         None,
         "Checkpoint to convert: .pth/.pth.tar (torch zip or legacy), .safetensors, or a TF "
         "checkpoint prefix/directory.",
     )
-    flags.DEFINE_string(
+    define(
+        "string",
         "arch",
         "resnet50",
         f"Architecture: {backbones.ALL_ARCH_HELP}; or a ViT: {vit.VIT_ARCH_HELP}.",
     )
-    flags.DEFINE_string("out", None, "Output directory (must not exist unless --overwrite).")
-    flags.DEFINE_string(
+    define("string", "out", None, "Output directory (must not exist unless --overwrite).")
+    define(
+        "string",
         "layout",
         None,
         f"Checkpoint layout, one of {layouts.LAYOUT_NAMES}, for ViTs one of "
         f"{vit_layouts.VIT_LAYOUT_NAMES} (default: detect).",
     )
-    flags.DEFINE_integer(
+    define(
+        "integer",
         "image_size",
         None,
         "ViTs: input side the model is built for (a multiple of the patch); the positional "
         "embeddings are resized as the checkpoint's own code does (default: the checkpoint's).",
     )
-    flags.DEFINE_enum(
-        "pool", "cls", list(vit.POOLS), "ViTs: features: class token, patch mean, or both."
+    define(
+        "enum", "pool", "cls", "ViTs: features: class token, patch mean, or both.", list(vit.POOLS)
     )
-    flags.DEFINE_string(
+    define(
+        "string",
         "norm",
         "layout",
-        f"Input normalisation inside the converted model, one of {conversion.NORMS} ('layout': ImageNet "
-        "mean/std, none for SimCLR).",
+        f"Input normalisation inside the converted model, one of {conversion.NORMS} ('layout': "
+        "ImageNet mean/std, none for SimCLR).",
     )
-    flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
+    define("bool", "overwrite", False, "Replace an existing --out directory.")
 
 
 def config_from_flags(fv):
