@@ -1012,7 +1012,8 @@ def _print_summary(results, workdir):
         if name == "protocol":
             continue
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"k-NN {name:>24}: {shown}")
+        label = name.replace("student", who)  # results.json keeps its keys
+        print(f"k-NN {label:>24}: {shown}")
     print(f"results:     {os.path.join(workdir, RESULTS)}")
     print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, LOG_DIR)}")
     if results.get("export_error"):
