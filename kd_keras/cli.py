@@ -43,8 +43,13 @@ def import_tensorflow_quietly():
 
 def quiet_logging():
     """Our own progress at INFO; TensorFlow's, FAISS' and absl's chatter only from WARNING up."""
+    from absl import logging as absl_logging
+
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("kd_keras").setLevel(logging.INFO)
+    # TensorFlow's SavedModel writer logs through absl's own logger, whose level follows
+    # --verbosity (INFO by default), not the root logger's.
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 @contextlib.contextmanager
