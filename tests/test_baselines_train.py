@@ -80,6 +80,7 @@ def test_bad_flags_are_one_clear_error(tmp_path, argv, message):
         _parse([f"--workdir={tmp_path}", "--teacher=x", "--batch_size=32", *argv])
 
 
+@pytest.mark.slow
 def test_cli_trains_compress_2q(tmp_path, teacher_file):
     out = subprocess.run(
         [

@@ -222,6 +222,7 @@ def _run_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_converts_and_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
     fixture = FIXTURES["swav"]
     out = tmp_path / "swav"

@@ -83,6 +83,7 @@ def _tiny_cfg(workdir, method, teacher, **fields):
     return dataclasses.replace(cfg, **fields)
 
 
+@pytest.mark.slow
 def test_oss_offline_distils_a_swav_checkpoint_named_by_a_torch_spec(tmp_path):
     cluster = config_lib.ClusterConfig(
         num_prototypes=10,

@@ -62,6 +62,7 @@ def oss_run(tmp_path_factory):
     return workdir, results, method
 
 
+@pytest.mark.slow
 def test_oss_run_trains_evaluates_and_exports(oss_run):
     workdir, results, method = oss_run
     assert results["steps"] == 4
@@ -93,6 +94,7 @@ def test_oss_run_trains_evaluates_and_exports(oss_run):
     assert {"views/large", "views/small"} <= tags
 
 
+@pytest.mark.slow
 def test_oss_offline_loads_the_frozen_teacher_and_prototypes(oss_run, tmp_path):
     teacher_dir, _, online = oss_run
     cfg = _cfg(tmp_path / "offline", "oss_offline")
@@ -130,6 +132,7 @@ def test_oss_offline_rejects_mismatched_prototypes(oss_run, tmp_path):
         factory.load_clustering_networks(str(tmp_path), cfg)
 
 
+@pytest.mark.slow
 def test_swav_run_and_collapse_value(tmp_path):
     results = train.run(_cfg(tmp_path / "swav", "swav", queue_length=0))
     assert results["steps"] == 4 and np.isfinite(results["final_logs"]["loss"])
@@ -219,6 +222,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated pre-emption")
 
 
+@pytest.mark.slow
 def test_interrupted_oss_run_resumes_queue_grl_and_weights(tmp_path):
     def cfg(name):
         c = _cfg(tmp_path / name, "oss")
@@ -242,6 +246,7 @@ def test_interrupted_oss_run_resumes_queue_grl_and_weights(tmp_path):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_in_an_oss_run_stops_with_the_sinkhorn_hint(tmp_path):
     cfg = dataclasses.replace(_cfg(tmp_path / "nan", "oss"), evaluate=False, export=False)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30))

@@ -177,6 +177,7 @@ def test_selection_takes_the_best_held_out_value_and_records_it(tmp_path):
 # --- end to end -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sweep_then_seeds_end_to_end(tmp_path, teacher_file):
     spec = _spec(tmp_path, teacher=teacher_file, seeds=2)
     workdir = tmp_path / "work"

@@ -51,6 +51,7 @@ def test_pipeline_batches_match_golden(batches):
     _assert_same(golden, batches)
 
 
+@pytest.mark.slow
 def test_pipeline_replays_bit_identically_in_another_process(maker, batches, tmp_path):
     """A second process (fresh graph, thread pools, tf.data autotuning) yields the same bits."""
     _assert_same(_batches_in_another_process(maker, tmp_path), batches)
@@ -84,6 +85,7 @@ def test_batch_colour_stage_matches_golden(maker, monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_auto_resize_pipeline_is_close_to_golden_and_replays_in_another_process(
     maker, tmp_path, monkeypatch
 ):

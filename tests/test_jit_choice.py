@@ -1,5 +1,7 @@
 """--jit_compile unset picks XLA per machine and input size; an explicit value always wins."""
 
+import pytest
+
 from kd_keras.training import precision
 
 
@@ -103,6 +105,7 @@ def test_measured_choice_is_cached_per_setup(tmp_path, monkeypatch):
     assert '"image_size": 224' in stored and '"image_size": 112' in stored
 
 
+@pytest.mark.slow
 def test_train_run_with_jit_compile_unset_times_the_step_once_per_setup(tmp_path, monkeypatch):
     """A CPU run that the rule would give XLA is timed both ways, trains with the faster
     setting (logged) and a second run of the same setup reads the stored choice."""

@@ -72,6 +72,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated pre-emption")
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, teacher_file):
     _, straight = train.run_and_return_model(
         _cfg(tmp_path / "straight", teacher_file, evaluate=False, export=False)
@@ -137,6 +138,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     missing = _cli(f"--workdir={tmp_path}/a", "--teacher=/no/such/teacher.keras")
     assert missing.returncode == 2

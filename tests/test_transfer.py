@@ -265,6 +265,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_transfer_on_an_export_matches_sklearn_on_its_features(tmp_path):
     import keras
 
