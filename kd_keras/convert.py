@@ -16,11 +16,8 @@ from kd_keras.teachers import conversion, layouts, vit_layouts  # noqa: E402
 
 
 def define_flags():
-    """The flags of `python -m kd_keras.convert` (idempotent).
-
-    Each flag is defined unless a flag of that name exists: in the command line none does, and
-    a process that also imports the training flags (tests, notebooks) shares their
-    `--image_size` instead of failing on a duplicate definition."""
+    """The flags of `python -m kd_keras.convert`, each defined unless one of that name exists
+    (so calling it twice is harmless); `run_cli` calls it."""
     defined = set(flags.FLAGS)
 
     def define(kind, name, default, help_text, *args):
@@ -103,11 +100,12 @@ def main(argv):
         )
 
 
-define_flags()
-
-
 def run_cli():
-    """Entry point of the `kd-convert` console script."""
+    """Entry point of the `kd-convert` console script.
+
+    The flags are defined here, not on import: `--image_size` means the ViT's input side here
+    and the training views' side in kd_keras.train, and a process may import both modules."""
+    define_flags()
     cli.exit_with_help_if_asked("kd_keras.convert", HELP, HELP_FLAGS)
     app.run(
         main, flags_parser=functools.partial(config_lib.parse_command_line, prog="kd_keras.convert")

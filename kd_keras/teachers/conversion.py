@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from kd_keras.nets import backbones
-from kd_keras.teachers import checkpoint_io, layouts
+from kd_keras.teachers import checkpoint_io, layouts, strictness
 
 log = logging.getLogger("kd_keras")
 
@@ -41,7 +41,6 @@ BACKBONE_FILE = "backbone.keras"
 NORMS = ("layout", *backbones.NORM_MODES)
 # The default image size written to a SwAV networks manifest (SwAV's large crops).
 NETWORK_IMAGE_SIZE = 224
-_LIST_LIMIT = 8
 # Sizes a SwAV checkpoint chooses itself (SwAV: 3000 prototypes, a 2048-8192-128 head); the
 # bounds keep a forged file from claiming gigabytes before its shapes are checked.
 MAX_PROTOTYPES = 1 << 16
@@ -172,13 +171,6 @@ def _source_shape(item):
     return shape
 
 
-def _listing(label, items):
-    items = list(items)
-    shown = ", ".join(items[:_LIST_LIMIT])
-    more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return f"{len(items)} {label}: {shown}{more}"
-
-
 def _check_plan(plan, state, layout, arch, source_path):
     """Raises ConversionError for missing, ill-shaped and unexpected keys; returns skipped."""
     missing = [item.key for item in plan if item.key not in state]
@@ -187,26 +179,10 @@ def _check_plan(plan, state, layout, arch, source_path):
         for item in plan
         if item.key in state and tuple(np.shape(state[item.key])) != _source_shape(item)
     ]
-    used = {item.key for item in plan}
-    duplicates = len(used) != len(plan)
-    skipped, unexpected = {}, []
-    for key in state:
-        if key in used:
-            continue
-        reason = layouts.skip_reason(key, layout)
-        if reason is None:
-            unexpected.append(key)
-        else:
-            skipped[key] = reason
-    problems = []
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if bad_shape:
-        problems.append(_listing("ill-shaped tensors", bad_shape))
-    if unexpected:
-        problems.append(_listing("unexpected tensors (no rule skips them)", unexpected))
-    if duplicates:
-        problems.append("a source tensor would feed two Keras weights")
+    problems, skipped = strictness.problems_of(
+        state, [item.key for item in plan], missing, bad_shape,
+        lambda key: layouts.skip_reason(key, layout),
+    )
     if problems:
         raise ConversionError(
             f"--checkpoint={source_path} does not fit --arch={arch} with layout "

@@ -23,13 +23,12 @@ import time
 import numpy as np
 
 from kd_keras.nets import backbones, pos_embed, vit
-from kd_keras.teachers import checkpoint_io, vit_layouts
+from kd_keras.teachers import checkpoint_io, strictness, vit_layouts
 
 log = logging.getLogger("kd_keras")
 
 MANIFEST = "manifest.json"
 BACKBONE_FILE = "backbone.keras"
-_LIST_LIMIT = 8
 
 
 class ViTConversionError(ValueError):
@@ -183,12 +182,6 @@ def _expected_source_shape(item):
     return shape
 
 
-def _listing(label, items):
-    items = list(items)
-    more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return f"{len(items)} {label}: {', '.join(items[:_LIST_LIMIT])}{more}"
-
-
 def _check(plan, state, layout, arch, source_path):
     """Raises ViTConversionError for missing, ill-shaped or unexpected tensors; returns the
     skipped ones {key: reason}."""
@@ -200,25 +193,10 @@ def _check(plan, state, layout, arch, source_path):
         for k in item.keys
         if k in state and tuple(np.shape(state[k])) != _expected_source_shape(item)
     ]
-    used = [k for item in plan for k in item.keys]
-    skipped, unexpected = {}, []
-    for key in state:
-        if key in used:
-            continue
-        reason = vit_layouts.skip_reason(key, layout)
-        if reason is None:
-            unexpected.append(key)
-        else:
-            skipped[key] = reason
-    problems = []
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if bad:
-        problems.append(_listing("ill-shaped tensors", bad))
-    if unexpected:
-        problems.append(_listing("unexpected tensors (no rule skips them)", unexpected))
-    if len(set(used)) != len(used):
-        problems.append("a source tensor would feed two Keras weights")
+    problems, skipped = strictness.problems_of(
+        state, [k for item in plan for k in item.keys], missing, bad,
+        lambda key: vit_layouts.skip_reason(key, layout),
+    )
     if problems:
         raise ViTConversionError(
             f"--checkpoint={source_path} does not fit --arch={arch} with layout {layout.name}: "
