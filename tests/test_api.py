@@ -34,6 +34,7 @@ def _python(code):
     )
 
 
+@pytest.mark.slow
 def test_import_is_light_and_registers_for_load_model(tmp_path):
     from kd_keras.nets import backbones, heads
 
@@ -65,6 +66,7 @@ def test_every_registering_module_is_found():
     assert registered is not None and registered.__name__ == "ProjectionHead"
 
 
+@pytest.mark.slow
 def test_simreg_fits_images_arrays_pairs_and_dicts():
     images = image_batch(n=16, size=8)
     distiller = kd_keras.SimReg(student=tiny_student(), teacher=teacher_model(), head="mlp2")

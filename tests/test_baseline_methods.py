@@ -130,6 +130,7 @@ def test_cached_teacher_features_replace_the_teacher():
     np.testing.assert_allclose(model.queue.rows().numpy()[:16], unit, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["compress_2q"])
 def test_two_replicas_match_one_device_on_the_same_global_batch(kind):
     kwargs = dict(CASES[kind])

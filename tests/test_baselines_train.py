@@ -42,6 +42,7 @@ def _tiny(workdir, teacher, *extra):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, extra, memory",
     [

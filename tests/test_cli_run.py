@@ -46,6 +46,7 @@ def test_bad_paths_are_reported_before_tensorflow_loads(args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_failed_start_leaves_no_workdir(tmp_path):
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)

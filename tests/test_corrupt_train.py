@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from kd_keras import config
@@ -57,6 +58,7 @@ def test_corrupt_files_are_left_out_and_reported_in_results(tmp_path, monkeypatc
     assert len(reports) == 2
 
 
+@pytest.mark.slow
 def test_all_corrupt_split_is_one_line_exit_2_before_training(tmp_path):
     root = tmp_path / "data" / "train" / "a"
     root.mkdir(parents=True)

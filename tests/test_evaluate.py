@@ -306,6 +306,7 @@ def test_cli_writes_results_table_plot_and_projector(run, tmp_path):
     assert layer.returncode == 2 and "kd_keras.evaluate: error: --eval_layer=stage7" in layer.stderr
 
 
+@pytest.mark.slow
 def test_augmented_linear_probe_and_finetune_record_their_path_and_subset(run, tmp_path):
     run_dir, method = run
     before = [w.copy() for w in method.student.get_weights()]

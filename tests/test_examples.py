@@ -18,6 +18,7 @@ def test_every_example_is_checked():
     assert set(EXAMPLES) == set(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES)
 def test_example_runs(script, tmp_path):
     env = {

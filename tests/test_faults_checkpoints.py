@@ -89,6 +89,7 @@ except checkpointing.CheckpointWriteError as err:
 """
 
 
+@pytest.mark.slow
 def test_full_disk_on_a_real_tmpfs_does_not_crash_the_process(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()

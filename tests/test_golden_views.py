@@ -46,6 +46,7 @@ def batches(maker):
     return maker.pipeline_batches()
 
 
+@pytest.mark.slow
 def test_pipeline_batches_match_golden(batches):
     golden = dict(np.load(os.path.join(GOLDEN, "pipeline.npz")))
     _assert_same(golden, batches)
@@ -71,6 +72,7 @@ def _batches_in_another_process(maker, tmp_path, prelude=""):
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_batch_colour_stage_matches_golden(maker, monkeypatch):
     """Colour ops run after `batch` (colour_stage="batch") give the same bits as per example."""
     from kd_keras.data import augment

@@ -191,6 +191,7 @@ def _run_convert(*args):
     return hostile.peak_rss(code, ENV)
 
 
+@pytest.mark.slow
 def test_cli_refuses_forged_prototypes_in_one_line_and_bounded_memory(tmp_path):
     # [2^24, 8] floats from one stored element: 512 MB per copy once materialised.
     one = hostile.Storage("p", np.ones(1, np.float32))
@@ -204,6 +205,7 @@ def test_cli_refuses_forged_prototypes_in_one_line_and_bounded_memory(tmp_path):
     assert out["peak_mb"] < 1200, out["peak_mb"]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_a_converted_teacher(tmp_path):
     precious = tmp_path / "home"
     precious.mkdir()

@@ -88,6 +88,7 @@ print(json.dumps({{"before_mb": before, "skipped": info.skipped_files, "count": 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_real_bomb_costs_no_memory(tmp_path, verify):
     root = _folder(tmp_path / "data")  # a complete, valid 100 Mpx PNG (~100 KB)

@@ -202,6 +202,7 @@ def test_swapped_prediction_loss_matches_numpy():
         losses.swapped_prediction_loss({7: codes[0]}, scores)
 
 
+@pytest.mark.slow
 def test_grl_alpha_logged_and_follows_schedule():
     model = _oss(queue_length=0)
     ds = tf.data.Dataset.from_tensors(_batch()).repeat()
@@ -226,6 +227,7 @@ def test_prototypes_unit_norm_after_steps_and_frozen_when_asked():
     np.testing.assert_allclose(np.linalg.norm(after, axis=0), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["swav", "oss"])
 def test_losses_decrease_on_tiny_data(method):
     model = _swav() if method == "swav" else _oss()
@@ -254,6 +256,7 @@ def test_swav_predicts_codes_far_below_uniform_when_views_agree():
     assert hist["loss"][-1] < 0.3 * np.log(K), hist["loss"]
 
 
+@pytest.mark.slow
 def test_queue_survives_checkpoint_round_trip(tmp_path):
     model = _oss(queue_length=16)
     ds = tf.data.Dataset.from_tensors(_batch()).repeat()

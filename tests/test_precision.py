@@ -91,6 +91,7 @@ def test_support_warning_names_the_missing_hardware():
             pass
 
 
+@pytest.mark.slow
 def test_train_run_with_bfloat16_and_xla(tmp_path):
     keras.utils.set_random_seed(4)
     teacher_path = str(tmp_path / "teacher.keras")

@@ -296,6 +296,7 @@ def test_bad_regnet_arch_strings_are_named(arch, message):
         backbones.parse_arch(arch)
 
 
+@pytest.mark.slow
 def test_cli_accepts_the_regnet_archs_and_names_a_mismatch_in_one_line(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(

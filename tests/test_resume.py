@@ -45,6 +45,7 @@ class _StopAtStep(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated pre-emption")
 
 
+@pytest.mark.slow
 def test_run_stopped_mid_epoch_resumes_at_the_exact_step(tmp_path, teacher_file):
     _, straight = train.run_and_return_model(_cfg(tmp_path / "straight", teacher_file))
     cfg = _cfg(tmp_path / "resumed", teacher_file)

@@ -51,6 +51,7 @@ def test_second_run_fails_at_once_naming_the_holder(holder):
             pass
 
 
+@pytest.mark.slow
 def test_train_command_line_reports_the_holder_in_one_line(holder):
     proc, workdir = holder
     cmd = [

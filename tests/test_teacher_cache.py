@@ -101,6 +101,7 @@ np.savez({out!r}, **views)
 """
 
 
+@pytest.mark.slow
 def test_replayed_views_are_bit_identical_across_runs_and_pipelines(tmp_path, digits):
     examples, _ = digits
     examples = examples.filter(lambda ex: ex["index"] < 320)
@@ -126,6 +127,7 @@ def test_replayed_views_are_bit_identical_across_runs_and_pipelines(tmp_path, di
         assert not np.array_equal(first[(0, i)], first[(1, i)])
 
 
+@pytest.mark.slow
 def test_cache_round_trip_equals_the_teacher_on_replayed_views(cache_dir, teacher_file, digits):
     examples, info = digits
     cache = teacher_cache.TeacherCache(cache_dir)
@@ -266,6 +268,7 @@ def _train_cfg(workdir, teacher_file, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
+@pytest.mark.slow
 def test_training_with_a_cache_matches_training_with_the_live_teacher(
     tmp_path, teacher_file, cache_dir
 ):
@@ -300,6 +303,7 @@ def test_training_refuses_a_cache_of_another_run(tmp_path, teacher_file, cache_d
         train.run(cfg)
 
 
+@pytest.mark.slow
 def test_train_cli_reports_a_mismatching_cache_in_one_line(tmp_path, teacher_file, cache_dir):
     cmd = [
         sys.executable,

@@ -34,6 +34,7 @@ def _cfg(workdir, teacher, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
+@pytest.mark.slow
 def test_smoke_run_exports_a_savedmodel_equal_to_the_student(tmp_path, teacher_file):
     results, method = train.run_and_return_model(_cfg(tmp_path / "run", teacher_file))
     run_dir = tmp_path / "run"
@@ -166,6 +167,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert bad_student.returncode == 2 and "resnet9" in bad_student.stderr
 
 
+@pytest.mark.slow
 def test_mirrored_run_over_two_cpus_matches_one_device(tmp_path, teacher_file):
     outs = []
     for strategy in ("default", "mirrored"):

@@ -60,6 +60,7 @@ def _run_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_size_off_the_patch_grid_in_one_line_with_exit_code_2(tmp_path):
     fixture = FIXTURES["timm_vit"]
     out = tmp_path / "vit"
@@ -75,6 +76,7 @@ def test_cli_refuses_a_size_off_the_patch_grid_in_one_line_with_exit_code_2(tmp_
     assert "Traceback" not in bad.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_converted_vit_directory_refuses_another_image_size(tmp_path):
     from kd_keras.teachers import conversion
 
