@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from kd_keras.teachers import checkpoint_io, torch_pickle
+from kd_keras.teachers import checkpoint_io, converted_dir, torch_pickle
 from kd_keras.teachers import conversion as convert
 from tests import hostile
 
@@ -230,13 +230,13 @@ def test_overwrite_accepts_an_earlier_conversion_and_an_empty_directory(tmp_path
     (converted / "manifest.json").write_text(
         '{"kind": "kd_keras_converted_teacher", "source": {}, "mapping": {}}'
     )
-    convert._check_out(str(converted), overwrite=True)
+    converted_dir.check_out(str(converted), overwrite=True)
     empty = tmp_path / "empty"
     empty.mkdir()
-    convert._check_out(str(empty), overwrite=True)
+    converted_dir.check_out(str(empty), overwrite=True)
     (empty / "x").write_text("")
     with pytest.raises(ValueError, match="not a kd_keras converted teacher"):
-        convert._check_out(str(empty), overwrite=True)
+        converted_dir.check_out(str(empty), overwrite=True)
 
 
 # --- The restricted unpickler -------------------------------------------------------------------

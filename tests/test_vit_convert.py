@@ -181,3 +181,20 @@ def test_named_archs_have_the_published_shapes():
     assert (s.width, s.depth, s.heads, s.patch, s.layer_scale) == (384, 12, 6, 16, False)
     with pytest.raises(ValueError, match="unknown ViT architecture 'vit_huge'"):
         vit.parse_vit_arch("vit_huge")
+
+
+def test_overwrite_replaces_a_converted_vit_but_never_another_directory(tmp_path):
+    # The ViT path shares the ResNets' --overwrite guard: it deletes only what convert wrote.
+    name = "dino_vit"
+    out, _ = _convert(tmp_path, name)
+    _convert(tmp_path, name, overwrite=True)  # a converted teacher: replaced
+    assert (out / "backbone.keras").is_file()
+    precious = tmp_path / f"{name}_None"
+    for path in precious.iterdir():
+        path.unlink()
+    (precious / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match="not a kd_keras converted teacher"):
+        _convert(tmp_path, name, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "mine"
+    with pytest.raises(ValueError, match="exists; remove it or pass --overwrite"):
+        _convert(tmp_path, name)

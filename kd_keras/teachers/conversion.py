@@ -22,22 +22,23 @@ temporary name and renamed, so a failed conversion leaves nothing behind.
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
 
 from kd_keras.nets import backbones
-from kd_keras.teachers import checkpoint_io, layouts, strictness
+from kd_keras.teachers import checkpoint_io, converted_dir, layouts, strictness
 
 log = logging.getLogger("kd_keras")
 
-CONVERTED_KIND = "kd_keras_converted_teacher"
-MANIFEST = "manifest.json"
-BACKBONE_FILE = "backbone.keras"
+# The output directory's names and reader, re-exported (kd_keras.teachers.converted_dir).
+CONVERTED_KIND = converted_dir.CONVERTED_KIND
+MANIFEST = converted_dir.MANIFEST
+BACKBONE_FILE = converted_dir.BACKBONE_FILE
+read_manifest = converted_dir.read_manifest
+is_converted_dir = converted_dir.is_converted_dir
 NORMS = ("layout", *backbones.NORM_MODES)
 # The default image size written to a SwAV networks manifest (SwAV's large crops).
 NETWORK_IMAGE_SIZE = 224
@@ -215,7 +216,7 @@ def convert(cfg):
         return vit_conversion.convert_vit(cfg)
     started = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
-    _check_out(out, cfg.overwrite)
+    converted_dir.check_out(out, cfg.overwrite)
     spec = _parse_arch(cfg.arch)
     if cfg.layout is not None and cfg.layout not in layouts.LAYOUTS:
         raise ValueError(f"--layout={cfg.layout}: unknown; choose one of {layouts.LAYOUT_NAMES}.")
@@ -279,35 +280,6 @@ def _family(spec):
 
 def _model_name(cfg):
     return f"converted_{cfg.arch}"
-
-
-def _check_out(out, overwrite):
-    if not os.path.lexists(out):
-        return
-    if not overwrite:
-        raise ValueError(f"--out={out} exists; remove it or pass --overwrite.")
-    if os.path.islink(out) or not os.path.isdir(out):
-        raise ValueError(f"--out={out} is not a directory; --overwrite replaces only a converted teacher.")
-    if os.listdir(out) and not is_converted_dir(out):
-        # --overwrite deletes the directory: only ever one this command wrote.
-        raise ValueError(
-            f"--out={out} is not a kd_keras converted teacher (no {MANIFEST} of kind "
-            f"{CONVERTED_KIND}); --overwrite refuses to delete it."
-        )
-
-
-def is_converted_dir(directory):
-    """Whether `directory` holds a converted teacher (its manifest says so)."""
-    from kd_keras.artifacts import layout as run_layout
-
-    try:
-        manifest = read_manifest(directory)
-    except (OSError, ValueError):
-        return False
-    return manifest is not None and manifest.get("kind") in (
-        CONVERTED_KIND,
-        run_layout.NETWORK_KIND,  # a SwAV conversion is also a clustering networks directory
-    )
 
 
 def _swav_heads(state, prefix, feature_dim):
@@ -419,41 +391,17 @@ def _network_fields(cfg, head, prototypes, state, prefix):
 
 
 def _write(out, model, head, prototypes, manifest, overwrite):
-    import keras
+    def save_files(directory):
+        import keras
 
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        model.save(os.path.join(tmp, BACKBONE_FILE))
+        model.save(os.path.join(directory, BACKBONE_FILE))
         if head is not None:
             inputs = keras.Input((model.output_shape[-1],))
             head_model = keras.Model(inputs, head(inputs), name="network_head")
-            head_model.save(os.path.join(tmp, "head.keras"))
-            np.save(os.path.join(tmp, "prototypes.npy"), prototypes.kernel.numpy())
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if overwrite and os.path.isdir(out):
-            _check_out(out, overwrite)  # still one we wrote, just before deleting it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            head_model.save(os.path.join(directory, "head.keras"))
+            np.save(os.path.join(directory, "prototypes.npy"), prototypes.kernel.numpy())
 
-
-def read_manifest(directory):
-    """The manifest of a converted directory, or None if `directory` is not one."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except ValueError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}).") from err
-    if not isinstance(manifest, dict):
-        return None
-    return manifest if "source" in manifest and "mapping" in manifest else None
+    converted_dir.write(out, save_files, manifest, overwrite)
 
 
 # --- Command line ---------------------------------------------------------------------------------

@@ -14,21 +14,19 @@ manifest records the source grid, the new grid and the method.
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
 
 from kd_keras.nets import backbones, pos_embed, vit
-from kd_keras.teachers import checkpoint_io, strictness, vit_layouts
+from kd_keras.teachers import checkpoint_io, converted_dir, strictness, vit_layouts
 
 log = logging.getLogger("kd_keras")
 
-MANIFEST = "manifest.json"
-BACKBONE_FILE = "backbone.keras"
+MANIFEST = converted_dir.MANIFEST
+BACKBONE_FILE = converted_dir.BACKBONE_FILE
 
 
 class ViTConversionError(ValueError):
@@ -102,8 +100,7 @@ def convert_vit(cfg):
 def _check_flags(cfg):
     """(absolute --out, ViTSpec, pool) after checking the flags that need no file."""
     out = os.path.abspath(os.path.expanduser(cfg.out))
-    if os.path.exists(out) and not cfg.overwrite:
-        raise ValueError(f"--out={out} exists; remove it or pass --overwrite.")
+    converted_dir.check_out(out, cfg.overwrite)
     try:
         spec = vit.parse_vit_arch(cfg.arch)
     except ValueError as err:
@@ -233,7 +230,7 @@ def _manifest(cfg, source, layout, container, spec, norm, pool, plan, skipped):
             skipped_entries[name] = f"{why} ({len(tensors)} tensors)"
     mean_std = norm == "imagenet"
     return {
-        "kind": "kd_keras_converted_teacher",
+        "kind": converted_dir.CONVERTED_KIND,
         "format_version": 1,
         "source": {
             "path": source.path,
@@ -262,15 +259,7 @@ def _manifest(cfg, source, layout, container, spec, norm, pool, plan, skipped):
 
 
 def _write(out, model, manifest, overwrite):
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        model.save(os.path.join(tmp, BACKBONE_FILE))
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if overwrite and os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    converted_dir.write(
+        out, lambda directory: model.save(os.path.join(directory, BACKBONE_FILE)), manifest,
+        overwrite,
+    )
