@@ -78,7 +78,8 @@ def config_from_flags(fv):
         norm=None if fv.norm == "layout" else fv.norm,
         overwrite=fv.overwrite,
         image_size=fv.image_size,
-        pool=fv.pool,
+        # Given, or the ViT default (a ResNet conversion refuses an explicit --pool).
+        pool=fv.pool if fv["pool"].present else None,
     )
 
 

@@ -299,3 +299,15 @@ def test_skipped_tensors_are_never_read(tmp_path, monkeypatch):
     _, manifest = _convert(tmp_path, "moco_v2")
     # One read per mapped tensor; the key encoder, queue, MLP and optimizer state stay on disk.
     assert len(reads) == len(manifest["mapping"]) < len(manifest["skipped"])
+
+
+@pytest.mark.parametrize(
+    "option, flag", [({"image_size": 224}, "--image_size"), ({"pool": "avg"}, "--pool")]
+)
+def test_vit_options_are_refused_for_a_resnet(tmp_path, option, flag):
+    cfg = convert.ConvertConfig(
+        checkpoint="/no/such.pth", out=str(tmp_path / "o"), arch="resnet18", **option
+    )
+    with pytest.raises(ValueError, match=f"{flag} is a ViT option; --arch=resnet18 is not a ViT"):
+        convert.convert(cfg)
+    assert not (tmp_path / "o").exists()

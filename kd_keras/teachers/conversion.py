@@ -214,6 +214,9 @@ def convert(cfg):
         from kd_keras.teachers import vit_conversion
 
         return vit_conversion.convert_vit(cfg)
+    if cfg.image_size is not None or cfg.pool is not None:
+        given = "--image_size" if cfg.image_size is not None else "--pool"
+        raise ValueError(f"{given} is a ViT option; --arch={cfg.arch} is not a ViT.")
     started = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
     converted_dir.check_out(out, cfg.overwrite)
