@@ -6,7 +6,7 @@ import json
 import pytest
 
 from kd_keras.data import teacher_cache
-from kd_keras.teachers import conversion
+from kd_keras.teachers import conversion, converted_dir
 from kd_keras.training import run as train
 
 
@@ -72,7 +72,7 @@ def test_a_converted_manifest_that_is_not_json_names_the_file(tmp_path):
     assert str(path) in str(err.value)
     # --overwrite treats it as no converted teacher: refused, nothing deleted.
     with pytest.raises(ValueError, match="not a kd_keras converted teacher"):
-        conversion._check_out(str(tmp_path), overwrite=True)
+        converted_dir.check_out(str(tmp_path), overwrite=True)
     assert path.exists()
 
 
