@@ -294,6 +294,12 @@ def _define_network_flags():
     flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
     flags.DEFINE_enum("head", "mlp4", HEADS, "SimReg prediction head.")
     flags.DEFINE_list("head_hidden_dims", None, "Override hidden sizes of the head.")
+    flags.DEFINE_bool(
+        "head_batch_norm",
+        True,
+        "BatchNorm after the hidden layers of an mlp2/mlp4 --head (SimReg's heads); false: "
+        "Linear-ReLU only, SEED's student MLP (with --head=mlp2 --head_hidden_dims=<m>).",
+    )
     flags.DEFINE_enum(
         "head_init",
         "torch",
@@ -312,7 +318,12 @@ def _define_optim_flags():
     flags.DEFINE_float("lr", 0.05, "Learning rate at batch 256 (see --lr_scaling).")
     flags.DEFINE_enum("lr_scaling", "linear", ["linear", "none"], "linear: lr * batch / 256.")
     flags.DEFINE_enum("schedule", "cosine", SCHEDULES, "Learning-rate schedule.")
-    flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up epochs.")
+    flags.DEFINE_float(
+        "warmup_epochs",
+        0.0,
+        "Linear warm-up epochs: from 0 with --schedule=cosine; with epoch_cosine whole epochs "
+        "stepping from the unscaled --lr to the scaled peak (SEED's warm-up).",
+    )
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_enum(
         "momentum_form",
@@ -471,6 +482,7 @@ class ModelConfig:
     teacher_recipe_lr: float = 0.1
     head: str = "mlp4"
     head_hidden_dims: tuple[int, ...] | None = None
+    head_batch_norm: bool = True
     head_init: str = "torch"
     teacher_caches: tuple[str, ...] = ()
 
@@ -737,10 +749,10 @@ def _check_optim_flags(v):
         raise ValueError(f"--final_lr must be in [0, --lr={v.lr}], got {v.final_lr}.")
     if v.lars_trust <= 0:
         raise ValueError(f"--lars_trust must be positive, got {v.lars_trust}.")
-    if v.schedule == "epoch_cosine" and v.warmup_epochs:
+    if v.schedule == "epoch_cosine" and v.warmup_epochs != int(v.warmup_epochs):
         raise ValueError(
-            f"--warmup_epochs={v.warmup_epochs} has no effect with --schedule=epoch_cosine "
-            "(the official SimReg staircase has no warm-up)."
+            f"--warmup_epochs={v.warmup_epochs}: --schedule=epoch_cosine sets the rate once per "
+            "epoch, so its warm-up (SEED's) takes whole epochs."
         )
     if v.schedule == "constant":
         for name in ("final_lr", "warmup_epochs"):
@@ -767,6 +779,11 @@ def _model_config(v):
     hidden = None
     if v.head_hidden_dims:
         hidden = _int_list("head_hidden_dims", v.head_hidden_dims)
+    if not v.head_batch_norm and v.head == "linear":
+        raise ValueError(
+            "--head_batch_norm=false has no effect with --head=linear (no hidden layer); use "
+            "--head=mlp2 or mlp4."
+        )
     return _section(
         ModelConfig,
         v,
@@ -825,7 +842,7 @@ def _check_unused_defaults(cfg, spec, values):
     else:
         unused += [f.name for f in dataclasses.fields(ClusterConfig)]
     if not spec.teacher_features:
-        unused += ["head", "head_hidden_dims"]
+        unused += ["head", "head_hidden_dims", "head_batch_norm"]
     for name in unused:
         if changed(name):
             users = (

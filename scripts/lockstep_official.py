@@ -4,7 +4,8 @@
         --torch_python=/work/venv-bench/bin/python [--tiny] [--fixture=tests/data/...]
 
 Run from the repository root with kd_keras' interpreter. --official_repo is an unmodified
-checkout (or bare git directory) of the authors' repository (SimReg: UCDvision/simreg); it is
+checkout (or bare git directory) of the authors' repository (SimReg: UCDvision/simreg; SEED:
+jacobswan1/SEED, --method=seed runs scripts/lockstep_seed.py); it is
 exported to a temporary directory and run there by scripts/lockstep_torch_side.py under the
 --torch_python interpreter, never copied into this repository.
 
@@ -39,6 +40,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 TINY_ARCH = "resnet-basic-1.1.1.1-4-stem64"  # the official ResNet class, width 1/16, 1 block
 # torch nn.Sequential index of the official 4-layer MLP -> kd_keras layer of prediction_head.
@@ -61,7 +63,7 @@ BN_FIELDS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official_repo", required=True, help="authors' repository (checkout/git dir)")
-    p.add_argument("--method", default="simreg", choices=["simreg"])
+    p.add_argument("--method", default="simreg", choices=["simreg", "seed"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--torch_python", required=True, help="interpreter with torch, torchvision")
     p.add_argument("--steps_per_epoch", type=int, default=5, help="the lr changes every epoch")
@@ -91,6 +93,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--noise_scale", type=float, default=1e-7)
     p.add_argument("--work", default=None, help="scratch directory (default: a new temp dir)")
+    import lockstep_seed  # --method=seed: scripts/lockstep_seed.py
+
+    lockstep_seed.add_arguments(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps_per_epoch < 1:
         p.error("--steps and --steps_per_epoch must be positive.")
@@ -319,6 +324,10 @@ def compare_weights(got, expected):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.method == "seed":
+        import lockstep_seed
+
+        return lockstep_seed.run(args)
     started = time.time()
     work = args.work or tempfile.mkdtemp(prefix="lockstep_")
     os.makedirs(work, exist_ok=True)

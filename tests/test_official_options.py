@@ -40,7 +40,7 @@ def _flags(tmp_path, *argv):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--schedule=epoch_cosine", "--warmup_epochs=1"], "--warmup_epochs"),
+        (["--schedule=epoch_cosine", "--warmup_epochs=1.5"], "--warmup_epochs"),
         (["--method=swav", "--optimizer=lars", "--momentum_form=keras"], "--momentum_form"),
         (["--head_init=xavier"], "head_init"),
     ],

@@ -189,6 +189,7 @@ def build_simreg(ctx):
             sync_bn=cfg.sync_bn,
             name=f"head_{t.name}",
             init=cfg.model.head_init,
+            batch_norm=cfg.model.head_batch_norm,
         )
         for t in ctx.teachers
     ]

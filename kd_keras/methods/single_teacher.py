@@ -118,4 +118,5 @@ def student_head(ctx, out_dim, name="head"):
         sync_bn=cfg.sync_bn,
         name=name,
         init=cfg.model.head_init,
+        batch_norm=cfg.model.head_batch_norm,
     )

@@ -44,7 +44,14 @@ def head_dims(in_dim, out_dim, kind, hidden_dims=None):
 
 
 def prediction_head(
-    in_dim, out_dim, kind="mlp4", hidden_dims=None, sync_bn=False, name="head", init="torch"
+    in_dim,
+    out_dim,
+    kind="mlp4",
+    hidden_dims=None,
+    sync_bn=False,
+    name="head",
+    init="torch",
+    batch_norm=True,
 ):
     """Builds a SimReg prediction head (supplement B.5).
 
@@ -54,6 +61,8 @@ def prediction_head(
       mlp4:   Dense(2m) BN ReLU Dense(m) Dense(2m) BN ReLU Dense(d)
     i.e. BN + ReLU follow the 1st and 3rd linear layers only; the output has neither, so the
     head can reach any point of the teacher's feature space (mlp4 = two stacked mlp2 heads).
+    With batch_norm=False the BN layers are left out (ReLU stays): mlp2 is then SEED's student
+    MLP (`seed/builder.py`: Linear(m, m) ReLU Linear(m, d), with hidden_dims=(m,)).
     Dense layers are named "linear1", "linear2", ...; the last one is also the model output.
 
     Args:
@@ -64,6 +73,8 @@ def prediction_head(
       sync_bn: synchronise BN statistics across replicas.
       init: "torch" (torch.nn.Linear's init, the reference code's) or "keras" (glorot /
         zeros); see `kd_keras.nets.initializers`.
+      batch_norm: BN after the hidden Dense layers (--head_batch_norm; SimReg's heads have it,
+        SEED's student MLP not).
     Returns:
       keras.Model mapping float [B, m] -> float [B, d].
     """
@@ -75,7 +86,8 @@ def prediction_head(
         x = initializers.dense(width, fan_in, init, name=f"linear{i}")(x)
         # BN + ReLU after odd-numbered linear layers that are not the output.
         if i % 2 == 1 and i < num_linear:
-            x = _bn(f"bn{i}", sync_bn)(x)
+            if batch_norm:
+                x = _bn(f"bn{i}", sync_bn)(x)
             x = keras.layers.ReLU(name=f"relu{i}")(x)
     return keras.Model(inputs, x, name=name)
 

@@ -21,7 +21,9 @@ def learning_rate_schedule(optim, steps_per_epoch):
     plain float, so the optimizer keeps it as a variable, as runs have always stored it).
     epoch_cosine: the official SimReg code's staircase, the rate set once per epoch e (from 0)
     to final + (peak - final) / 2 * (1 + cos(pi e / epochs)), never 0 in training
-    (`schedules.EpochCosine`; no warm-up). All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+    (`schedules.EpochCosine`); with --warmup_epochs W (whole epochs) the first W epochs step
+    linearly from the unscaled --lr to the peak, SEED's warm-up (a hold without --lr_scaling).
+    All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
 
     Args:
       optim: `config.OptimConfig`.
@@ -32,7 +34,12 @@ def learning_rate_schedule(optim, steps_per_epoch):
         return peak
     if optim.schedule == "epoch_cosine":
         return schedules.EpochCosine(
-            peak, steps_per_epoch, optim.epochs, final_lr=optim.final_lr * peak / optim.lr
+            peak,
+            steps_per_epoch,
+            optim.epochs,
+            final_lr=optim.final_lr * peak / optim.lr,
+            warmup_epochs=int(optim.warmup_epochs),
+            warmup_start_lr=optim.lr,
         )
     return schedules.WarmupCosine(
         peak,

@@ -173,14 +173,30 @@ class EpochCosine(keras.optimizers.schedules.LearningRateSchedule):
     so epoch 0 trains at initial_lr, epoch epochs/2 at the midpoint, and the last trained epoch
     (epochs - 1) at slightly above final_lr.
 
+    With warmup_epochs W > 0 the epochs e < W train at
+      warmup_start_lr + (initial_lr - warmup_start_lr) * e / W
+    and the later ones at the cosine above (still at e, so the decay does not restart after the
+    warm-up): SEED's `tools/utils.py` `adjust_learning_rate`, where the warm-up runs from the
+    unscaled --lr to the batch-scaled one in per-epoch steps (a hold at --lr on one GPU).
+
     Args:
-      initial_lr: rate of epoch 0 (> 0).
+      initial_lr: rate of epoch 0 without warm-up, the peak with it (> 0).
       steps_per_epoch: optimizer steps per epoch (>= 1).
       epochs: length of the decay in epochs (>= 1).
       final_lr: rate reached at epoch `epochs` (>= 0).
+      warmup_epochs: whole epochs of warm-up W (0 <= W < epochs).
+      warmup_start_lr: rate of epoch 0 with a warm-up (> 0; default initial_lr: a hold).
     """
 
-    def __init__(self, initial_lr, steps_per_epoch, epochs, final_lr=0.0):
+    def __init__(
+        self,
+        initial_lr,
+        steps_per_epoch,
+        epochs,
+        final_lr=0.0,
+        warmup_epochs=0,
+        warmup_start_lr=None,
+    ):
         self.initial_lr = _positive_float(initial_lr, "initial_lr")
         self.steps_per_epoch = _whole_number(steps_per_epoch, "steps_per_epoch", 1)
         self.epochs = _whole_number(epochs, "epochs", 1)
@@ -191,20 +207,36 @@ class EpochCosine(keras.optimizers.schedules.LearningRateSchedule):
         ):
             raise ValueError(f"final_lr must be a number in [0, initial_lr], got {final_lr!r}")
         self.final_lr = float(final_lr)
+        self.warmup_epochs = _whole_number(warmup_epochs, "warmup_epochs", 0)
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={warmup_epochs} must be < epochs={epochs}")
+        self.warmup_start_lr = (
+            self.initial_lr
+            if warmup_start_lr is None
+            else _positive_float(warmup_start_lr, "warmup_start_lr")
+        )
 
     def __call__(self, step):
         epoch = tf.minimum(tf.cast(step, tf.int64) // self.steps_per_epoch, self.epochs)
         progress = tf.cast(epoch, tf.float32) / float(self.epochs)
         span = self.initial_lr - self.final_lr
-        return self.final_lr + 0.5 * span * (1.0 + tf.cos(math.pi * progress))
+        cosine = self.final_lr + 0.5 * span * (1.0 + tf.cos(math.pi * progress))
+        if not self.warmup_epochs:
+            return cosine
+        ramp = (self.initial_lr - self.warmup_start_lr) / self.warmup_epochs
+        warm = self.warmup_start_lr + ramp * tf.cast(epoch, tf.float32)
+        return tf.where(epoch < self.warmup_epochs, warm, cosine)
 
     def get_config(self):
-        return {
+        config = {
             "initial_lr": self.initial_lr,
             "steps_per_epoch": self.steps_per_epoch,
             "epochs": self.epochs,
             "final_lr": self.final_lr,
         }
+        if self.warmup_epochs:  # configs written before the warm-up existed stay loadable
+            config.update(warmup_epochs=self.warmup_epochs, warmup_start_lr=self.warmup_start_lr)
+        return config
 
 
 def _whole_number(value, name, minimum):
