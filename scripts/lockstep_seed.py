@@ -41,6 +41,13 @@ SEED_WARMUP_EPOCHS = 5  # main.py: args.warmup_epochs = 5 (both paths)
 TEACHER_NAME = "official"
 
 
+class CachedTeacher:
+    """What SEED needs of a teacher when the batch carries its features."""
+
+    def __init__(self, name, feature_dim):
+        self.name, self.feature_dim = name, int(feature_dim)
+
+
 def add_arguments(parser):
     """SEED's own knobs on lockstep_official.py's parser (ignored by --method=simreg)."""
     parser.add_argument("--queue_size", type=int, default=None, help="SEED --queue (K)")
@@ -257,17 +264,42 @@ def run(args):
     views = [{"student": v} for v in student_views]
     losses = [step(batch) for batch in views]
     keras_seconds = time.time() - keras_started
-    noise = None
+    official_losses = np.asarray(official["losses"], np.float64)
+
+    def rel_to(reference, other):
+        return np.abs(np.asarray(other) - reference) / np.abs(reference)
+
+    # The same kd_keras run fed the official teacher's embeddings (a teacher cache): what is
+    # left is the student side alone.
+    cached = CachedTeacher(TEACHER_NAME, official_features.shape[-1])
+    fed, fed_step = build_kd_keras(s, cached, args.momentum_form)
+    set_state(fed, initial, queue_init)
+    fed_losses = [
+        fed_step({"student": v, "teacher_features": {TEACHER_NAME: f}})
+        for v, f in zip(student_views, official_features, strict=True)
+    ]
+    noise = teacher_noise = None
     if args.noise_floor:
+        # kd_keras against itself, (a) the student, (b) every teacher weight scaled by
+        # (1 + --noise_scale): how far one rounding of either start moves this trajectory.
         twin, twin_step = build_kd_keras(s, teacher, args.momentum_form)
         set_state(twin, initial, queue_init, student_scale=1 + args.noise_scale)
-        perturbed = np.asarray([twin_step(batch) for batch in views])
-        noise_rel = np.abs(perturbed - losses) / np.abs(losses)
-        print("noise floor per step:", noise_rel.tolist(), file=sys.stderr)
+        noise_rel = rel_to(losses, [twin_step(batch) for batch in views])
+        print("student noise floor per step:", noise_rel.tolist(), file=sys.stderr)
         noise = float(noise_rel.max())
+        nudged = teacher_with_projection(
+            j("teacher_converted"), dict(np.load(j("teacher_fc.npz"))), s["image_size"]
+        )
+        for w in nudged.model.weights:
+            w.assign(w * np.float32(1 + args.noise_scale))
+        twin, twin_step = build_kd_keras(s, nudged, args.momentum_form)
+        set_state(twin, initial, queue_init)
+        teacher_rel = rel_to(losses, [twin_step(batch) for batch in views])
+        print("teacher noise floor per step:", teacher_rel.tolist(), file=sys.stderr)
+        teacher_noise = float(teacher_rel.max())
 
-    official_losses = np.asarray(official["losses"], np.float64)
-    rel = np.abs(np.asarray(losses) - official_losses) / np.abs(official_losses)
+    rel = rel_to(official_losses, losses)
+    fed_rel = rel_to(official_losses, fed_losses)
     final_student = lo.weights_by_path(
         lo.load_converted(lo.convert(j("student_final.pth"), j("student_final"), s["student_arch"]))
     )
@@ -299,6 +331,9 @@ def run(args):
         "mean_rel_loss_diff": float(rel.mean()),
         "rel_loss_diff_per_step": rel.tolist(),
         "noise_floor_max_rel_loss_diff": noise,
+        "teacher_noise_floor_max_rel_loss_diff": teacher_noise,
+        "max_rel_loss_diff_official_teacher_features": float(fed_rel.max()),
+        "rel_loss_diff_per_step_official_teacher_features": fed_rel.tolist(),
         "max_abs_weight_diff": max(student_abs, head_abs),
         "max_rel_weight_diff": max(student_rel, head_rel),
         "student_max_abs_weight_diff": student_abs,
