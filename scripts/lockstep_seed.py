@@ -126,6 +126,16 @@ def set_state(method, initial, queue, student_scale=1.0):
     method.queue.pointer.assign(0)
 
 
+def trained_weight_diff(got, expected):
+    """(name, max |a - b|) of the worst weight, BN moving variances left out (Keras averages
+    the biased batch variance, torch the unbiased one: a known, training-neutral deviation)."""
+    diffs = {
+        k: float(np.abs(got[k] - expected[k]).max()) for k in expected if "moving_variance" not in k
+    }
+    worst = max(diffs, key=diffs.get)
+    return [worst, diffs[worst]]
+
+
 def head_arrays_as_keras(arrays):
     """SEED's student MLP (fc.0, fc.2 of torch) under kd_keras' mlp2 names, no BN."""
     return {
@@ -278,7 +288,7 @@ def run(args):
         fed_step({"student": v, "teacher_features": {TEACHER_NAME: f}})
         for v, f in zip(student_views, official_features, strict=True)
     ]
-    noise = teacher_noise = None
+    noise = teacher_noise = twin_weights = None
     if args.noise_floor:
         # kd_keras against itself, (a) the student, (b) every teacher weight scaled by
         # (1 + --noise_scale): how far one rounding of either start moves this trajectory.
@@ -287,6 +297,10 @@ def run(args):
         noise_rel = rel_to(losses, [twin_step(batch) for batch in views])
         print("student noise floor per step:", noise_rel.tolist(), file=sys.stderr)
         noise = float(noise_rel.max())
+        twin_weights = {
+            **{f"student/{k}": v for k, v in lo.weights_by_path(twin.student).items()},
+            **{f"head/{k}": v for k, v in lo.weights_by_path(twin.head).items()},
+        }
         nudged = teacher_with_projection(
             j("teacher_converted"), dict(np.load(j("teacher_fc.npz"))), s["image_size"]
         )
@@ -310,6 +324,16 @@ def run(args):
     student_abs, student_rel = lo.compare_weights(got_student, final_student)
     head_abs, head_rel = lo.compare_weights(got_head, final_head)
     queue_abs = float(np.abs(method.queue.bank.numpy() - final_queue).max())
+    got = {
+        **{f"student/{k}": v for k, v in got_student.items()},
+        **{f"head/{k}": v for k, v in got_head.items()},
+    }
+    expected = {
+        **{f"student/{k}": v for k, v in final_student.items()},
+        **{f"head/{k}": v for k, v in final_head.items()},
+    }
+    trained_abs = trained_weight_diff(got, expected)
+    noise_weight_abs = None if twin_weights is None else trained_weight_diff(twin_weights, got)
 
     if args.fixture:
         write_fixture(
@@ -335,6 +359,8 @@ def run(args):
         "max_rel_loss_diff_official_teacher_features": float(fed_rel.max()),
         "rel_loss_diff_per_step_official_teacher_features": fed_rel.tolist(),
         "max_abs_weight_diff": max(student_abs, head_abs),
+        "max_abs_weight_diff_without_moving_variance": trained_abs,
+        "noise_floor_max_abs_weight_diff_without_moving_variance": noise_weight_abs,
         "max_rel_weight_diff": max(student_rel, head_rel),
         "student_max_abs_weight_diff": student_abs,
         "head_max_abs_weight_diff": head_abs,
