@@ -19,8 +19,13 @@ repository). What both sides share:
     epoch: SEED's 5 warm-up epochs (a hold at --lr on one process) then the cosine at the
     epoch = --schedule=epoch_cosine --warmup_epochs=5 --lr_scaling=none;
   * tau_S = --temp, tau_T = --distill-t, K = --queue, dim = --dim.
-Compared: per-step losses, final student / head weights (BN running statistics included) and
-the final queue (what was pushed, in which rows).
+Compared: per-step losses, final student / head weights (BN running statistics included,
+and the worst one without moving variances), the final queue (what was pushed, in which rows)
+and kd_keras' teacher embeddings against the official ones. Controls: the same kd_keras run
+fed the official teacher embeddings (a teacher cache: the student side alone), and two noise
+floors, kd_keras against itself with (a) the student, (b) every teacher weight scaled by
+(1 + --noise_scale): with tau_T = 1e-4 a rounding-sized teacher difference reaches the targets
+multiplied by 1e4. The last stdout line is JSON (see `run`).
 """
 
 import json
