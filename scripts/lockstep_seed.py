@@ -198,6 +198,11 @@ def run_torch_side(args, s, official_dir, work):
 
 
 def settings_from(args):
+    if args.head_init != "transfer":
+        raise SystemExit(
+            "lockstep --method=seed always starts kd_keras' head from the official MLP "
+            "(--head_init=transfer); kd_keras' own draws are compared by --method=simreg."
+        )
     if args.epochs <= SEED_WARMUP_EPOCHS:
         raise SystemExit(
             f"lockstep --method=seed: --epochs={args.epochs} must exceed SEED's "
