@@ -12,7 +12,8 @@ AUG_MODES = ("same", "different")  # one image for teacher and student, or two
 # downsampled ones; "antialias" uses TF's antialiased kernel for every crop (the bits of
 # kd_keras before --view_resize, e.g. for an older teacher cache).
 VIEW_RESIZES = ("auto", "antialias")
-HEADS = ("linear", "mlp2", "mlp4")  # heads.prediction_head kinds
+# heads.prediction_head kinds; the *_official ones are UCDvision/simreg's own variants.
+HEADS = ("linear", "mlp2", "mlp4", "linear_official", "mlp2_official")
 # nets.initializers.dense: torch.nn.Linear's default init (the papers' PyTorch code) or Keras'
 # glorot-uniform kernels with zero biases.
 HEAD_INITS = ("torch", "keras")

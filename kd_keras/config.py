@@ -292,7 +292,13 @@ def _define_network_flags():
     flags.DEFINE_string("teacher_recipe_backbone", "resnet50", "Backbone of a recipe teacher.")
     flags.DEFINE_integer("teacher_recipe_epochs", 10, "Epochs of a recipe teacher.")
     flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
-    flags.DEFINE_enum("head", "mlp4", HEADS, "SimReg prediction head.")
+    flags.DEFINE_enum(
+        "head",
+        "mlp4",
+        HEADS,
+        "Prediction head: the paper's linear / mlp2 / mlp4, or the authors' code's variants "
+        "linear_official (BN + Linear) and mlp2_official (Linear + Linear, no BN or ReLU).",
+    )
     flags.DEFINE_list("head_hidden_dims", None, "Override hidden sizes of the head.")
     flags.DEFINE_enum(
         "head_init",

@@ -77,7 +77,7 @@ def _head_for(head, student_dim, out_dim, name, hidden_dims=None):
             student_dim, out_dim, head, hidden_dims=hidden_dims, sync_bn=SYNC_BN, name=name
         )
     raise TypeError(
-        f"head must be a name ('linear', 'mlp2', 'mlp4'), a keras.Model or None; "
+        f"head must be a name {heads.HEAD_KINDS}, a keras.Model or None; "
         f"got {type(head).__name__}."
     )
 
