@@ -12,6 +12,9 @@ AUG_MODES = ("same", "different")  # one image for teacher and student, or two
 # downsampled ones; "antialias" uses TF's antialiased kernel for every crop (the bits of
 # kd_keras before --view_resize, e.g. for an older teacher cache).
 VIEW_RESIZES = ("auto", "antialias")
+# --augment=strong's blur: the SimReg paper's (sigma in [0, 1], always) or its code's
+# (MoCo-v2: sigma in [0.1, 2], p = 0.5); augment.STRONG_BLURS holds the numbers.
+STRONG_BLURS = ("paper", "official")
 # heads.prediction_head kinds; the *_official ones are UCDvision/simreg's own variants.
 HEADS = ("linear", "mlp2", "mlp4", "linear_official", "mlp2_official")
 # nets.initializers.dense: torch.nn.Linear's default init (the papers' PyTorch code) or Keras'

@@ -39,6 +39,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 AUGMENTATIONS = choices.AUGMENTATIONS
 AUG_MODES = choices.AUG_MODES
 VIEW_RESIZES = choices.VIEW_RESIZES
+STRONG_BLURS = choices.STRONG_BLURS
 HEADS = choices.HEADS
 HEAD_INITS = choices.HEAD_INITS
 MOMENTUM_FORMS = choices.MOMENTUM_FORMS
@@ -246,6 +247,13 @@ def _define_data_flags():
         "and student (SimReg's best); 'different': two augmentations.",
     )
     flags.DEFINE_float("crop_scale_min", 0.2, "Lower bound of the random-resized-crop area.")
+    flags.DEFINE_enum(
+        "strong_blur",
+        "paper",
+        STRONG_BLURS,
+        "--augment=strong's Gaussian blur: 'paper' = SimReg B.2 (sigma uniform in [0, 1], "
+        "every view); 'official' = the authors' code (sigma in [0.1, 2] with p = 0.5).",
+    )
     flags.DEFINE_enum(
         "view_resize",
         "auto",
@@ -460,6 +468,7 @@ class DataConfig:
     aug_mode: str = "same"
     crop_scale_min: float = 0.2
     view_resize: str = "auto"
+    strong_blur: str = "paper"
     shuffle_buffer: int = 10000
     cache_decoded: bool = False
     deterministic: bool = True
@@ -827,7 +836,12 @@ def _check_unused_defaults(cfg, spec, values):
     changed = values.changed
     unused = []
     if spec.multicrop:
-        unused += [n for n in ("augment", "aug_mode", "crop_scale_min")]
+        unused += [n for n in ("augment", "aug_mode", "crop_scale_min", "strong_blur")]
+    elif cfg.data.augment != "strong" and changed("strong_blur"):
+        raise ValueError(
+            f"--strong_blur is the blur of --augment=strong; this run uses "
+            f"--augment={cfg.data.augment}."
+        )
     else:
         unused += [f.name for f in dataclasses.fields(ClusterConfig)]
     if not spec.teacher_features:
@@ -921,12 +935,14 @@ def config_from_json(path):
 
     Runs written before the optimizer flags applied to every method kept --optimizer,
     --final_lr and --lars_* in their "cluster" section; they are read into "optim". Runs
-    written before --view_resize get its value then, "antialias".
+    written before --view_resize get its value then, "antialias"; before --strong_blur,
+    "paper".
     """
     with open(path) as f:
         raw = json.load(f)
     # Runs written before --view_resize resized every crop with the antialiased kernel.
     raw.setdefault("data", {}).setdefault("view_resize", "antialias")
+    raw["data"].setdefault("strong_blur", "paper")  # the only blur before --strong_blur
     for key in [k for k in raw.get("cluster", {}) if k in _field_names(OptimConfig)]:
         raw.setdefault("optim", {})[key] = raw["cluster"].pop(key)
     kwargs = {}
