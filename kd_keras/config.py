@@ -430,6 +430,12 @@ def _define_cluster_flags():
         "without it (Figure 5's ablation).",
     )
     flags.DEFINE_integer("classifier_hidden", 100, "OSS feature classifier hidden width.")
+    flags.DEFINE_float(
+        "grl_scale",
+        1.0,
+        "OSS: factor on the gradient reversal multiplier alpha(n) (1 = the paper's schedule; "
+        "0 trains the classifier but sends none of its gradient to the networks).",
+    )
 
 
 def _define_eval_flags():
@@ -551,6 +557,7 @@ class ClusterConfig:
     freeze_prototypes_steps: int = 0
     feature_classifier: bool = True
     classifier_hidden: int = 100
+    grl_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -911,6 +918,8 @@ def _cluster_config(v):
         )
     if v.temperature <= 0 or v.sinkhorn_epsilon <= 0:
         raise ValueError("--temperature and --sinkhorn_epsilon must be positive.")
+    if not v.grl_scale >= 0:
+        raise ValueError(f"--grl_scale must be >= 0, got {v.grl_scale}.")
     return _section(
         ClusterConfig,
         v,
