@@ -595,7 +595,8 @@ class OSS(_Distiller, oss.OSS):
       num_prototypes, proj_dim, proj_hidden_dim, temperature, epsilon, sinkhorn_iters: as
         `SwAV`. dropout: the heads' dropout rates (0.1, 0.05). feature_classifier: the domain
         classifier with gradient reversal (True). total_steps: steps of its schedule ("auto":
-        the first fit's epochs x batches per epoch, when the data size is known).
+        the first fit's epochs x batches per epoch, when the data size is known). grl_scale:
+        factor on the reversal's alpha(n) (1.0, the paper's, as `--grl_scale`).
     """
 
     def __init__(
@@ -608,6 +609,7 @@ class OSS(_Distiller, oss.OSS):
         dropout=(0.1, 0.05),
         feature_classifier=True,
         total_steps=AUTO,
+        grl_scale=1.0,
         temperature=0.1,
         epsilon=0.05,
         sinkhorn_iters=3,
@@ -640,6 +642,7 @@ class OSS(_Distiller, oss.OSS):
             classifier,
             grl,
             total_steps=1 if total_steps == AUTO else total_steps,
+            grl_scale=grl_scale,
             online=True,
             temperature=temperature,
             epsilon=epsilon,
