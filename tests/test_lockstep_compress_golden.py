@@ -157,12 +157,10 @@ def _check(golden, expected_parts):
     assert weights[worst] < WEIGHT_ATOL, (worst, weights[worst])
 
 
-@pytest.mark.slow  # a tf.function trace and 6 tiny-ResNet steps: 10-25 s on 2 shared cores
 def test_kd_keras_replays_the_official_compress_1q_trajectory(golden_1q):
     _check(golden_1q, {"student", "head", "banks"})
 
 
-@pytest.mark.slow  # a tf.function trace and 6 tiny-ResNet steps: 10-25 s on 2 shared cores
 def test_kd_keras_replays_the_official_compress_2q_trajectory(golden_2q):
     _check(golden_2q, {"student", "banks"})  # the key copy is pinned by the student bank
 
@@ -179,7 +177,6 @@ def test_the_fixtures_exercise_the_bank_wrap_and_the_lr_steps(method):
     assert np.abs(norms - 1).max() > 1e-2  # the official initial rows are not unit vectors
 
 
-@pytest.mark.slow  # a tf.function trace and 6 tiny-ResNet steps: 10-25 s on 2 shared cores
 def test_normalised_initial_bank_rows_miss_the_official_trajectory(golden_1q):
     """kd_keras' default reading of the bank (every row l2-normalised) departs at once."""
     losses, _ = _replay(golden_1q, bank_rows="unit")
@@ -187,7 +184,6 @@ def test_normalised_initial_bank_rows_miss_the_official_trajectory(golden_1q):
     assert gap.max() > 10 * LOSS_RTOL, gap
 
 
-@pytest.mark.slow  # a tf.function trace and 6 tiny-ResNet steps: 10-25 s on 2 shared cores
 def test_keras_momentum_form_misses_the_official_trajectory(golden_2q):
     """The fixture's rate drops twice, so Keras' momentum form leaves the trajectory."""
     losses, final = _replay(golden_2q, momentum_form="keras")
