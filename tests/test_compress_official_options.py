@@ -140,3 +140,38 @@ def test_compress_loss_readings_agree_on_unit_rows():
     a = float(losses.compress_loss(s, t, bank, bank, 0.1, normalise_banks=False))
     b = float(losses.compress_loss(s, t, bank, bank, 0.1))
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def _teacher(dim=5, size=8):
+    import keras
+
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(dim)(x))
+
+
+@pytest.mark.parametrize("bank_rows", ["unit", "as_stored"])
+def test_the_method_scores_against_the_rows_as_bank_rows_says(bank_rows):
+    import kd_keras
+    from tests.helpers import tiny_student
+
+    model = kd_keras.CompRess(
+        student=tiny_student(), teacher=_teacher(), mode="1q", bank_size=12, bank_rows=bank_rows
+    )
+    model.build((None, 8, 8, 3))
+    rng = np.random.default_rng(5)
+    s, t = (rng.normal(size=(3, 5)).astype(np.float32) for _ in range(2))
+    rows = model.teacher_bank.rows()
+    assert np.abs(np.linalg.norm(rows, axis=-1) - 1).max() > 1e-2  # CompRess' raw initial rows
+    expected = losses.compress_loss(s, t, rows, rows, 0.04, normalise_banks=bank_rows == "unit")
+    assert float(model._loss(s, t)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_api_names_bank_rows_in_its_error():
+    import kd_keras
+    from tests.helpers import tiny_student
+
+    with pytest.raises(ValueError, match="bank_rows must be one of") as err:
+        kd_keras.CompRess(student=tiny_student(), teacher=_teacher(), bank_rows="raw")
+    assert "--" not in str(err.value)
