@@ -22,7 +22,7 @@ HEADS = ("linear", "mlp2", "mlp4", "linear_official", "mlp2_official")
 HEAD_INITS = ("torch", "keras")
 KNN_VOTES = ("majority", "weighted")  # knn voting rules (SimReg; DINO's weighted vote)
 OPTIMIZERS = ("sgd", "lars")  # optimizers.make_optimizer
-SCHEDULES = ("cosine", "constant", "epoch_cosine")  # optimizers.learning_rate_schedule
+SCHEDULES = ("cosine", "constant", "epoch_cosine", "step")  # optimizers.learning_rate_schedule
 # optimizers.SGD: torch.optim.SGD's buffer (buf = m buf + g; w -= lr buf) or Keras' velocity
 # (v = m v - lr g; w += v); they differ whenever the learning rate changes.
 MOMENTUM_FORMS = ("torch", "keras")

@@ -327,6 +327,16 @@ def _define_optim_flags():
     flags.DEFINE_enum("lr_scaling", "linear", ["linear", "none"], "linear: lr * batch / 256.")
     flags.DEFINE_enum("schedule", "cosine", SCHEDULES, "Learning-rate schedule.")
     flags.DEFINE_float("warmup_epochs", 0.0, "Linear warm-up epochs.")
+    flags.DEFINE_list(
+        "lr_decay_epochs",
+        ["90", "120"],
+        "--schedule=step: epochs (counted from 0) from which the rate is multiplied by "
+        "--lr_decay_rate once more (CompRess' --lr_decay_epochs, whose 1-based epoch e decays "
+        "when e > milestone: the same epochs).",
+    )
+    flags.DEFINE_float(
+        "lr_decay_rate", 0.2, "--schedule=step: factor per milestone (CompRess: 0.2)."
+    )
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_enum(
         "momentum_form",
@@ -505,6 +515,8 @@ class OptimConfig:
     lr_scaling: str = "linear"
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    lr_decay_epochs: tuple[int, ...] = (90, 120)
+    lr_decay_rate: float = 0.2
     momentum: float = 0.9
     momentum_form: str = "torch"
     weight_decay: float = 1e-4
@@ -677,7 +689,9 @@ def config_from_flags(flag_values=FLAGS):
         save_freq=save_freq,
         data=_section(DataConfig, v),
         model=_model_config(v),
-        optim=_section(OptimConfig, v),
+        optim=_section(
+            OptimConfig, v, lr_decay_epochs=_int_list("lr_decay_epochs", v.lr_decay_epochs)
+        ),
         eval=_section(EvalConfig, v, knn_k=knn_k),
         cluster=_cluster_config(v),
         method_options={name: v[name] for name in spec.own_flags()},
@@ -764,12 +778,28 @@ def _check_optim_flags(v):
             f"--warmup_epochs={v.warmup_epochs} has no effect with --schedule=epoch_cosine "
             "(the official SimReg staircase has no warm-up)."
         )
-    if v.schedule == "constant":
+    if v.schedule in ("constant", "step"):
         for name in ("final_lr", "warmup_epochs"):
             if v[name]:
                 raise ValueError(
-                    f"--{name}={v[name]} has no effect with --schedule=constant; drop it or "
-                    "use --schedule=cosine."
+                    f"--{name}={v[name]} has no effect with --schedule={v.schedule}; drop it "
+                    "or use --schedule=cosine."
+                )
+    if v.schedule == "step":
+        milestones = _int_list("lr_decay_epochs", v.lr_decay_epochs)
+        if not milestones or min(milestones) < 1:
+            raise ValueError(f"--lr_decay_epochs must be epochs >= 1, got {v.lr_decay_epochs}.")
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
+            raise ValueError(
+                f"--lr_decay_epochs must be strictly increasing, got {v.lr_decay_epochs}."
+            )
+        if not 0 < v.lr_decay_rate <= 1:
+            raise ValueError(f"--lr_decay_rate must be in (0, 1], got {v.lr_decay_rate}.")
+    else:
+        for name in ("lr_decay_epochs", "lr_decay_rate"):
+            if v.changed(name):
+                raise ValueError(
+                    f"--{name} applies to --schedule=step, got --schedule={v.schedule}."
                 )
     if v.optimizer == "lars" and v.changed("momentum_form"):
         raise ValueError(

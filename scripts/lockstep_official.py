@@ -61,7 +61,9 @@ BN_FIELDS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official_repo", required=True, help="authors' repository (checkout/git dir)")
-    p.add_argument("--method", default="simreg", choices=["simreg"])
+    import lockstep_compress  # CompRess-1q / 2q (scripts/lockstep_compress.py)
+
+    p.add_argument("--method", default="simreg", choices=["simreg", *lockstep_compress.METHODS])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--torch_python", required=True, help="interpreter with torch, torchvision")
     p.add_argument("--steps_per_epoch", type=int, default=5, help="the lr changes every epoch")
@@ -91,6 +93,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--noise_scale", type=float, default=1e-7)
     p.add_argument("--work", default=None, help="scratch directory (default: a new temp dir)")
+    lockstep_compress.add_args(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps_per_epoch < 1:
         p.error("--steps and --steps_per_epoch must be positive.")
@@ -319,6 +322,10 @@ def compare_weights(got, expected):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.method.startswith("compress_"):
+        import lockstep_compress
+
+        return lockstep_compress.main(args)
     started = time.time()
     work = args.work or tempfile.mkdtemp(prefix="lockstep_")
     os.makedirs(work, exist_ok=True)

@@ -274,12 +274,15 @@ class CompRess(_SingleTeacher, compress.CompRess):
       bank_size: anchors per bank; "auto" = CompRess' 128,000 scaled to the data size as
         128,000 is to ImageNet's (at least one batch), else 128,000.
       temperature: T (0.04). momentum: 2q key-encoder momentum (0.999; 0 = none).
+      bank_rows: "unit" (bank rows l2-normalised when read) or "as_stored" (CompRess' own
+        reading: its random initial rows keep their norms), see `methods.compress.CompRess`.
     """
 
     _argument_names = {
         "bank_size": "bank_size",
         "compress_temperature": "temperature",
         "compress_momentum": "momentum",
+        "compress_bank_rows": "bank_rows",
         "batch_size": "batch_size",
         "head": "head",
     }
@@ -294,6 +297,7 @@ class CompRess(_SingleTeacher, compress.CompRess):
         bank_size=AUTO,
         temperature=compress.TEMPERATURE,
         momentum=compress.MOMENTUM,
+        bank_rows="unit",
         teacher_input="unit",
         views=AUTO,
         image_size=None,
@@ -318,6 +322,7 @@ class CompRess(_SingleTeacher, compress.CompRess):
                 temperature=temperature,
                 momentum=momentum if mode == "2q" else 0.0,
                 seed=seed,
+                bank_rows=bank_rows,
                 weight_decay=weight_decay,
                 name=name or f"compress_{mode}",
                 **kwargs,

@@ -21,7 +21,9 @@ def learning_rate_schedule(optim, steps_per_epoch):
     plain float, so the optimizer keeps it as a variable, as runs have always stored it).
     epoch_cosine: the official SimReg code's staircase, the rate set once per epoch e (from 0)
     to final + (peak - final) / 2 * (1 + cos(pi e / epochs)), never 0 in training
-    (`schedules.EpochCosine`; no warm-up). All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+    (`schedules.EpochCosine`; no warm-up). step: the peak multiplied by --lr_decay_rate at
+    each of --lr_decay_epochs, set once per epoch (CompRess' `adjust_learning_rate`,
+    `schedules.EpochStepDecay`). All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
 
     Args:
       optim: `config.OptimConfig`.
@@ -30,6 +32,10 @@ def learning_rate_schedule(optim, steps_per_epoch):
     peak = optim.scaled_lr()
     if optim.schedule == "constant":
         return peak
+    if optim.schedule == "step":
+        return schedules.EpochStepDecay(
+            peak, steps_per_epoch, optim.lr_decay_epochs, factor=optim.lr_decay_rate
+        )
     if optim.schedule == "epoch_cosine":
         return schedules.EpochCosine(
             peak, steps_per_epoch, optim.epochs, final_lr=optim.final_lr * peak / optim.lr
