@@ -12,13 +12,17 @@ AUG_MODES = ("same", "different")  # one image for teacher and student, or two
 # downsampled ones; "antialias" uses TF's antialiased kernel for every crop (the bits of
 # kd_keras before --view_resize, e.g. for an older teacher cache).
 VIEW_RESIZES = ("auto", "antialias")
-HEADS = ("linear", "mlp2", "mlp4")  # heads.prediction_head kinds
+# --augment=strong's blur: the SimReg paper's (sigma in [0, 1], always) or its code's
+# (MoCo-v2: sigma in [0.1, 2], p = 0.5); augment.STRONG_BLURS holds the numbers.
+STRONG_BLURS = ("paper", "official")
+# heads.prediction_head kinds; the *_official ones are UCDvision/simreg's own variants.
+HEADS = ("linear", "mlp2", "mlp4", "linear_official", "mlp2_official")
 # nets.initializers.dense: torch.nn.Linear's default init (the papers' PyTorch code) or Keras'
 # glorot-uniform kernels with zero biases.
 HEAD_INITS = ("torch", "keras")
 KNN_VOTES = ("majority", "weighted")  # knn voting rules (SimReg; DINO's weighted vote)
 OPTIMIZERS = ("sgd", "lars")  # optimizers.make_optimizer
-SCHEDULES = ("cosine", "constant", "epoch_cosine")  # optimizers.learning_rate_schedule
+SCHEDULES = ("cosine", "constant", "epoch_cosine", "step")  # optimizers.learning_rate_schedule
 # optimizers.SGD: torch.optim.SGD's buffer (buf = m buf + g; w -= lr buf) or Keras' velocity
 # (v = m v - lr g; w += v); they differ whenever the learning rate changes.
 MOMENTUM_FORMS = ("torch", "keras")

@@ -39,6 +39,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 AUGMENTATIONS = choices.AUGMENTATIONS
 AUG_MODES = choices.AUG_MODES
 VIEW_RESIZES = choices.VIEW_RESIZES
+STRONG_BLURS = choices.STRONG_BLURS
 HEADS = choices.HEADS
 HEAD_INITS = choices.HEAD_INITS
 MOMENTUM_FORMS = choices.MOMENTUM_FORMS
@@ -247,6 +248,13 @@ def _define_data_flags():
     )
     flags.DEFINE_float("crop_scale_min", 0.2, "Lower bound of the random-resized-crop area.")
     flags.DEFINE_enum(
+        "strong_blur",
+        "paper",
+        STRONG_BLURS,
+        "--augment=strong's Gaussian blur: 'paper' = SimReg B.2 (sigma uniform in [0, 1], "
+        "every view); 'official' = the authors' code (sigma in [0.1, 2] with p = 0.5).",
+    )
+    flags.DEFINE_enum(
         "view_resize",
         "auto",
         VIEW_RESIZES,
@@ -292,7 +300,13 @@ def _define_network_flags():
     flags.DEFINE_string("teacher_recipe_backbone", "resnet50", "Backbone of a recipe teacher.")
     flags.DEFINE_integer("teacher_recipe_epochs", 10, "Epochs of a recipe teacher.")
     flags.DEFINE_float("teacher_recipe_lr", 0.1, "Base lr (batch 256) of a recipe teacher.")
-    flags.DEFINE_enum("head", "mlp4", HEADS, "SimReg prediction head.")
+    flags.DEFINE_enum(
+        "head",
+        "mlp4",
+        HEADS,
+        "Prediction head: the paper's linear / mlp2 / mlp4, or the authors' code's variants "
+        "linear_official (BN + Linear) and mlp2_official (Linear + Linear, no BN or ReLU).",
+    )
     flags.DEFINE_list("head_hidden_dims", None, "Override hidden sizes of the head.")
     flags.DEFINE_bool(
         "head_batch_norm",
@@ -323,6 +337,16 @@ def _define_optim_flags():
         0.0,
         "Linear warm-up epochs: from 0 with --schedule=cosine; with epoch_cosine whole epochs "
         "stepping from the unscaled --lr to the scaled peak (SEED's warm-up).",
+    )
+    flags.DEFINE_list(
+        "lr_decay_epochs",
+        ["90", "120"],
+        "--schedule=step: epochs (counted from 0) from which the rate is multiplied by "
+        "--lr_decay_rate once more (CompRess' --lr_decay_epochs, whose 1-based epoch e decays "
+        "when e > milestone: the same epochs).",
+    )
+    flags.DEFINE_float(
+        "lr_decay_rate", 0.2, "--schedule=step: factor per milestone (CompRess: 0.2)."
     )
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_enum(
@@ -427,6 +451,12 @@ def _define_cluster_flags():
         "without it (Figure 5's ablation).",
     )
     flags.DEFINE_integer("classifier_hidden", 100, "OSS feature classifier hidden width.")
+    flags.DEFINE_float(
+        "grl_scale",
+        1.0,
+        "OSS: factor on the gradient reversal multiplier alpha(n) (1 = the paper's schedule; "
+        "0 trains the classifier but sends none of its gradient to the networks).",
+    )
 
 
 def _define_eval_flags():
@@ -465,6 +495,7 @@ class DataConfig:
     aug_mode: str = "same"
     crop_scale_min: float = 0.2
     view_resize: str = "auto"
+    strong_blur: str = "paper"
     shuffle_buffer: int = 10000
     cache_decoded: bool = False
     deterministic: bool = True
@@ -496,6 +527,8 @@ class OptimConfig:
     lr_scaling: str = "linear"
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    lr_decay_epochs: tuple[int, ...] = (90, 120)
+    lr_decay_rate: float = 0.2
     momentum: float = 0.9
     momentum_form: str = "torch"
     weight_decay: float = 1e-4
@@ -548,6 +581,7 @@ class ClusterConfig:
     freeze_prototypes_steps: int = 0
     feature_classifier: bool = True
     classifier_hidden: int = 100
+    grl_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -667,7 +701,9 @@ def config_from_flags(flag_values=FLAGS):
         save_freq=save_freq,
         data=_section(DataConfig, v),
         model=_model_config(v),
-        optim=_section(OptimConfig, v),
+        optim=_section(
+            OptimConfig, v, lr_decay_epochs=_int_list("lr_decay_epochs", v.lr_decay_epochs)
+        ),
         eval=_section(EvalConfig, v, knn_k=knn_k),
         cluster=_cluster_config(v),
         method_options={name: v[name] for name in spec.own_flags()},
@@ -754,12 +790,28 @@ def _check_optim_flags(v):
             f"--warmup_epochs={v.warmup_epochs}: --schedule=epoch_cosine sets the rate once per "
             "epoch, so its warm-up (SEED's) takes whole epochs."
         )
-    if v.schedule == "constant":
+    if v.schedule in ("constant", "step"):
         for name in ("final_lr", "warmup_epochs"):
             if v[name]:
                 raise ValueError(
-                    f"--{name}={v[name]} has no effect with --schedule=constant; drop it or "
-                    "use --schedule=cosine."
+                    f"--{name}={v[name]} has no effect with --schedule={v.schedule}; drop it "
+                    "or use --schedule=cosine."
+                )
+    if v.schedule == "step":
+        milestones = _int_list("lr_decay_epochs", v.lr_decay_epochs)
+        if not milestones or min(milestones) < 1:
+            raise ValueError(f"--lr_decay_epochs must be epochs >= 1, got {v.lr_decay_epochs}.")
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
+            raise ValueError(
+                f"--lr_decay_epochs must be strictly increasing, got {v.lr_decay_epochs}."
+            )
+        if not 0 < v.lr_decay_rate <= 1:
+            raise ValueError(f"--lr_decay_rate must be in (0, 1], got {v.lr_decay_rate}.")
+    else:
+        for name in ("lr_decay_epochs", "lr_decay_rate"):
+            if v.changed(name):
+                raise ValueError(
+                    f"--{name} applies to --schedule=step, got --schedule={v.schedule}."
                 )
     if v.optimizer == "lars" and v.changed("momentum_form"):
         raise ValueError(
@@ -779,10 +831,10 @@ def _model_config(v):
     hidden = None
     if v.head_hidden_dims:
         hidden = _int_list("head_hidden_dims", v.head_hidden_dims)
-    if not v.head_batch_norm and v.head == "linear":
+    if not v.head_batch_norm and v.head not in ("mlp2", "mlp4"):
         raise ValueError(
-            "--head_batch_norm=false has no effect with --head=linear (no hidden layer); use "
-            "--head=mlp2 or mlp4."
+            f"--head_batch_norm=false has no effect with --head={v.head} (only mlp2 / mlp4 "
+            "have BN before their ReLUs)."
         )
     return _section(
         ModelConfig,
@@ -838,7 +890,12 @@ def _check_unused_defaults(cfg, spec, values):
     changed = values.changed
     unused = []
     if spec.multicrop:
-        unused += [n for n in ("augment", "aug_mode", "crop_scale_min")]
+        unused += [n for n in ("augment", "aug_mode", "crop_scale_min", "strong_blur")]
+    elif cfg.data.augment != "strong" and changed("strong_blur"):
+        raise ValueError(
+            f"--strong_blur is the blur of --augment=strong; this run uses "
+            f"--augment={cfg.data.augment}."
+        )
     else:
         unused += [f.name for f in dataclasses.fields(ClusterConfig)]
     if not spec.teacher_features:
@@ -908,6 +965,8 @@ def _cluster_config(v):
         )
     if v.temperature <= 0 or v.sinkhorn_epsilon <= 0:
         raise ValueError("--temperature and --sinkhorn_epsilon must be positive.")
+    if not v.grl_scale >= 0:
+        raise ValueError(f"--grl_scale must be >= 0, got {v.grl_scale}.")
     return _section(
         ClusterConfig,
         v,
@@ -932,12 +991,14 @@ def config_from_json(path):
 
     Runs written before the optimizer flags applied to every method kept --optimizer,
     --final_lr and --lars_* in their "cluster" section; they are read into "optim". Runs
-    written before --view_resize get its value then, "antialias".
+    written before --view_resize get its value then, "antialias"; before --strong_blur,
+    "paper".
     """
     with open(path) as f:
         raw = json.load(f)
     # Runs written before --view_resize resized every crop with the antialiased kernel.
     raw.setdefault("data", {}).setdefault("view_resize", "antialias")
+    raw["data"].setdefault("strong_blur", "paper")  # the only blur before --strong_blur
     for key in [k for k in raw.get("cluster", {}) if k in _field_names(OptimConfig)]:
         raw.setdefault("optim", {})[key] = raw["cluster"].pop(key)
     kwargs = {}

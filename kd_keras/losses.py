@@ -285,15 +285,18 @@ def _positive(name, value):
     return float(value)
 
 
-def memory_logits(features, memory, temperature):
+def memory_logits(features, memory, temperature, normalise_memory=True):
     """Cosine similarities of a batch to every memory row, divided by a temperature.
 
     Args:
       features: float [B, D] (l2-normalised here).
-      memory: float [K, D] bank rows (l2-normalised here, treated as a constant).
+      memory: float [K, D] bank rows (a constant; l2-normalised here unless
+        `normalise_memory` is False).
       temperature: T > 0.
+      normalise_memory: False reads the rows as stored (CompRess: its random initial rows
+        are not unit vectors, so the logits are features_b . memory_k / T for them).
     Returns:
-      float32 [B, K]: cos(features_b, memory_k) / T.
+      float32 [B, K]: cos(features_b, memory_k) / T (or the plain dot products / T).
     """
     features = tf.convert_to_tensor(features)
     memory = tf.convert_to_tensor(memory)
@@ -308,11 +311,14 @@ def memory_logits(features, memory, temperature):
             f"features have dimension {features.shape[-1]} but the memory rows have "
             f"{memory.shape[-1]}; the head's output size must equal the bank's row size."
         )
-    rows = tf.stop_gradient(l2_normalize(memory))
+    rows = l2_normalize(memory) if normalise_memory else tf.cast(memory, tf.float32)
+    rows = tf.stop_gradient(rows)
     return tf.matmul(l2_normalize(features), rows, transpose_b=True) / temperature
 
 
-def compress_loss(student, teacher, student_bank, teacher_bank, temperature=0.04):
+def compress_loss(
+    student, teacher, student_bank, teacher_bank, temperature=0.04, normalise_banks=True
+):
     """CompRess loss (Koohpayegani et al., NeurIPS 2020, Eq. 1-3): KL(p_teacher || p_student).
 
     With unit vectors s_b (student), t_b (teacher), anchors a^s_k (student bank) and a^t_k
@@ -337,6 +343,9 @@ def compress_loss(student, teacher, student_bank, teacher_bank, temperature=0.04
       student_bank: float [K, D_s] anchors for the student.
       teacher_bank: float [K, D_t] anchors for the teacher; same K as `student_bank`.
       temperature: T > 0 (CompRess: 0.04, `--compress_t` in its train_student.py).
+      normalise_banks: True l2-normalises every bank row read (a^s_k, a^t_k unit vectors);
+        False reads them as stored, as CompRess does (its initial random rows are not unit
+        vectors; rows pushed later are).
     Returns:
       float32 scalar: mean over the batch of KL(p^t_b || p^s_b).
     """
@@ -344,8 +353,11 @@ def compress_loss(student, teacher, student_bank, teacher_bank, temperature=0.04
     k_s, k_t = student_bank.shape[0], teacher_bank.shape[0]
     if k_s is not None and k_t is not None and k_s != k_t:
         raise ValueError(f"student_bank has {k_s} rows but teacher_bank has {k_t}.")
-    log_p_student = tf.nn.log_softmax(memory_logits(student, student_bank, temperature), axis=-1)
-    teacher_logits = memory_logits(tf.stop_gradient(teacher), teacher_bank, temperature)
+    student_logits = memory_logits(student, student_bank, temperature, normalise_banks)
+    log_p_student = tf.nn.log_softmax(student_logits, axis=-1)
+    teacher_logits = memory_logits(
+        tf.stop_gradient(teacher), teacher_bank, temperature, normalise_banks
+    )
     log_p_teacher = tf.nn.log_softmax(teacher_logits, axis=-1)
     kl = tf.reduce_sum(tf.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
     return tf.reduce_mean(kl)

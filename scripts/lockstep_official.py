@@ -63,7 +63,12 @@ BN_FIELDS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official_repo", required=True, help="authors' repository (checkout/git dir)")
-    p.add_argument("--method", default="simreg", choices=["simreg", "seed"])
+    import lockstep_compress  # CompRess-1q / 2q (scripts/lockstep_compress.py)
+    import lockstep_seed  # SEED (scripts/lockstep_seed.py)
+
+    p.add_argument(
+        "--method", default="simreg", choices=["simreg", *lockstep_compress.METHODS, "seed"]
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--torch_python", required=True, help="interpreter with torch, torchvision")
     p.add_argument("--steps_per_epoch", type=int, default=5, help="the lr changes every epoch")
@@ -93,8 +98,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--noise_scale", type=float, default=1e-7)
     p.add_argument("--work", default=None, help="scratch directory (default: a new temp dir)")
-    import lockstep_seed  # --method=seed: scripts/lockstep_seed.py
-
+    lockstep_compress.add_args(p)
     lockstep_seed.add_arguments(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.steps_per_epoch < 1:
@@ -324,6 +328,10 @@ def compare_weights(got, expected):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.method.startswith("compress_"):
+        import lockstep_compress
+
+        return lockstep_compress.main(args)
     if args.method == "seed":
         import lockstep_seed
 

@@ -234,6 +234,12 @@ def test_swav_and_oss_make_their_multicrop_views():
     oss.compile()
     logs = oss.fit(images, batch_size=4, epochs=1, verbose=0).history
     assert oss.total_steps == 2 and np.isfinite(logs["loss_student"][0])
+    assert oss.grl_scale == 1.0  # --grl_scale's default
+    weak = kd_keras.OSS(
+        _any_size_student("s3"), teacher=_any_size_student("t3"), views=views, grl_scale=0.1,
+        **small
+    )
+    assert weak.grl_scale == 0.1
 
 
 @pytest.mark.parametrize("views_in", ["step", "host"])

@@ -88,6 +88,18 @@ def test_feature_classifier_switch_is_online_oss_only(tmp_path):
         config_lib.config_from_flags(fv)
 
 
+def test_grl_scale_reaches_the_config_for_oss_with_its_classifier_only(tmp_path):
+    base = [f"--workdir={tmp_path}", "--small_crop_size=16"]
+    assert config_lib.config_from_flags(_fresh([*base, "--method=oss"])).cluster.grl_scale == 1.0
+    cfg = config_lib.config_from_flags(_fresh([*base, "--method=oss", "--grl_scale=0.1"]))
+    assert cfg.cluster.grl_scale == 0.1
+    with pytest.raises(ValueError, match="--grl_scale must be >= 0"):
+        config_lib.config_from_flags(_fresh([*base, "--method=oss", "--grl_scale=-1"]))
+    for argv in (["--method=oss", "--nofeature_classifier"], ["--method=swav"]):
+        with pytest.raises(ValueError, match="--grl_scale is not used here"):
+            config_lib.config_from_flags(_fresh([*base, *argv, "--grl_scale=0.5"]))
+
+
 def test_missing_workdir_and_teacher_are_reported(tmp_path):
     with pytest.raises(ValueError, match="--workdir"):
         config_lib.config_from_flags(_fresh(["--teacher=recipe:supervised"]))

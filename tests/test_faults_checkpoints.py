@@ -239,6 +239,10 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_then_a_final_phase_kill_re
     assert line, stderr[-2000:]
     stopped_at = int(line[0].split("after step ")[1].split(";")[0])
     assert checkpointing.available_steps(workdir / "checkpoints")[0] == stopped_at < 240
+    # The SIGTERM checkpoint records the step <-> data mapping like the run's own saves, so
+    # the resume below verifies it instead of warning that it cannot.
+    state = json.loads((workdir / "checkpoints" / "checkpoint.json").read_text())
+    assert state["step"] == stopped_at and state["data"]["global_batch_size"] > 0
     assert not [n for n in os.listdir(workdir / "checkpoints") if ".tmp" in n]
 
     again = subprocess.run(
@@ -246,6 +250,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_then_a_final_phase_kill_re
         cwd=REPO, env=env, capture_output=True, text=True,
     )
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming at step {stopped_at} with the recorded data mapping" in again.stderr
     first = json.loads((workdir / "results.json").read_text())
     assert first["steps"] == 240 and first["final_logs"]
 

@@ -77,7 +77,7 @@ def _head_for(head, student_dim, out_dim, name, hidden_dims=None):
             student_dim, out_dim, head, hidden_dims=hidden_dims, sync_bn=SYNC_BN, name=name
         )
     raise TypeError(
-        f"head must be a name ('linear', 'mlp2', 'mlp4'), a keras.Model or None; "
+        f"head must be a name {heads.HEAD_KINDS}, a keras.Model or None; "
         f"got {type(head).__name__}."
     )
 
@@ -274,12 +274,15 @@ class CompRess(_SingleTeacher, compress.CompRess):
       bank_size: anchors per bank; "auto" = CompRess' 128,000 scaled to the data size as
         128,000 is to ImageNet's (at least one batch), else 128,000.
       temperature: T (0.04). momentum: 2q key-encoder momentum (0.999; 0 = none).
+      bank_rows: "unit" (bank rows l2-normalised when read) or "as_stored" (CompRess' own
+        reading: its random initial rows keep their norms), see `methods.compress.CompRess`.
     """
 
     _argument_names = {
         "bank_size": "bank_size",
         "compress_temperature": "temperature",
         "compress_momentum": "momentum",
+        "compress_bank_rows": "bank_rows",
         "batch_size": "batch_size",
         "head": "head",
     }
@@ -294,6 +297,7 @@ class CompRess(_SingleTeacher, compress.CompRess):
         bank_size=AUTO,
         temperature=compress.TEMPERATURE,
         momentum=compress.MOMENTUM,
+        bank_rows="unit",
         teacher_input="unit",
         views=AUTO,
         image_size=None,
@@ -318,6 +322,7 @@ class CompRess(_SingleTeacher, compress.CompRess):
                 temperature=temperature,
                 momentum=momentum if mode == "2q" else 0.0,
                 seed=seed,
+                bank_rows=bank_rows,
                 weight_decay=weight_decay,
                 name=name or f"compress_{mode}",
                 **kwargs,
@@ -595,7 +600,8 @@ class OSS(_Distiller, oss.OSS):
       num_prototypes, proj_dim, proj_hidden_dim, temperature, epsilon, sinkhorn_iters: as
         `SwAV`. dropout: the heads' dropout rates (0.1, 0.05). feature_classifier: the domain
         classifier with gradient reversal (True). total_steps: steps of its schedule ("auto":
-        the first fit's epochs x batches per epoch, when the data size is known).
+        the first fit's epochs x batches per epoch, when the data size is known). grl_scale:
+        factor on the reversal's alpha(n) (1.0, the paper's, as `--grl_scale`).
     """
 
     def __init__(
@@ -608,6 +614,7 @@ class OSS(_Distiller, oss.OSS):
         dropout=(0.1, 0.05),
         feature_classifier=True,
         total_steps=AUTO,
+        grl_scale=1.0,
         temperature=0.1,
         epsilon=0.05,
         sinkhorn_iters=3,
@@ -640,6 +647,7 @@ class OSS(_Distiller, oss.OSS):
             classifier,
             grl,
             total_steps=1 if total_steps == AUTO else total_steps,
+            grl_scale=grl_scale,
             online=True,
             temperature=temperature,
             epsilon=epsilon,

@@ -29,6 +29,8 @@ class Views:
       resize: "auto" (the command line's default: the fast resize where it gives the same
         views) or "antialias".
       seed: optional int; the views of a run are then reproducible.
+      strong_blur: "strong"'s Gaussian blur, as `--strong_blur`: "paper" (SimReg B.2: sigma in
+        [0, 1], every view) or "official" (the authors' code: sigma in [0.1, 2], p = 0.5).
 
     Every image gets a fresh seed pair per call, drawn with `tf.random` (deterministic after
     `keras.utils.set_random_seed` when `seed` is given).
@@ -43,6 +45,7 @@ class Views:
         counts=(2, 6),
         resize="auto",
         seed=None,
+        strong_blur="paper",
     ):
         if kind not in KINDS:
             raise ValueError(f"views kind={kind!r}: use one of {KINDS}.")
@@ -56,7 +59,13 @@ class Views:
             )
         else:
             self.fn = augment.make_view_fn(
-                kind, self.size, "same", scale, keys=("student",), resize=resize
+                kind,
+                self.size,
+                "same",
+                scale,
+                keys=("student",),
+                resize=resize,
+                strong_blur=strong_blur,
             )
         self._signature = None
 

@@ -1076,12 +1076,21 @@ class StagedViews:
         return {**out, **{alias: out[target] for alias, target in self.aliases.items()}}
 
 
-def _view_recipe(kind, size, scale, resize):
+# --strong_blur: (sigma range, probability) of --augment=strong's Gaussian blur. "paper" is
+# SimReg's supplement B.2 (sigma uniform in [0, 1], no probability given: always); "official"
+# is UCDvision/simreg's dataloader (MoCo-v2's GaussianBlur([.1, 2.]) under p = 0.5).
+STRONG_BLURS = {"paper": ((0.0, 1.0), 1.0), "official": ((0.1, 2.0), 0.5)}
+
+
+def _view_recipe(kind, size, scale, resize, strong_blur="paper"):
     if kind == "none":
         return CropRecipe(size=size, center=True)
     if kind == "weak":
         return CropRecipe(size=size, scale=scale, layout="weak", resize=resize)
-    # strong_view's defaults (SimReg B.2).
+    if strong_blur not in STRONG_BLURS:
+        raise ValueError(f"strong_blur must be one of {tuple(STRONG_BLURS)}, got {strong_blur!r}")
+    blur_sigma, blur_p = STRONG_BLURS[strong_blur]
+    # strong_view's colour defaults (SimReg B.2).
     return CropRecipe(
         size=size,
         scale=scale,
@@ -1090,13 +1099,20 @@ def _view_recipe(kind, size, scale, resize):
         jitter=(0.4, 0.4, 0.4, 0.1),
         jitter_p=0.8,
         grey_p=0.2,
-        blur_sigma=(0.0, 1.0),
-        blur_p=1.0,
+        blur_sigma=blur_sigma,
+        blur_p=blur_p,
     )
 
 
 def make_view_fn(
-    kind, size, mode, scale=(0.2, 1.0), keys=None, colour_stage="example", resize="auto"
+    kind,
+    size,
+    mode,
+    scale=(0.2, 1.0),
+    keys=None,
+    colour_stage="example",
+    resize="auto",
+    strong_blur="paper",
 ):
     """Builds ``fn(image, seed) -> {"student": view, "teacher": view}`` for a dataset map.
 
@@ -1111,6 +1127,8 @@ def make_view_fn(
         resize: ``resize_crop``'s mode for the random crops (the centre crop of "none" is
             always antialiased); "auto" by default, as ``--view_resize``. "antialias" gives the
             bits of ``weak_view``/``strong_view``.
+        strong_blur: the Gaussian blur of "strong" (``STRONG_BLURS``, as ``--strong_blur``):
+            "paper" (sigma in [0, 1], always; ``strong_view``'s default) or "official".
 
     The returned :class:`StagedViews` takes an image ``[H, W, C]`` of any dtype accepted by
     ``to_float_image`` and an integer ``[2]`` seed, and returns float32
@@ -1125,7 +1143,7 @@ def make_view_fn(
         raise ValueError(f"mode must be one of {VIEW_MODES}, got {mode!r}")
     size = _check_size(size)
     scale = _check_range(scale, "scale")
-    recipe = _view_recipe(kind, size, scale, _check_resize(resize))
+    recipe = _view_recipe(kind, size, scale, _check_resize(resize), strong_blur)
     if kind == "none" or mode == "same":
         groups = [("student", recipe, (0,), False)]
         views = StagedViews(groups, 2, {"teacher": "student"}, colour_stage)

@@ -150,6 +150,7 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
         data_cfg.aug_mode,
         scale=(data_cfg.crop_scale_min, 1.0),
         resize=data_cfg.view_resize,
+        strong_blur=data_cfg.strong_blur,
     )
     image = tf.constant(_probe_images(_PROBE_SOURCE_SIZE)[0])
     view = view_fn(image, data.view_seed(seed, 0, 0))[view_fn_key]
@@ -160,6 +161,7 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
         "image_size": int(data_cfg.image_size),
         "crop_scale_min": float(data_cfg.crop_scale_min),
         "view_resize": data_cfg.view_resize,
+        "strong_blur": data_cfg.strong_blur,
         "seed": int(seed),
         "seed_scheme": "stateless_fold_in([seed, index], epoch), philox",
         "probe": np.asarray(summary, np.float32).round(6).tolist(),
@@ -288,14 +290,15 @@ def manifest_differences(manifest, expected):
             "image_size",
             "crop_scale_min",
             "view_resize",
+            "strong_blur",
             "seed",
             "seed_scheme",
         ),
     }
     for section, keys in checks.items():
         have = manifest.get(section, {})
-        if section == "views":  # caches written before --view_resize antialiased every crop
-            have = {"view_resize": "antialias", **have}
+        if section == "views":  # caches written before --view_resize / --strong_blur
+            have = {"view_resize": "antialias", "strong_blur": "paper", **have}
         want = expected[section]
         for key in keys:
             if have.get(key) != want.get(key):
@@ -479,6 +482,7 @@ def write_caches(
         scale=(data_cfg.crop_scale_min, 1.0),
         keys=(view_key,),
         resize=data_cfg.view_resize,
+        strong_blur=data_cfg.strong_blur,
     )
     views_id = {**view_identity(data_cfg, seed, view_key), "epochs": int(epochs)}
     manifests = _new_manifests(

@@ -46,7 +46,7 @@ from kd_keras.training import runlock
 # Flags that decide the views a teacher cache stores (cache_teacher's own inputs).
 VIEW_FLAGS = (
     "dataset", "data_dir", "download", "train_split", "image_size", "augment", "aug_mode",
-    "crop_scale_min", "seed", "cache_decoded", "deterministic",
+    "crop_scale_min", "strong_blur", "seed", "cache_decoded", "deterministic",
 )
 COMMANDS_LOG = "commands.log"
 LOCK_FILE = "experiment.lock"

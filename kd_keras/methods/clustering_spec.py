@@ -39,16 +39,17 @@ def validate_clustering(cfg):
 
 def _no_feature_classifier(cfg):
     """Only online OSS has the feature classifier (A.8's offline variant and SwAV have none)."""
-    return {
-        "feature_classifier": f"--method={cfg.method} has no feature classifier (online OSS only)."
-    }
+    reason = f"--method={cfg.method} has no feature classifier (online OSS only)."
+    return {"feature_classifier": reason, "grl_scale": reason}
 
 
 def _oss_unused(cfg):
-    """--classifier_hidden sizes a classifier that --nofeature_classifier leaves out."""
+    """--classifier_hidden and --grl_scale shape a classifier that --nofeature_classifier
+    leaves out."""
     if cfg.cluster.feature_classifier:
         return {}
-    return {"classifier_hidden": "--nofeature_classifier trains without the classifier."}
+    reason = "--nofeature_classifier trains without the classifier."
+    return {"classifier_hidden": reason, "grl_scale": reason}
 
 
 _COMMON = dict(

@@ -16,6 +16,8 @@ MODES = ("1q", "2q")
 BANK_SIZE = 128_000  # --compress_memory_size
 TEMPERATURE = 0.04  # --compress_t
 MOMENTUM = 0.999  # --alpha of train_student.py (2q: momentum copy filling the student bank)
+# How the loss reads bank rows: unit = l2-normalised again (kd_keras), as_stored = CompRess.
+BANK_ROWS = ("unit", "as_stored")
 
 
 @keras.saving.register_keras_serializable(package="kd_keras")
@@ -98,7 +100,10 @@ class CompRess(SingleTeacherDistillation):
 
     Both banks start as CompRess' random rows (`memory_bank.uniform_initializer`) and are
     all-gathered FIFO banks (`memory_bank.FeatureBank`): identical on every replica, saved
-    with the method's weights.
+    with the method's weights. Pushed rows are unit features; `bank_rows` says whether the
+    loss normalises the rows it reads again ("unit", so the random initial rows count as unit
+    vectors) or reads them as stored ("as_stored", CompRess' `SampleSimilarities`: the initial
+    rows keep their drawn norms, 1 +- ~sqrt(0.8 / dim), until they are overwritten).
 
     Args:
       student, teacher, head: see `SingleTeacherDistillation`; 1q needs a head (or a
@@ -108,6 +113,7 @@ class CompRess(SingleTeacherDistillation):
       temperature: T (0.04).
       momentum: 2q key-encoder momentum alpha (0.999); 0 = no key copy.
       seed: bank initializer seed (None: Keras' global seed generator).
+      bank_rows: "unit" (default) or "as_stored" (CompRess), see above.
 
     Batches: dicts with "student" images and optional "teacher" images or
     "teacher_features" {teacher name: [B, d_t]}. Logged: loss.
@@ -123,12 +129,16 @@ class CompRess(SingleTeacherDistillation):
         temperature=TEMPERATURE,
         momentum=MOMENTUM,
         seed=None,
+        bank_rows="unit",
         **kwargs,
     ):
         super().__init__(student, teacher, head, **kwargs)
         if mode not in MODES:
             raise ValueError(f"Unknown CompRess variant {mode!r}; use one of {MODES}.")
+        if bank_rows not in BANK_ROWS:
+            raise ValueError(f"--compress_bank_rows must be one of {BANK_ROWS}, got {bank_rows!r}.")
         self.mode = mode
+        self.bank_rows = bank_rows
         self.temperature = losses._positive("--compress_temperature", temperature)
         teacher_dim = int(self.teacher.feature_dim)
         if mode == "1q" and self.output_dim != teacher_dim:
@@ -170,7 +180,12 @@ class CompRess(SingleTeacherDistillation):
         teacher_rows = self.teacher_bank.rows()
         student_rows = teacher_rows if self.mode == "1q" else self.student_bank.rows()
         return losses.compress_loss(
-            student_features, teacher_features, student_rows, teacher_rows, self.temperature
+            student_features,
+            teacher_features,
+            student_rows,
+            teacher_rows,
+            self.temperature,
+            normalise_banks=self.bank_rows == "unit",
         )
 
     def train_step(self, data):
@@ -213,6 +228,7 @@ def build_compress(ctx):
         temperature=o.compress_temperature,
         momentum=o.compress_momentum if mode == "2q" else 0.0,
         seed=cfg.seed,
+        bank_rows=o.compress_bank_rows,
         weight_decay=ctx.weight_decay,
         name=cfg.method,
     )

@@ -5,6 +5,7 @@ import dataclasses
 from kd_keras.methods import registry
 
 STUDENT_FEATURES = ("head", "backbone")
+BANK_ROWS = ("unit", "as_stored")  # compress.BANK_ROWS (this module imports no TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +16,7 @@ class CompressOptions:
     compress_temperature: float = 0.04
     compress_momentum: float = 0.999
     compress_student_features: str = "head"
+    compress_bank_rows: str = "unit"
 
 
 def define_compress_flags(flags):
@@ -43,6 +45,15 @@ def define_compress_flags(flags):
         list(STUDENT_FEATURES),
         "head: the --head output (to the teacher's dimension) is the student side; backbone: "
         "the backbone's features (plain CompRess-2q; giving --head then is an error).",
+    )
+    flags.DEFINE_enum(
+        "compress_bank_rows",
+        d.compress_bank_rows,
+        list(BANK_ROWS),
+        "How the loss reads bank rows: unit = l2-normalised when read, so the random initial "
+        "rows count as unit vectors; as_stored = as CompRess' code does, the initial random "
+        "rows keep their drawn norms until overwritten (pushed rows are unit features either "
+        "way).",
     )
 
 

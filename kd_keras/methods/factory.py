@@ -118,6 +118,7 @@ def build_oss(ctx):
         classifier,
         grl,
         total_steps=cfg.optim.epochs * ctx.steps_per_epoch,
+        grl_scale=c.grl_scale,
         online=True,
         use_dropout_views=c.dropout_views,
         name="oss",

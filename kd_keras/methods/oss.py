@@ -74,6 +74,8 @@ class OSS(Method):
         None (with `grl=None`) trains without it, Figure 5's "no feature classifier" ablation.
       grl: `kd_keras.nets.heads.GradientReversal` in front of D, online only.
       total_steps: N of the GRL schedule alpha(n) = -2 / (1 + exp(-10 n / N)) + 1.
+      grl_scale: factor on alpha(n) (1 = the paper; smaller values weaken the reversed
+        gradient the networks get, not the classifier's own training; a probe option).
       online: see above.
       temperature, epsilon, sinkhorn_iters, queue_start_step, freeze_prototypes_steps: as in
         `kd_keras.methods.SwAV`.
@@ -94,6 +96,7 @@ class OSS(Method):
         classifier=None,
         grl=None,
         total_steps=1,
+        grl_scale=1.0,
         online=True,
         temperature=0.1,
         epsilon=0.05,
@@ -126,6 +129,7 @@ class OSS(Method):
         self.classifier = classifier if online else None
         self.grl = grl if online else None
         self.total_steps = int(total_steps)
+        self.grl_scale = float(grl_scale)
         self.temperature = float(temperature)
         self.freeze_prototypes_steps = int(freeze_prototypes_steps)
         self.use_dropout_views = bool(use_dropout_views)
@@ -212,7 +216,7 @@ class OSS(Method):
 
     def domain_terms(self, views_z, views_w, step, training):
         """The feature classifier's cross-entropies (teacher 0, student 1) behind the GRL."""
-        alpha = schedules.grl_alpha(step, self.total_steps)
+        alpha = self.grl_scale * schedules.grl_alpha(step, self.total_steps)
         self.grl.set_alpha(alpha)
         flat = [tf.reshape(v, [-1, v.shape[-1]]) for v in (views_z, views_w)]
         d_t = self.classifier(self.grl(flat[0]), training=training)

@@ -25,21 +25,23 @@ def _bn(name, sync_bn, affine=True):
     )
 
 
+# Hidden layers each head kind has (the sizes --head_hidden_dims may override).
+HIDDEN_LAYERS = {"linear": 0, "mlp2": 1, "mlp4": 3, "linear_official": 0, "mlp2_official": 1}
+
+
 def head_dims(in_dim, out_dim, kind, hidden_dims=None):
     """Feature sizes along the head, input first: e.g. mlp4 -> (m, 2m, m, 2m, d)."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"Unknown head kind {kind!r} (--head); choose one of {HEAD_KINDS}.")
+    expected = HIDDEN_LAYERS[kind]
     if hidden_dims is not None:
         hidden = tuple(int(h) for h in hidden_dims)
-        expected = {"linear": 0, "mlp2": 1, "mlp4": 3}[kind]
         if len(hidden) != expected:
             raise ValueError(
                 f"--head_hidden_dims needs {expected} sizes for a {kind} head, got {hidden}."
             )
     else:
-        hidden = {"linear": (), "mlp2": (2 * in_dim,), "mlp4": (2 * in_dim, in_dim, 2 * in_dim)}[
-            kind
-        ]
+        hidden = (2 * in_dim, in_dim, 2 * in_dim)[:expected]
     return (in_dim, *hidden, out_dim)
 
 
@@ -53,39 +55,48 @@ def prediction_head(
     init="torch",
     batch_norm=True,
 ):
-    """Builds a SimReg prediction head (supplement B.5).
+    """Builds a SimReg prediction head (supplement B.5, and the authors' code's variants).
 
     Layer order, with m = in_dim and d = out_dim:
-      linear: Dense(d)
-      mlp2:   Dense(2m) BN ReLU Dense(d)
-      mlp4:   Dense(2m) BN ReLU Dense(m) Dense(2m) BN ReLU Dense(d)
-    i.e. BN + ReLU follow the 1st and 3rd linear layers only; the output has neither, so the
-    head can reach any point of the teacher's feature space (mlp4 = two stacked mlp2 heads).
-    With batch_norm=False the BN layers are left out (ReLU stays): mlp2 is then SEED's student
-    MLP (`seed/builder.py`: Linear(m, m) ReLU Linear(m, d), with hidden_dims=(m,)).
-    Dense layers are named "linear1", "linear2", ...; the last one is also the model output.
+      linear:          Dense(d)
+      mlp2:            Dense(2m) BN ReLU Dense(d)
+      mlp4:            Dense(2m) BN ReLU Dense(m) Dense(2m) BN ReLU Dense(d)
+      linear_official: BN Dense(d)          (UCDvision/simreg `--linear_pred`)
+      mlp2_official:   Dense(2m) Dense(d)   (UCDvision/simreg `--n_mlp_layers=2`)
+    i.e. in the paper's heads BN + ReLU follow the 1st and 3rd linear layers only; the output
+    has neither, so the head can reach any point of the teacher's feature space (mlp4 = two
+    stacked mlp2 heads). The authors' code adds BN + ReLU only to its 4-layer MLP (its mlp4 is
+    the paper's), so its 2-layer head is two affine maps in a row, and its linear head
+    normalises the student's features first (that code path reads an undefined `proj_dim`
+    and stops; m is what it means). With batch_norm=False the paper's heads keep their ReLUs
+    but lose the BN: mlp2 is then SEED's student MLP (`seed/builder.py`: Linear(m, m) ReLU
+    Linear(m, d), with hidden_dims=(m,)). Dense layers are named "linear1", "linear2", ...; the
+    last one is also the model output; linear_official's BN is "bn0".
 
     Args:
       in_dim: student feature size m. out_dim: teacher feature size d.
-      kind: "linear", "mlp2" or "mlp4".
+      kind: one of HEAD_KINDS.
       hidden_dims: optional override of the hidden sizes (e.g. (d, d, d) for the paper's
-        Table 2 ablation); must have 0 / 1 / 3 entries for linear / mlp2 / mlp4.
+        Table 2 ablation); HIDDEN_LAYERS[kind] entries.
       sync_bn: synchronise BN statistics across replicas.
       init: "torch" (torch.nn.Linear's init, the reference code's) or "keras" (glorot /
         zeros); see `kd_keras.nets.initializers`.
-      batch_norm: BN after the hidden Dense layers (--head_batch_norm; SimReg's heads have it,
-        SEED's student MLP not).
+      batch_norm: BN before the ReLUs of mlp2 / mlp4 (--head_batch_norm; SimReg's heads have
+        it, SEED's student MLP not). The other kinds have no such BN.
     Returns:
       keras.Model mapping float [B, m] -> float [B, d].
     """
     dims = head_dims(in_dim, out_dim, kind, hidden_dims)
     inputs = keras.Input((in_dim,), name=f"{name}_input")
     x = inputs
+    if kind == "linear_official":
+        x = _bn("bn0", sync_bn)(x)
     num_linear = len(dims) - 1
+    with_relu = not kind.endswith("_official")
     for i, (fan_in, width) in enumerate(zip(dims[:-1], dims[1:], strict=True), start=1):
         x = initializers.dense(width, fan_in, init, name=f"linear{i}")(x)
         # BN + ReLU after odd-numbered linear layers that are not the output.
-        if i % 2 == 1 and i < num_linear:
+        if with_relu and i % 2 == 1 and i < num_linear:
             if batch_norm:
                 x = _bn(f"bn{i}", sync_bn)(x)
             x = keras.layers.ReLU(name=f"relu{i}")(x)

@@ -23,7 +23,9 @@ def learning_rate_schedule(optim, steps_per_epoch):
     to final + (peak - final) / 2 * (1 + cos(pi e / epochs)), never 0 in training
     (`schedules.EpochCosine`); with --warmup_epochs W (whole epochs) the first W epochs step
     linearly from the unscaled --lr to the peak, SEED's warm-up (a hold without --lr_scaling).
-    All rates follow --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
+    step: the peak multiplied by --lr_decay_rate at each of --lr_decay_epochs, set once per
+    epoch (CompRess' `adjust_learning_rate`, `schedules.EpochStepDecay`). All rates follow
+    --lr_scaling (linear: x batch / 256), as SwAV scales its base rate.
 
     Args:
       optim: `config.OptimConfig`.
@@ -32,6 +34,10 @@ def learning_rate_schedule(optim, steps_per_epoch):
     peak = optim.scaled_lr()
     if optim.schedule == "constant":
         return peak
+    if optim.schedule == "step":
+        return schedules.EpochStepDecay(
+            peak, steps_per_epoch, optim.lr_decay_epochs, factor=optim.lr_decay_rate
+        )
     if optim.schedule == "epoch_cosine":
         return schedules.EpochCosine(
             peak,

@@ -42,11 +42,18 @@ class PreemptionGuard(keras.callbacks.Callback):
     Args:
       directory: the run's checkpoint directory (named in the message).
       signals: the signals handled.
+      agree_every: multi-worker runs agree on stopping every this many steps (None: at epoch
+        ends).
+      data: the run's step <-> data mapping, recorded with the checkpoint as the run's own
+        saves do, so that the resume can verify it (`kd_keras.training.run.data_mapping`).
     """
 
-    def __init__(self, directory, signals=(signal.SIGTERM, signal.SIGINT), agree_every=None):
+    def __init__(
+        self, directory, signals=(signal.SIGTERM, signal.SIGINT), agree_every=None, data=None
+    ):
         super().__init__()
         self.directory = directory
+        self.data = data
         self.signals = tuple(signals)
         self.agree_every = agree_every
         self.received = None
@@ -97,7 +104,7 @@ class PreemptionGuard(keras.callbacks.Callback):
 
     def _stop(self, step, logs):
         # A saver of its own (same directory, same atomic writes and rotation as the run's).
-        saver = checkpointing.StepCheckpoint(self.directory)
+        saver = checkpointing.StepCheckpoint(self.directory, data=self.data)
         saver.set_model(self.model)
         saver.save(step, logs)
         self.on_train_end()

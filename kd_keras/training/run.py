@@ -513,6 +513,7 @@ def data_mapping(r):
             "aug_mode": d.aug_mode,
             "crop_scale_min": d.crop_scale_min,
             "view_resize": d.view_resize,
+            "strong_blur": d.strong_blur,
             "shuffle_buffer": d.shuffle_buffer,
             "method": cfg.method,
         },
@@ -533,6 +534,8 @@ def check_resume_data(r):
         )
     state = checkpointing.read_state(r.role.checkpoint_dirs[0]) or {}
     recorded = state.get("data")
+    if isinstance(recorded, dict):  # recorded before --strong_blur: the paper's blur was the one
+        recorded.setdefault("views", {}).setdefault("strong_blur", "paper")
     if r.done_steps not in state.get("files", {}):
         log.warning(
             "resuming at step %d from a checkpoint that checkpoint.json does not record (copied "
@@ -573,7 +576,12 @@ def view_fn_for(cfg, spec, cached_teachers=False):
         return factory.multicrop_view_fn(cfg)
     d = cfg.data
     view_fn = augment.make_view_fn(
-        d.augment, d.image_size, d.aug_mode, scale=(d.crop_scale_min, 1.0), resize=d.view_resize
+        d.augment,
+        d.image_size,
+        d.aug_mode,
+        scale=(d.crop_scale_min, 1.0),
+        resize=d.view_resize,
+        strong_blur=d.strong_blur,
     )
     if spec.views == "single" or d.aug_mode == "same" or cached_teachers:
         view_fn = view_fn.select(("student",))
@@ -754,6 +762,7 @@ def make_callbacks(r, extra_callbacks=()):
         preemption.PreemptionGuard(
             role.checkpoint_dirs[0],
             agree_every=cfg.save_freq if isinstance(cfg.save_freq, int) else None,
+            data=data_mapping(r),
         ),
         keras.callbacks.TensorBoard(role.logdir, update_freq="epoch"),
         *extra_callbacks,
