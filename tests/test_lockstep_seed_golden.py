@@ -130,7 +130,8 @@ def _expected_queue(golden):
     return queue
 
 
-@pytest.mark.slow  # ~15-25 s on 2 shared cores: a tiny ResNet traced and stepped 8 times
+# 5.4 s at load ~4, 15-25 s at load 8-10 on 2 shared cores (the first replay pays TF's warm-up)
+@pytest.mark.slow
 def test_kd_keras_replays_the_official_seed_trajectory(golden):
     losses, rates, final, queue = _replay(golden)
     # float32 cosine against torch's float64 math.cos: 1.2e-6 relative at the smallest rate.
@@ -151,7 +152,6 @@ def test_the_fixture_covers_the_warm_up_the_cosine_and_a_wrapped_queue(golden):
     assert len(lrs) * s["batch_size"] > s["queue_size"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "departure", [{"momentum_form": "keras"}, {"student_temperature": 0.1}], ids=str
 )
