@@ -55,6 +55,15 @@ def test_head_batch_norm_flag_reaches_the_config(tmp_path):
         (["--method=seed", "--head=linear", "--head_batch_norm=false"], "--head_batch_norm"),
         # a method without a student head
         (["--method=oss_offline", "--head_batch_norm=false"], "head_batch_norm"),
+        (["--method=seed", "--head=mlp2_official", "--head_batch_norm=false"], "head_batch_norm"),
+        (
+            [
+                "--method=compress_2q",
+                "--compress_student_features=backbone",
+                "--head_batch_norm=false",
+            ],
+            "head_batch_norm",
+        ),
         # epoch_cosine sets the rate per epoch: whole warm-up epochs only
         (["--schedule=epoch_cosine", "--warmup_epochs=2.5"], "--warmup_epochs"),
         (["--schedule=epoch_cosine", "--epochs=5", "--warmup_epochs=5"], "--warmup_epochs"),

@@ -84,11 +84,12 @@ def validate_compress(cfg):
 
 
 def unused_by_compress(cfg):
-    """--head / --head_hidden_dims are not read when 2q compares backbone features."""
+    """--head / --head_hidden_dims / --head_batch_norm are not read when 2q compares backbone
+    features."""
     if cfg.options().compress_student_features != "backbone":
         return {}
     why = "--compress_student_features=backbone compares the student's backbone features."
-    return {"head": why, "head_hidden_dims": why}
+    return {"head": why, "head_hidden_dims": why, "head_batch_norm": why}
 
 
 _COMMON = dict(
