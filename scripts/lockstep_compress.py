@@ -286,19 +286,14 @@ def main(args):
         "momentum_form": args.momentum_form,
         "head_init": args.head_init,
         "bank_rows": args.bank_rows,
-        "max_rel_loss_diff": float(rel.max()),
-        "mean_rel_loss_diff": float(rel.mean()),
+        **base.loss_agreement(rel),
         "noise_floor_max_rel_loss_diff": noise,
         "max_abs_weight_diff": max(v[0] for v in weights.values()),
         "max_rel_weight_diff": max(v[1] for v in weights.values()),
         "abs_rel_diff_by_part": diffs,
         "worst_student_weights": base.worst_weights(got["student"], expected["student"]),
         "rel_loss_diff_per_step": rel.tolist(),
-        "losses_kd_keras": losses,
-        "losses_official": official["losses"],
-        "lrs_official": official["lrs"],
-        "seconds_official_process": round(torch_seconds, 1),
-        "seconds_kd_keras_steps": round(keras_seconds, 1),
+        **base.trajectories(losses, official, torch_seconds, keras_seconds),
     }
     print(json.dumps(result))
     return result

@@ -352,6 +352,23 @@ def noise_floor_of(losses, perturbed, label="noise floor"):
     return float(rel.max())
 
 
+def loss_agreement(rel):
+    """The result's max and mean of the per-step relative loss differences `rel`."""
+    return {"max_rel_loss_diff": float(rel.max()), "mean_rel_loss_diff": float(rel.mean())}
+
+
+def trajectories(losses, official, torch_seconds, keras_seconds):
+    """The result's closing entries: both sides' per-step losses, the official rates, and
+    how long each side took."""
+    return {
+        "losses_kd_keras": losses,
+        "losses_official": official["losses"],
+        "lrs_official": official["lrs"],
+        "seconds_official_process": round(torch_seconds, 1),
+        "seconds_kd_keras_steps": round(keras_seconds, 1),
+    }
+
+
 def official_arrays(official, work):
     """The fixture arrays every method stores of the official run."""
     return {
@@ -476,8 +493,7 @@ def main(argv=None):
         "teacher": teacher_arch,
         "momentum_form": args.momentum_form,
         "head_init": args.head_init,
-        "max_rel_loss_diff": float(rel.max()),
-        "mean_rel_loss_diff": float(rel.mean()),
+        **loss_agreement(rel),
         "noise_floor_max_rel_loss_diff": noise,
         "max_abs_weight_diff": max(student_abs, head_abs),
         "max_rel_weight_diff": max(student_rel, head_rel),
@@ -485,11 +501,7 @@ def main(argv=None):
         "head_max_abs_weight_diff": head_abs,
         "worst_student_weights": worst_weights(weights_by_path(method.student), final_student),
         "worst_head_weights": worst_weights(weights_by_path(head), final_head),
-        "losses_kd_keras": losses,
-        "losses_official": official["losses"],
-        "lrs_official": official["lrs"],
-        "seconds_official_process": round(torch_seconds, 1),
-        "seconds_kd_keras_steps": round(keras_seconds, 1),
+        **trajectories(losses, official, torch_seconds, keras_seconds),
     }
     print(json.dumps(result))
     return result

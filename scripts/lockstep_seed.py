@@ -301,8 +301,7 @@ def run(args):
         "method": "seed",
         **{k: v for k, v in s.items() if k != "source"},
         "momentum_form": args.momentum_form,
-        "max_rel_loss_diff": float(rel.max()),
-        "mean_rel_loss_diff": float(rel.mean()),
+        **lo.loss_agreement(rel),
         "rel_loss_diff_per_step": rel.tolist(),
         "noise_floor_max_rel_loss_diff": noise,
         "teacher_noise_floor_max_rel_loss_diff": teacher_noise,
@@ -318,11 +317,7 @@ def run(args):
         "teacher_embedding_max_abs_diff": teacher_diff,
         "worst_student_weights": lo.worst_weights(got_student, final_student),
         "worst_head_weights": lo.worst_weights(got_head, final_head),
-        "losses_kd_keras": losses,
-        "losses_official": official["losses"],
-        "lrs_official": official["lrs"],
-        "seconds_official_process": round(torch_seconds, 1),
-        "seconds_kd_keras_steps": round(keras_seconds, 1),
+        **lo.trajectories(losses, official, torch_seconds, keras_seconds),
     }
     print(json.dumps(result))
     return result
