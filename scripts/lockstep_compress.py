@@ -30,7 +30,6 @@ tests/test_lockstep_compress_golden.py.
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,53 +63,17 @@ def add_args(parser):
     )
 
 
-def export_code(repo, dest):
-    """An unmodified copy of the Python files of `repo`'s HEAD (or the directory itself when
-    it is no git repository). Only code is exported: a partial mirror may lack the project
-    page's images, which `git archive` of the whole tree would fail on."""
-    git_dir = repo if os.path.isfile(os.path.join(repo, "HEAD")) else os.path.join(repo, ".git")
-    if not os.path.exists(git_dir):
-        return os.path.abspath(repo)
-    git = ["git", f"--git-dir={git_dir}"]
-    names = subprocess.run(
-        [*git, "ls-tree", "-r", "--name-only", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.split()
-    code = [n for n in names if n.endswith(".py")]
-    archive = subprocess.run(
-        [*git, "archive", "HEAD", "--", *code], check=True, capture_output=True
-    ).stdout
-    os.makedirs(dest, exist_ok=True)
-    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
-    return dest
-
-
 def run_torch_side(args, official_dir, work):
-    cmd = [
-        args.torch_python,
-        os.path.join(HERE, "lockstep_torch_compress.py"),
-        f"--official_dir={official_dir}",
-        f"--work={work}",
+    """The official CompRess script's run (scripts/lockstep_torch_compress.py)."""
+    flags = [
         f"--method={args.method}",
-        f"--steps_per_epoch={args.steps_per_epoch}",
-        f"--steps={args.steps}",
-        f"--epochs={args.epochs}",
-        f"--lr={args.lr}",
         f"--lr_decay_epochs={args.lr_decay_epochs}",
         f"--lr_decay_rate={args.lr_decay_rate}",
-        f"--momentum={args.momentum}",
-        f"--weight_decay={args.weight_decay}",
-        f"--batch_size={args.batch_size}",
         f"--bank_size={args.bank_size}",
         f"--temperature={args.compress_t}",
         f"--alpha={args.alpha}",
-        f"--seed={args.seed}",
-        *(["--tiny"] if args.tiny else []),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"lockstep: the official code failed (exit {done.returncode}).")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return base.run_torch_side(args, "lockstep_torch_compress.py", official_dir, work, flags)
 
 
 def settings(args):
@@ -140,12 +103,7 @@ def build_kd_keras(s, teacher, momentum_form="torch", bank_rows="as_stored", hea
     Returns:
       (method, step function: batch dict -> loss float).
     """
-    import tensorflow as tf
-
     from kd_keras import config
-    from kd_keras.methods import registry
-    from kd_keras.nets import backbones
-    from kd_keras.optim import optimizers
 
     one_queue = s["method"] == "compress_1q"
     options = {
@@ -178,18 +136,9 @@ def build_kd_keras(s, teacher, momentum_form="torch", bank_rows="as_stored", hea
         ),
         method_options=options,
     )
-    student = backbones.build_resnet(s["student_arch"], s["image_size"], norm="imagenet")
-    method = registry.build_method(cfg, student, [teacher], steps_per_epoch=s["steps_per_epoch"])
-    method.compile(optimizer=optimizers.make_optimizer(cfg.optim, s["steps_per_epoch"]))
-    method.build((None, s["image_size"], s["image_size"], 3))
-    method.optimizer.build(method.trainable_variables)
-    train = tf.function(method.train_step)
-
-    def step(batch):
-        method.reset_metrics()
-        return float(train(batch)["loss"])
-
-    return method, step
+    return base.ready_to_step(
+        cfg, s["student_arch"], s["image_size"], teacher, s["steps_per_epoch"]
+    )
 
 
 def head_weights(fc):
@@ -214,9 +163,7 @@ def set_state(method, state):
     if method.head is not None:
         parts["head"] = method.head
     for part, model in parts.items():
-        for layer in model.layers:
-            for w in layer.weights:
-                w.assign(state[part][f"{layer.name}/{w.path.split('/')[-1]}"])
+        base.assign_weights(model, state[part])
     for name, value in state["banks"].items():
         bank, field = name.split("/")
         getattr(getattr(method, bank), field).assign(value)
@@ -241,7 +188,7 @@ def read_state(method):
     state["banks"] = banks
     if method.key_encoder is not None:
         names = {
-            id(w): f"{layer.name}/{w.path.split('/')[-1]}"
+            id(w): base.weight_name(layer, w)
             for layer in method.student.layers
             for w in layer.trainable_weights
         }
@@ -268,7 +215,9 @@ def main(args):
     started = time.time()
     work = args.work or tempfile.mkdtemp(prefix="lockstep_compress_")
     os.makedirs(work, exist_ok=True)
-    official_dir = export_code(args.official_repo, os.path.join(work, "official"))
+    official_dir = base.export_official(
+        args.official_repo, os.path.join(work, "official"), python_only=True
+    )
     views, _ = base.make_views(args)
     np.savez(os.path.join(work, "inputs.npz"), student_nchw=base.to_nchw_normalised(views))
     official = run_torch_side(args, official_dir, work)
@@ -283,13 +232,8 @@ def main(args):
     teacher_dir = base.convert(j("teacher.pth"), j("teacher_converted"), teacher_arch)
     teacher = loading.load_teacher(loading.parse_teacher_spec(teacher_dir), args.image_size)
 
-    def official_backbone(name):
-        return base.weights_by_path(
-            base.load_converted(base.convert(j(f"{name}.pth"), j(name), arch))
-        )
-
     initial = {
-        "student": official_backbone("student_init"),
+        "student": base.converted_weights(work, "student_init", arch),
         "head": head_weights(dict(np.load(j("head_init.npz")))),
         "banks": bank_arrays(np.load(j("banks_init.npz"))),
     }
@@ -313,26 +257,23 @@ def main(args):
         scale = np.float32(1 + args.noise_scale)
         scaled["student"] = {k: v * scale for k, v in initial["student"].items()}
         set_state(other, scaled)
-        perturbed = np.asarray([other_step(b) for b in batches])
-        per_step = np.abs(perturbed - losses) / np.abs(losses)
-        print("noise floor per step:", per_step.tolist(), file=sys.stderr)
-        noise = float(per_step.max())
+        perturbed = [other_step(b) for b in batches]
+        noise = base.noise_floor_of(losses, perturbed)
 
     expected = {
-        "student": official_backbone("student_final"),
+        "student": base.converted_weights(work, "student_final", arch),
         "banks": bank_arrays(np.load(j("banks_final.npz"))),
     }
     if args.method == "compress_1q":
         expected["head"] = head_weights(dict(np.load(j("head_final.npz"))))
     else:
         # The key's BN running statistics are never used (its BN runs in training mode).
-        key = official_backbone("key_final")
+        key = base.converted_weights(work, "key_final", arch)
         expected["key"] = {k: v for k, v in key.items() if "moving_" not in k}
     got = read_state(method)
     diffs = compare_state(got, expected)
 
-    official_losses = np.asarray(official["losses"], np.float64)
-    rel = np.abs(np.asarray(losses) - official_losses) / np.abs(official_losses)
+    rel = base.rel_loss_diff(np.asarray(official["losses"], np.float64), losses)
     if args.fixture:
         write_fixture(args.fixture, s, views, work, official, initial, expected)
     weights = {k: v for k, v in diffs.items() if k != "banks"}
@@ -345,19 +286,14 @@ def main(args):
         "momentum_form": args.momentum_form,
         "head_init": args.head_init,
         "bank_rows": args.bank_rows,
-        "max_rel_loss_diff": float(rel.max()),
-        "mean_rel_loss_diff": float(rel.mean()),
+        **base.loss_agreement(rel),
         "noise_floor_max_rel_loss_diff": noise,
         "max_abs_weight_diff": max(v[0] for v in weights.values()),
         "max_rel_weight_diff": max(v[1] for v in weights.values()),
         "abs_rel_diff_by_part": diffs,
         "worst_student_weights": base.worst_weights(got["student"], expected["student"]),
         "rel_loss_diff_per_step": rel.tolist(),
-        "losses_kd_keras": losses,
-        "losses_official": official["losses"],
-        "lrs_official": official["lrs"],
-        "seconds_official_process": round(torch_seconds, 1),
-        "seconds_kd_keras_steps": round(keras_seconds, 1),
+        **base.trajectories(losses, official, torch_seconds, keras_seconds),
     }
     print(json.dumps(result))
     return result
@@ -368,16 +304,10 @@ def write_fixture(path, s, views, work, official, initial, expected):
     rates, and the initial and final state in kd_keras' names."""
     arrays = {
         "views_uint8": np.round(views * 255).astype(np.uint8),
-        "teacher_features": np.load(os.path.join(work, "teacher_features.npy")).astype(np.float32),
-        "official_losses": np.asarray(official["losses"], np.float64),
-        "official_lrs": np.asarray(official["lrs"], np.float64),
+        **base.official_arrays(official, work),
         "settings": np.asarray(json.dumps(s)),
     }
     # The 2q key copy's final weights are left out (130 kB for the tiny net): the student bank
     # rows it wrote, and the losses scored against them, already pin it.
     final = {part: values for part, values in expected.items() if part != "key"}
-    for prefix, state in (("init", initial), ("final", final)):
-        for part, values in state.items():
-            arrays.update({f"{prefix}/{part}/{k}": v for k, v in values.items()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    base.save_fixture(path, arrays, {"init": initial, "final": final})

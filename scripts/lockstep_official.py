@@ -111,15 +111,29 @@ def parse_args(argv=None):
     return args
 
 
-def export_official(repo, dest):
-    """An unmodified copy of `repo`'s HEAD (or the directory itself when it is no git repo)."""
+def export_official(repo, dest, python_only=False):
+    """An unmodified copy of `repo`'s HEAD (or the directory itself when it is no git repo).
+
+    python_only: export the .py files alone; a partial mirror may lack files the code never
+    reads (a project page's images), and `git archive` of the whole tree would fail on them.
+    """
     git_dir = repo if os.path.isfile(os.path.join(repo, "HEAD")) else os.path.join(repo, ".git")
     if not os.path.exists(git_dir):
         return os.path.abspath(repo)
-    os.makedirs(dest, exist_ok=True)
+    git = ["git", f"--git-dir={git_dir}"]
+    paths = []
+    if python_only:
+        names = subprocess.run(
+            [*git, "ls-tree", "-r", "--name-only", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        paths = ["--", *(n for n in names if n.endswith(".py"))]
     archive = subprocess.run(
-        ["git", f"--git-dir={git_dir}", "archive", "HEAD"], check=True, capture_output=True
+        [*git, "archive", "HEAD", *paths], check=True, capture_output=True
     ).stdout
+    os.makedirs(dest, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     return dest
 
@@ -166,13 +180,14 @@ def to_nchw_normalised(views):
     return np.ascontiguousarray(normal.reshape(views.shape).transpose(0, 1, 4, 2, 3))
 
 
-def run_torch_side(args, official_dir, work):
+def run_torch_side(args, script, official_dir, work, extra_flags=(), what="the official code"):
+    """Runs scripts/`script` under --torch_python with the flags every torch half takes plus
+    `extra_flags`; returns the JSON object of its last stdout line."""
     cmd = [
         args.torch_python,
-        os.path.join(HERE, "lockstep_torch_side.py"),
+        os.path.join(HERE, script),
         f"--official_dir={official_dir}",
         f"--work={work}",
-        f"--method={args.method}",
         f"--steps_per_epoch={args.steps_per_epoch}",
         f"--steps={args.steps}",
         f"--epochs={args.epochs}",
@@ -181,12 +196,13 @@ def run_torch_side(args, official_dir, work):
         f"--weight_decay={args.weight_decay}",
         f"--batch_size={args.batch_size}",
         f"--seed={args.seed}",
+        *extra_flags,
         *(["--tiny"] if args.tiny else []),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"lockstep: the official code failed (exit {done.returncode}).")
+        raise SystemExit(f"lockstep: {what} failed (exit {done.returncode}).")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -207,20 +223,33 @@ def load_converted(directory):
     return keras.saving.load_model(os.path.join(directory, "backbone.keras"), compile=False)
 
 
+def converted_weights(work, name, arch):
+    """weights_by_path of the torch backbone checkpoint work/`name`.pth, converted."""
+    pth, out = os.path.join(work, f"{name}.pth"), os.path.join(work, name)
+    return weights_by_path(load_converted(convert(pth, out, arch)))
+
+
+def weight_name(layer, weight):
+    """A weight's name as "layer/weight", without the model's own name."""
+    return f"{layer.name}/{weight.path.split('/')[-1]}"
+
+
 def weights_by_path(model):
     """{"layer/weight": array} of a backbone (the path without the model's own name)."""
-    return {
-        f"{layer.name}/{w.path.split('/')[-1]}": np.asarray(w)
-        for layer in model.layers
-        for w in layer.weights
-    }
+    return {weight_name(layer, w): np.asarray(w) for layer in model.layers for w in layer.weights}
 
 
-def copy_weights(source, target):
-    values = weights_by_path(source)
-    for layer in target.layers:
+def assign_weights(model, values, scale=None):
+    """Sets every weight of `model` from {"layer/weight": array}, times float32 `scale` if set."""
+    for layer in model.layers:
         for w in layer.weights:
-            w.assign(values[f"{layer.name}/{w.path.split('/')[-1]}"])
+            value = values[weight_name(layer, w)]
+            w.assign(value if scale is None else value * np.float32(scale))
+
+
+def prefixed(parts):
+    """{"student": {k: v}, "head": {...}} -> {"student/k": v, "head/...": ...}."""
+    return {f"{part}/{k}": v for part, values in parts.items() for k, v in values.items()}
 
 
 def head_from_torch(head, arrays):
@@ -249,7 +278,7 @@ def head_arrays_as_keras(arrays):
 
 
 class CachedTeacher:
-    """What SimReg needs of a teacher when the batch carries its features."""
+    """What a method needs of a teacher when the batch carries its features."""
 
     def __init__(self, name, feature_dim):
         self.name, self.feature_dim = name, int(feature_dim)
@@ -263,12 +292,7 @@ def build_kd_keras(student_arch, image_size, teacher, steps_per_epoch, epochs, l
     Returns:
       (method, train_step function on a batch dict -> loss float).
     """
-    import tensorflow as tf
-
     from kd_keras import config
-    from kd_keras.methods import registry
-    from kd_keras.nets import backbones
-    from kd_keras.optim import optimizers
 
     head_init = "keras" if options["head_init"] == "keras" else "torch"
     cfg = config.Config(
@@ -287,6 +311,21 @@ def build_kd_keras(student_arch, image_size, teacher, steps_per_epoch, epochs, l
             weight_decay=options["weight_decay"],
         ),
     )
+    return ready_to_step(cfg, student_arch, image_size, teacher, steps_per_epoch)
+
+
+def ready_to_step(cfg, student_arch, image_size, teacher, steps_per_epoch):
+    """kd_keras' method for Config `cfg` on a new student, compiled and built.
+
+    Returns:
+      (method, step function: batch dict -> loss float).
+    """
+    import tensorflow as tf
+
+    from kd_keras.methods import registry
+    from kd_keras.nets import backbones
+    from kd_keras.optim import optimizers
+
     student = backbones.build_resnet(student_arch, image_size, norm="imagenet")
     method = registry.build_method(cfg, student, [teacher], steps_per_epoch=steps_per_epoch)
     method.compile(optimizer=optimizers.make_optimizer(cfg.optim, steps_per_epoch))
@@ -299,6 +338,53 @@ def build_kd_keras(student_arch, image_size, teacher, steps_per_epoch, epochs, l
         return float(train(batch)["loss"])
 
     return method, step
+
+
+def rel_loss_diff(reference, losses):
+    """|losses - reference| / |reference| per step, float64 [steps]."""
+    return np.abs(np.asarray(losses) - reference) / np.abs(reference)
+
+
+def noise_floor_of(losses, perturbed, label="noise floor"):
+    """max relative difference of a perturbed twin's losses from `losses` (per step on stderr)."""
+    rel = rel_loss_diff(losses, perturbed)
+    print(f"{label} per step:", rel.tolist(), file=sys.stderr)
+    return float(rel.max())
+
+
+def loss_agreement(rel):
+    """The result's max and mean of the per-step relative loss differences `rel`."""
+    return {"max_rel_loss_diff": float(rel.max()), "mean_rel_loss_diff": float(rel.mean())}
+
+
+def trajectories(losses, official, torch_seconds, keras_seconds):
+    """The result's closing entries: both sides' per-step losses, the official rates, and
+    how long each side took."""
+    return {
+        "losses_kd_keras": losses,
+        "losses_official": official["losses"],
+        "lrs_official": official["lrs"],
+        "seconds_official_process": round(torch_seconds, 1),
+        "seconds_kd_keras_steps": round(keras_seconds, 1),
+    }
+
+
+def official_arrays(official, work):
+    """The fixture arrays every method stores of the official run."""
+    return {
+        "teacher_features": np.load(os.path.join(work, "teacher_features.npy")).astype(np.float32),
+        "official_losses": np.asarray(official["losses"], np.float64),
+        "official_lrs": np.asarray(official["lrs"], np.float64),
+    }
+
+
+def save_fixture(path, arrays, states):
+    """Writes `arrays` plus every {prefix: {part: {name: array}}} as "prefix/part/name"."""
+    arrays = dict(arrays)
+    for prefix, state in states.items():
+        arrays.update({f"{prefix}/{k}": v for k, v in prefixed(state).items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, **arrays)
 
 
 def worst_weights(got, expected, count=5):
@@ -347,7 +433,9 @@ def main(argv=None):
         student_nchw=to_nchw_normalised(student_views),
         teacher_nchw=to_nchw_normalised(teacher_views),
     )
-    official = run_torch_side(args, official_dir, work)
+    official = run_torch_side(
+        args, "lockstep_torch_side.py", official_dir, work, [f"--method={args.method}"]
+    )
     torch_seconds = time.time() - started
 
     from kd_keras.teachers import loading
@@ -367,10 +455,7 @@ def main(argv=None):
     method, step = build_kd_keras(
         student_arch, args.image_size, teacher, args.steps_per_epoch, args.epochs, args.lr, options
     )
-    copy_weights(
-        load_converted(convert(j("student_init.pth"), j("student_init"), student_arch)),
-        method.student,
-    )
+    assign_weights(method.student, converted_weights(work, "student_init", student_arch))
     head = method.heads[0]
     if args.head_init == "transfer":
         head_from_torch(head, dict(np.load(j("head_init.npz"))))
@@ -389,11 +474,8 @@ def main(argv=None):
     if args.noise_floor:
         noise = noise_floor(args, student_arch, teacher, options, initial, views, losses)
 
-    official_losses = np.asarray(official["losses"], np.float64)
-    rel = np.abs(np.asarray(losses) - official_losses) / np.abs(official_losses)
-    final_student = weights_by_path(
-        load_converted(convert(j("student_final.pth"), j("student_final"), student_arch))
-    )
+    rel = rel_loss_diff(np.asarray(official["losses"], np.float64), losses)
+    final_student = converted_weights(work, "student_final", student_arch)
     final_head = head_arrays_as_keras(dict(np.load(j("head_final.npz"))))
     student_abs, student_rel = compare_weights(weights_by_path(method.student), final_student)
     head_abs, head_rel = compare_weights(weights_by_path(head), final_head)
@@ -411,8 +493,7 @@ def main(argv=None):
         "teacher": teacher_arch,
         "momentum_form": args.momentum_form,
         "head_init": args.head_init,
-        "max_rel_loss_diff": float(rel.max()),
-        "mean_rel_loss_diff": float(rel.mean()),
+        **loss_agreement(rel),
         "noise_floor_max_rel_loss_diff": noise,
         "max_abs_weight_diff": max(student_abs, head_abs),
         "max_rel_weight_diff": max(student_rel, head_rel),
@@ -420,11 +501,7 @@ def main(argv=None):
         "head_max_abs_weight_diff": head_abs,
         "worst_student_weights": worst_weights(weights_by_path(method.student), final_student),
         "worst_head_weights": worst_weights(weights_by_path(head), final_head),
-        "losses_kd_keras": losses,
-        "losses_official": official["losses"],
-        "lrs_official": official["lrs"],
-        "seconds_official_process": round(torch_seconds, 1),
-        "seconds_kd_keras_steps": round(keras_seconds, 1),
+        **trajectories(losses, official, torch_seconds, keras_seconds),
     }
     print(json.dumps(result))
     return result
@@ -438,25 +515,16 @@ def noise_floor(args, student_arch, teacher, options, initial, views, losses):
     method, step = build_kd_keras(
         student_arch, args.image_size, teacher, args.steps_per_epoch, args.epochs, args.lr, options
     )
-    for part, model in (("student", method.student), ("head", method.heads[0])):
-        for layer in model.layers:
-            for w in layer.weights:
-                value = initial[part][f"{layer.name}/{w.path.split('/')[-1]}"]
-                w.assign(value * np.float32(1 + args.noise_scale) if part == "student" else value)
-    perturbed = np.asarray([step(batch) for batch in views])
-    rel = np.abs(perturbed - losses) / np.abs(losses)
-    print("noise floor per step:", rel.tolist(), file=sys.stderr)
-    return float(rel.max())
+    assign_weights(method.student, initial["student"], scale=1 + args.noise_scale)
+    assign_weights(method.heads[0], initial["head"])
+    return noise_floor_of(losses, [step(batch) for batch in views])
 
 
 def write_fixture(args, student_views, work, official, initial, final_student, final_head):
     """The golden trajectory tests/test_lockstep_golden.py replays without torch."""
-    teacher_features = np.load(os.path.join(work, "teacher_features.npy"))
     arrays = {
         "student_views_uint8": np.round(student_views * 255).astype(np.uint8),
-        "teacher_features": teacher_features.astype(np.float32),
-        "official_losses": np.asarray(official["losses"], np.float64),
-        "official_lrs": np.asarray(official["lrs"], np.float64),
+        **official_arrays(official, work),
         "settings": np.asarray(
             json.dumps(
                 {
@@ -473,12 +541,8 @@ def write_fixture(args, student_views, work, official, initial, final_student, f
             )
         ),
     }
-    for part, values in initial.items():
-        arrays.update({f"init/{part}/{k}": v for k, v in values.items()})
-    arrays.update({f"final/student/{k}": v for k, v in final_student.items()})
-    arrays.update({f"final/head/{k}": v for k, v in final_head.items()})
-    os.makedirs(os.path.dirname(os.path.abspath(args.fixture)), exist_ok=True)
-    np.savez_compressed(args.fixture, **arrays)
+    final = {"student": final_student, "head": final_head}
+    save_fixture(args.fixture, arrays, {"init": initial, "final": final})
 
 
 if __name__ == "__main__":

@@ -46,13 +46,6 @@ SEED_WARMUP_EPOCHS = 5  # main.py: args.warmup_epochs = 5 (both paths)
 TEACHER_NAME = "official"
 
 
-class CachedTeacher:
-    """What SEED needs of a teacher when the batch carries its features."""
-
-    def __init__(self, name, feature_dim):
-        self.name, self.feature_dim = name, int(feature_dim)
-
-
 def add_arguments(parser):
     """SEED's own knobs on lockstep_official.py's parser (ignored by --method=simreg)."""
     parser.add_argument("--queue_size", type=int, default=None, help="SEED --queue (K)")
@@ -98,35 +91,15 @@ def kd_keras_config(s, momentum_form="torch", student_temperature=None):
 
 def build_kd_keras(s, teacher, momentum_form="torch", student_temperature=None):
     """kd_keras' SEED on settings `s` ready to step: (method, step(batch) -> loss float)."""
-    import tensorflow as tf
-
-    from kd_keras.methods import registry
-    from kd_keras.nets import backbones
-    from kd_keras.optim import optimizers
-
     cfg = kd_keras_config(s, momentum_form, student_temperature)
-    student = backbones.build_resnet(s["student_arch"], s["image_size"], norm="imagenet")
-    method = registry.build_method(cfg, student, [teacher], steps_per_epoch=s["steps_per_epoch"])
-    method.compile(optimizer=optimizers.make_optimizer(cfg.optim, s["steps_per_epoch"]))
-    method.build((None, s["image_size"], s["image_size"], 3))
-    method.optimizer.build(method.trainable_variables)
-    train = tf.function(method.train_step)
-
-    def step(batch):
-        method.reset_metrics()
-        return float(train(batch)["loss"])
-
-    return method, step
+    return lo.ready_to_step(cfg, s["student_arch"], s["image_size"], teacher, s["steps_per_epoch"])
 
 
 def set_state(method, initial, queue, student_scale=1.0):
     """Student and head weights from `initial` ({"student": {...}, "head": {...}}), the queue
     from float32 [K, dim], the queue pointer 0."""
-    for part, model in (("student", method.student), ("head", method.head)):
-        for layer in model.layers:
-            for w in layer.weights:
-                value = initial[part][f"{layer.name}/{w.path.split('/')[-1]}"]
-                w.assign(value * np.float32(student_scale) if part == "student" else value)
+    lo.assign_weights(method.student, initial["student"], scale=student_scale)
+    lo.assign_weights(method.head, initial["head"])
     method.queue.bank.assign(queue)
     method.queue.pointer.assign(0)
 
@@ -169,32 +142,16 @@ def teacher_with_projection(converted_dir, fc, image_size):
 
 
 def run_torch_side(args, s, official_dir, work):
-    import subprocess
-
-    cmd = [
-        args.torch_python,
-        os.path.join(HERE, "lockstep_torch_seed.py"),
-        f"--official_dir={official_dir}",
-        f"--work={work}",
-        f"--steps_per_epoch={s['steps_per_epoch']}",
-        f"--steps={s['steps']}",
-        f"--epochs={s['epochs']}",
-        f"--lr={s['lr']}",
-        f"--momentum={s['momentum']}",
-        f"--weight_decay={s['weight_decay']}",
-        f"--batch_size={s['batch_size']}",
+    """The official SEED run (scripts/lockstep_torch_seed.py) on settings `s`."""
+    flags = [
         f"--queue={s['queue_size']}",
         f"--dim={s['dim']}",
         f"--temp={s['student_temperature']}",
         f"--distill_t={s['teacher_temperature']}",
-        f"--seed={args.seed}",
-        *(["--tiny"] if args.tiny else []),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"lockstep: the official SEED code failed (exit {done.returncode}).")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return lo.run_torch_side(
+        args, "lockstep_torch_seed.py", official_dir, work, flags, "the official SEED code"
+    )
 
 
 def settings_from(args):
@@ -260,11 +217,8 @@ def run(args):
         j("teacher_converted"), dict(np.load(j("teacher_fc.npz"))), s["image_size"]
     )
     method, step = build_kd_keras(s, teacher, args.momentum_form)
-    student_init = lo.load_converted(
-        lo.convert(j("student_init.pth"), j("student_init"), s["student_arch"])
-    )
     initial = {
-        "student": lo.weights_by_path(student_init),
+        "student": lo.converted_weights(work, "student_init", s["student_arch"]),
         "head": head_arrays_as_keras(dict(np.load(j("head_init.npz")))),
     }
     queue_init = np.ascontiguousarray(np.load(j("queue_init.npy")).T)
@@ -286,12 +240,9 @@ def run(args):
     keras_seconds = time.time() - keras_started
     official_losses = np.asarray(official["losses"], np.float64)
 
-    def rel_to(reference, other):
-        return np.abs(np.asarray(other) - reference) / np.abs(reference)
-
     # The same kd_keras run fed the official teacher's embeddings (a teacher cache): what is
     # left is the student side alone.
-    cached = CachedTeacher(TEACHER_NAME, official_features.shape[-1])
+    cached = lo.CachedTeacher(TEACHER_NAME, official_features.shape[-1])
     fed, fed_step = build_kd_keras(s, cached, args.momentum_form)
     set_state(fed, initial, queue_init)
     fed_losses = [
@@ -304,13 +255,11 @@ def run(args):
         # (1 + --noise_scale): how far one rounding of either start moves this trajectory.
         twin, twin_step = build_kd_keras(s, teacher, args.momentum_form)
         set_state(twin, initial, queue_init, student_scale=1 + args.noise_scale)
-        noise_rel = rel_to(losses, [twin_step(batch) for batch in views])
-        print("student noise floor per step:", noise_rel.tolist(), file=sys.stderr)
-        noise = float(noise_rel.max())
-        twin_weights = {
-            **{f"student/{k}": v for k, v in lo.weights_by_path(twin.student).items()},
-            **{f"head/{k}": v for k, v in lo.weights_by_path(twin.head).items()},
-        }
+        twin_losses = [twin_step(batch) for batch in views]
+        noise = lo.noise_floor_of(losses, twin_losses, "student noise floor")
+        twin_weights = lo.prefixed(
+            {"student": lo.weights_by_path(twin.student), "head": lo.weights_by_path(twin.head)}
+        )
         nudged = teacher_with_projection(
             j("teacher_converted"), dict(np.load(j("teacher_fc.npz"))), s["image_size"]
         )
@@ -318,15 +267,12 @@ def run(args):
             w.assign(w * np.float32(1 + args.noise_scale))
         twin, twin_step = build_kd_keras(s, nudged, args.momentum_form)
         set_state(twin, initial, queue_init)
-        teacher_rel = rel_to(losses, [twin_step(batch) for batch in views])
-        print("teacher noise floor per step:", teacher_rel.tolist(), file=sys.stderr)
-        teacher_noise = float(teacher_rel.max())
+        twin_losses = [twin_step(batch) for batch in views]
+        teacher_noise = lo.noise_floor_of(losses, twin_losses, "teacher noise floor")
 
-    rel = rel_to(official_losses, losses)
-    fed_rel = rel_to(official_losses, fed_losses)
-    final_student = lo.weights_by_path(
-        lo.load_converted(lo.convert(j("student_final.pth"), j("student_final"), s["student_arch"]))
-    )
+    rel = lo.rel_loss_diff(official_losses, losses)
+    fed_rel = lo.rel_loss_diff(official_losses, fed_losses)
+    final_student = lo.converted_weights(work, "student_final", s["student_arch"])
     final_head = head_arrays_as_keras(dict(np.load(j("head_final.npz"))))
     final_queue = np.ascontiguousarray(np.load(j("queue_final.npy")).T)
     got_student = lo.weights_by_path(method.student)
@@ -334,14 +280,8 @@ def run(args):
     student_abs, student_rel = lo.compare_weights(got_student, final_student)
     head_abs, head_rel = lo.compare_weights(got_head, final_head)
     queue_abs = float(np.abs(method.queue.bank.numpy() - final_queue).max())
-    got = {
-        **{f"student/{k}": v for k, v in got_student.items()},
-        **{f"head/{k}": v for k, v in got_head.items()},
-    }
-    expected = {
-        **{f"student/{k}": v for k, v in final_student.items()},
-        **{f"head/{k}": v for k, v in final_head.items()},
-    }
+    got = lo.prefixed({"student": got_student, "head": got_head})
+    expected = lo.prefixed({"student": final_student, "head": final_head})
     trained_abs = trained_weight_diff(got, expected)
     noise_weight_abs = None if twin_weights is None else trained_weight_diff(twin_weights, got)
 
@@ -361,8 +301,7 @@ def run(args):
         "method": "seed",
         **{k: v for k, v in s.items() if k != "source"},
         "momentum_form": args.momentum_form,
-        "max_rel_loss_diff": float(rel.max()),
-        "mean_rel_loss_diff": float(rel.mean()),
+        **lo.loss_agreement(rel),
         "rel_loss_diff_per_step": rel.tolist(),
         "noise_floor_max_rel_loss_diff": noise,
         "teacher_noise_floor_max_rel_loss_diff": teacher_noise,
@@ -378,11 +317,7 @@ def run(args):
         "teacher_embedding_max_abs_diff": teacher_diff,
         "worst_student_weights": lo.worst_weights(got_student, final_student),
         "worst_head_weights": lo.worst_weights(got_head, final_head),
-        "losses_kd_keras": losses,
-        "losses_official": official["losses"],
-        "lrs_official": official["lrs"],
-        "seconds_official_process": round(torch_seconds, 1),
-        "seconds_kd_keras_steps": round(keras_seconds, 1),
+        **lo.trajectories(losses, official, torch_seconds, keras_seconds),
     }
     print(json.dumps(result))
     return result
@@ -405,15 +340,9 @@ def write_fixture(
     the fixture has (`teacher_features`); the run's JSON reports queue_max_abs_diff."""
     arrays = {
         "student_views_uint8": np.round(student_views * 255).astype(np.uint8),
-        "teacher_features": np.load(os.path.join(work, "teacher_features.npy")).astype(np.float32),
         "queue_init": queue_init.astype(np.float32),
-        "official_losses": np.asarray(official["losses"], np.float64),
-        "official_lrs": np.asarray(official["lrs"], np.float64),
+        **lo.official_arrays(official, work),
         "settings": np.asarray(json.dumps(s)),
     }
-    for part, values in initial.items():
-        arrays.update({f"init/{part}/{k}": v for k, v in values.items()})
-    arrays.update({f"final/student/{k}": v for k, v in final_student.items()})
-    arrays.update({f"final/head/{k}": v for k, v in final_head.items()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    final = {"student": final_student, "head": final_head}
+    lo.save_fixture(path, arrays, {"init": initial, "final": final})

@@ -26,10 +26,7 @@ and write index), teacher_features.npy (the teacher's raw features per step), an
 stdout line a JSON object with the per-step losses and learning rates.
 """
 
-import argparse
-import builtins
 import importlib
-import json
 import os
 import sys
 
@@ -37,33 +34,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lockstep_torch_side import _Done, _patch_cpu, _randomise_bn  # noqa: E402
+import lockstep_torch_side as side  # noqa: E402
 
 SCRIPTS = {"compress_1q": "train_student_one_queue", "compress_2q": "train_student"}
 LOSSES = {"compress_1q": "CompReSSA", "compress_2q": "CompReSSMomentum"}
 
 
-class _Loader:
+class _Loader(side.EpochLoader):
     """(index, images, target) batches of kd_keras' views, `steps_per_epoch` per pass."""
 
-    def __init__(self, views, steps_per_epoch):
-        self.views, self.steps_per_epoch, self.epoch = views, steps_per_epoch, 0
-
-    def __len__(self):
-        return self.steps_per_epoch
-
-    def __iter__(self):
-        start = self.epoch * self.steps_per_epoch
-        self.epoch += 1
-        if start >= len(self.views):
-            raise _Done
-        for t in range(start, min(start + self.steps_per_epoch, len(self.views))):
-            batch = self.views.shape[1]
-            yield (
-                torch.arange(batch) + t * batch,
-                torch.from_numpy(self.views[t]),
-                torch.zeros(batch, dtype=torch.long),
-            )
+    def batch(self, t):
+        batch = self.views.shape[1]
+        return (
+            torch.arange(batch) + t * batch,
+            torch.from_numpy(self.views[t]),
+            torch.zeros(batch, dtype=torch.long),
+        )
 
 
 def _tiny(resnet):
@@ -75,9 +61,7 @@ def _tiny(resnet):
 
 def _split_fc(state):
     """(backbone state without fc.*, {"weight", "bias"} numpy arrays of fc or {})."""
-    backbone = {k: v.clone() for k, v in state.items() if not k.startswith("fc.")}
-    fc = {k[3:]: v.numpy().copy() for k, v in state.items() if k.startswith("fc.")}
-    return backbone, fc
+    return side.backbone_state(state, ""), side.fc_arrays(state, "")
 
 
 def _banks(loss_module):
@@ -91,30 +75,16 @@ def _banks(loss_module):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--official_dir", required=True)
-    parser.add_argument("--work", required=True)
+    parser = side.base_parser(optimizer_required=True)
     parser.add_argument("--method", required=True, choices=sorted(SCRIPTS))
-    parser.add_argument("--steps_per_epoch", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--lr_decay_epochs", required=True, help="official form: '90,120'")
     parser.add_argument("--lr_decay_rate", type=float, required=True)
-    parser.add_argument("--weight_decay", type=float, required=True)
-    parser.add_argument("--momentum", type=float, required=True)
-    parser.add_argument("--batch_size", type=int, required=True)
     parser.add_argument("--bank_size", type=int, required=True)
     parser.add_argument("--temperature", type=float, required=True)
     parser.add_argument("--alpha", type=float, required=True, help="2q key momentum")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
-    _patch_cpu()
-    sys.path.insert(0, args.official_dir)
-    os.chdir(args.work)
+    side.enter_official(args)
     official = importlib.import_module(SCRIPTS[args.method])
     import models.resnet as official_resnet
 
@@ -123,10 +93,7 @@ def main():
     views = np.load(os.path.join(args.work, "inputs.npz"))["student_nchw"][: args.steps]
 
     # The teacher: the official ResNet (resnet50 or the tiny one), torch's init, random BN.
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    torch.manual_seed(args.seed + 1)
-    teacher_net = official.resnet50()
-    _randomise_bn(teacher_net, generator)
+    teacher_net = side.random_teacher(official.resnet50, args.seed)
     torch.save(teacher_net.state_dict(), "teacher.pth")
     moco_keys = {
         f"module.encoder_q.{k}": v for k, v in teacher_net.state_dict().items() if "fc." not in k
@@ -165,13 +132,8 @@ def main():
         built["loss"] = loss_module
         return loss_module
 
-    adjust = official.adjust_learning_rate
-
-    def record_rate(epoch, opt, optimizer):
-        adjust(epoch, opt, optimizer)
-        rates.extend([optimizer.param_groups[0]["lr"]] * args.steps_per_epoch)
-        del rates[args.steps :]
-
+    # adjust_learning_rate(epoch, opt, optimizer)
+    record_rate = side.rate_recorder(official.adjust_learning_rate, rates, args, 2)
     official.get_teacher_model = teacher_model
     official.get_student_model = student_model
     setattr(official, LOSSES[args.method], make_loss)
@@ -198,13 +160,7 @@ def main():
         "--print_freq=100000",
         *([f"--alpha={args.alpha}"] if args.method == "compress_2q" else []),
     ]
-    quiet = builtins.print
-    builtins.print = lambda *a, **k: quiet(*a, **{**k, "file": sys.stderr})
-    try:
-        official.main()
-    except _Done:
-        pass
-    builtins.print = quiet
+    side.run_official_main(official.main)
     if len(losses) != args.steps:
         raise SystemExit(f"the official script trained {len(losses)} steps, not {args.steps}")
 
@@ -221,8 +177,7 @@ def main():
     teacher.eval()
     with torch.no_grad():
         features = [teacher.forward(torch.from_numpy(v), None).numpy() for v in views]
-    np.save("teacher_features.npy", np.stack(features))
-    print(json.dumps({"losses": losses, "lrs": rates}))
+    side.write_results(features, losses, rates)
 
 
 if __name__ == "__main__":

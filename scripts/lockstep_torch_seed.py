@@ -31,8 +31,6 @@ official random queue), teacher_features.npy (the teacher's normalised embedding
 and, as the last stdout line, JSON with the per-step losses and learning rates.
 """
 
-import argparse
-import json
 import os
 import sys
 import types
@@ -42,7 +40,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lockstep_torch_side import _Done, _patch_cpu, _randomise_bn  # noqa: E402
+import lockstep_torch_side as side  # noqa: E402
 
 
 class _Sixteenth(float):
@@ -79,32 +77,23 @@ def _stub_modules():
 
 
 def _patch_gpu_only():
-    _patch_cpu()
+    """The stand-in modules, the CPU patches, and what the official GPU loop calls besides."""
+    _stub_modules()
+    side._patch_cpu()
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
     torch.cuda.amp.autocast = lambda *a, **k: torch.autocast("cpu", enabled=False)
     torch.cuda.amp.GradScaler = lambda *a, **k: torch.amp.GradScaler("cpu", enabled=False)
     torch.distributed.get_rank = lambda *a, **k: 0
 
 
-class _Loader:
+class _Loader(side.EpochLoader):
     """(images, labels) batches of kd_keras' views; one pass = one epoch."""
 
-    def __init__(self, views, steps_per_epoch):
-        self.views, self.steps_per_epoch, self.epoch = views, steps_per_epoch, 0
+    stop_after_short_epoch = True
 
-    def __len__(self):
-        return self.steps_per_epoch
-
-    def __iter__(self):
-        start = self.epoch * self.steps_per_epoch
-        self.epoch += 1
-        if start >= len(self.views):
-            raise _Done
-        for t in range(start, min(start + self.steps_per_epoch, len(self.views))):
-            batch = torch.from_numpy(self.views[t])
-            yield batch, torch.zeros(batch.shape[0], dtype=torch.long)
-        if start + self.steps_per_epoch > len(self.views):
-            raise _Done
+    def batch(self, t):
+        batch = torch.from_numpy(self.views[t])
+        return batch, torch.zeros(batch.shape[0], dtype=torch.long)
 
 
 def _moco_v2_teacher(models, arch, dim):
@@ -115,45 +104,15 @@ def _moco_v2_teacher(models, arch, dim):
     return teacher
 
 
-def _backbone_state(state, prefix):
-    """Tensors under `prefix` without it, the fc (head) left out: torchvision backbone keys."""
-    return {
-        k[len(prefix) :]: v.clone()
-        for k, v in state.items()
-        if k.startswith(prefix) and not k[len(prefix) :].startswith("fc.")
-    }
-
-
-def _fc_arrays(state, prefix):
-    """The student's MLP fc (Linear fc.0, Linear fc.2) as numpy arrays."""
-    p = prefix + "fc."
-    return {k[len(p) :]: v.numpy().copy() for k, v in state.items() if k.startswith(p)}
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--official_dir", required=True)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--steps_per_epoch", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--lr", type=float, required=True)
-    parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch_size", type=int, required=True)
+    parser = side.base_parser()
     parser.add_argument("--queue", type=int, required=True)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--temp", type=float, default=0.2)
     parser.add_argument("--distill_t", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
-    _stub_modules()
-    _patch_gpu_only()
-    sys.path.insert(0, args.official_dir)
-    os.chdir(args.work)
+    side.enter_official(args, _patch_gpu_only)
     import main as official_main  # the authors' main.py
     import seed.architectures.moco.moco_resnet as moco_resnet
     import seed.builder as official_builder
@@ -175,17 +134,16 @@ def main():
     views = np.load(os.path.join(args.work, "inputs.npz"))["student_nchw"][: args.steps]
 
     # The teacher checkpoint: official ResNet (+ MoCo v2 MLP), torch's init, random BN.
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    torch.manual_seed(args.seed + 1)
-    teacher = _moco_v2_teacher(official_models, teacher_arch, args.dim)
-    _randomise_bn(teacher, generator)
+    teacher = side.random_teacher(
+        lambda: _moco_v2_teacher(official_models, teacher_arch, args.dim), args.seed
+    )
     torch.save(
         {"state_dict": {f"module.encoder_q.{k}": v for k, v in teacher.state_dict().items()}},
         "teacher.pth.tar",
     )
     # kd_keras' converter leaves MoCo's fc MLP out (layout moco); the kd_keras side rebuilds
     # it from these arrays on top of the converted backbone.
-    np.savez("teacher_fc.npz", **_fc_arrays(teacher.state_dict(), ""))
+    np.savez("teacher_fc.npz", **side.fc_arrays(teacher.state_dict(), ""))
 
     losses, rates, built = [], [], {}
     original_seed = official_builder.SEED
@@ -194,8 +152,8 @@ def main():
         torch.manual_seed(args.seed)
         model = original_seed(*a, **k)
         state = model.state_dict()
-        torch.save(_backbone_state(state, "student."), "student_init.pth")
-        np.savez("head_init.npz", **_fc_arrays(state, "student."))
+        torch.save(side.backbone_state(state, "student."), "student_init.pth")
+        np.savez("head_init.npz", **side.fc_arrays(state, "student."))
         np.save("queue_init.npy", model.queue.numpy().copy())
         built["model"] = model
         return model
@@ -207,13 +165,8 @@ def main():
         losses.append(float(loss.item()))
         return loss
 
-    adjust = official_main.adjust_learning_rate
-
-    def record_rate(optimizer, epoch, opt):
-        adjust(optimizer, epoch, opt)
-        rates.extend([optimizer.param_groups[0]["lr"]] * args.steps_per_epoch)
-        del rates[args.steps :]
-
+    # adjust_learning_rate(optimizer, epoch, opt)
+    record_rate = side.rate_recorder(official_main.adjust_learning_rate, rates, args, 0)
     loader = _Loader(views, args.steps_per_epoch)
     # main.py reaches the class as `seed.builder.SEED`; the class itself stays untouched (its
     # __init__ names itself in super()), only main's view of the package is redirected.
@@ -250,15 +203,15 @@ def main():
     stdout, sys.stdout = sys.stdout, sys.stderr  # the official logger writes to stdout
     try:
         official_main.main(opts)
-    except _Done:
+    except side._Done:
         pass
     finally:
         sys.stdout = stdout
 
     model = built["model"]
     final = model.state_dict()  # what the official checkpoint's "state_dict" holds
-    torch.save(_backbone_state(final, "student."), "student_final.pth")
-    np.savez("head_final.npz", **_fc_arrays(final, "student."))
+    torch.save(side.backbone_state(final, "student."), "student_final.pth")
+    np.savez("head_final.npz", **side.fc_arrays(final, "student."))
     np.save("queue_final.npy", model.queue.numpy().copy())
     # The teacher's normalised embeddings of each batch (frozen, eval mode: a function of
     # the images), what the official forward pushes into the queue.
@@ -268,8 +221,7 @@ def main():
             nn.functional.normalize(model.teacher(torch.from_numpy(v)), dim=1).numpy()
             for v in views
         ]
-    np.save("teacher_features.npy", np.stack(features))
-    print(json.dumps({"losses": losses, "lrs": rates}))
+    side.write_results(features, losses, rates)
 
 
 if __name__ == "__main__":

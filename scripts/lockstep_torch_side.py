@@ -57,6 +57,33 @@ class _Done(Exception):
     """Raised by the loader once every recorded batch has been trained on."""
 
 
+class EpochLoader:
+    """Batches of kd_keras' views in epochs of `steps_per_epoch` consecutive steps (the last
+    one may be short); raises _Done when asked for an epoch past the views. Subclasses give
+    `batch(t)`, step t's batch in the official loader's format."""
+
+    stop_after_short_epoch = False  # raise _Done right after a short last epoch
+
+    def __init__(self, views, steps_per_epoch):
+        self.views, self.steps_per_epoch, self.epoch = views, steps_per_epoch, 0
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def __iter__(self):
+        start = self.epoch * self.steps_per_epoch
+        self.epoch += 1
+        if start >= len(self.views):
+            raise _Done
+        for t in range(start, min(start + self.steps_per_epoch, len(self.views))):
+            yield self.batch(t)
+        if self.stop_after_short_epoch and start + self.steps_per_epoch > len(self.views):
+            raise _Done
+
+    def batch(self, t):
+        raise NotImplementedError
+
+
 class _Loader:
     """The official loader's batches, (indices, names, (im_q, im_t), labels), from kd_keras'
     views; one pass = one epoch of `steps_per_epoch` consecutive steps."""
@@ -84,6 +111,16 @@ class _Loader:
             )
 
 
+def random_teacher(build, seed):
+    """build() under torch.manual_seed(seed + 1), then random BN statistics (generator seeded
+    with seed + 1 as well): the teacher checkpoint every official script loads."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 1)
+    teacher = build()
+    _randomise_bn(teacher, generator)
+    return teacher
+
+
 def _randomise_bn(model, generator):
     """Non-trivial BN statistics and affine parameters, so the converted teacher's BN matters."""
     for m in model.modules():
@@ -100,30 +137,85 @@ def _state(module_state, prefix):
     return {k[len(prefix) :]: v.clone() for k, v in module_state.items() if k.startswith(prefix)}
 
 
+def backbone_state(state, prefix):
+    """Tensors under `prefix` without it, the fc (head) left out: torchvision backbone keys."""
+    return {k: v for k, v in _state(state, prefix).items() if not k.startswith("fc.")}
+
+
+def fc_arrays(state, prefix):
+    """The fc (head) tensors under `prefix`, as numpy arrays named without `prefix` + "fc."."""
+    return {k: v.numpy().copy() for k, v in _state(state, prefix + "fc.").items()}
+
+
+def base_parser(optimizer_required=False):
+    """The flags every torch half takes (lockstep_official.run_torch_side passes them all)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--official_dir", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--steps_per_epoch", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--lr", type=float, required=True)
+    if optimizer_required:
+        parser.add_argument("--weight_decay", type=float, required=True)
+        parser.add_argument("--momentum", type=float, required=True)
+    else:
+        parser.add_argument("--weight_decay", type=float, default=1e-4)
+        parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--batch_size", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true")
+    return parser
+
+
+def enter_official(args, patch=None):
+    """One torch thread, the run-time patches (default: the CPU ones), the official code on
+    sys.path and --work the current directory (every output file is written there)."""
+    torch.set_num_threads(1)
+    (patch or _patch_cpu)()
+    sys.path.insert(0, args.official_dir)
+    os.chdir(args.work)
+
+
+def rate_recorder(adjust, rates, args, optimizer_at):
+    """Wraps the official per-epoch `adjust` (its optimizer is positional argument
+    `optimizer_at`) to append the epoch's rate to `rates` once per step, --steps at most."""
+
+    def record(*a):
+        adjust(*a)
+        rates.extend([a[optimizer_at].param_groups[0]["lr"]] * args.steps_per_epoch)
+        del rates[args.steps :]
+
+    return record
+
+
+def run_official_main(main, *a):
+    """main(*a) with its print() on stderr (stdout's last line is ours), until _Done."""
+    quiet = builtins.print
+    builtins.print = lambda *p, **k: quiet(*p, **{**k, "file": sys.stderr})
+    try:
+        main(*a)
+    except _Done:
+        pass
+    builtins.print = quiet
+
+
+def write_results(features, losses, rates):
+    """teacher_features.npy and the last stdout line, the JSON the kd_keras side reads."""
+    np.save("teacher_features.npy", np.stack(features))
+    print(json.dumps({"losses": losses, "lrs": rates}))
+
+
 def _head_arrays(state):
     return {k: v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--official_dir", required=True)
-    parser.add_argument("--work", required=True)
+    parser = base_parser()
     parser.add_argument("--method", default="simreg", choices=["simreg"])
-    parser.add_argument("--steps_per_epoch", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--lr", type=float, required=True)
-    parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch_size", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
-    _patch_cpu()
-    sys.path.insert(0, args.official_dir)
-    os.chdir(args.work)
+    enter_official(args)
     import main as official_main  # the authors' main.py
     import models.resnet as official_resnet
     import simreg as official_simreg
@@ -135,10 +227,7 @@ def main():
     teacher_views = inputs["teacher_nchw"][: args.steps]
 
     # The teacher the official code loads: the official ResNet, torch's init, random BN.
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    torch.manual_seed(args.seed + 1)
-    teacher = official_resnet.resnet50()
-    _randomise_bn(teacher, generator)
+    teacher = random_teacher(official_resnet.resnet50, args.seed)
     torch.save(teacher.state_dict(), "teacher.pth")
 
     losses, rates, built = [], [], {}
@@ -152,13 +241,8 @@ def main():
         built["model"] = model
         return model
 
-    adjust = official_main.adjust_learning_rate
-
-    def record_rate(epoch, opt, optimizer):
-        adjust(epoch, opt, optimizer)
-        rates.extend([optimizer.param_groups[0]["lr"]] * args.steps_per_epoch)
-        del rates[args.steps :]
-
+    # adjust_learning_rate(epoch, opt, optimizer)
+    record_rate = rate_recorder(official_main.adjust_learning_rate, rates, args, 2)
     loader = _Loader(student_views, teacher_views, args.steps_per_epoch)
     official_main.SimReg = make_simreg
     official_main.get_train_loader = lambda opt: loader
@@ -182,13 +266,7 @@ def main():
         f"--save_freq={args.epochs + 1}",  # no checkpoint files: the weights are read below
         "--print_freq=100000",
     ]
-    quiet = builtins.print
-    builtins.print = lambda *a, **k: quiet(*a, **{**k, "file": sys.stderr})
-    try:
-        official_main.main()
-    except _Done:
-        pass
-    builtins.print = quiet
+    run_official_main(official_main.main)
 
     model = built["model"]
     final = model.state_dict()  # what the official checkpoint's "state_dict" holds
@@ -201,8 +279,7 @@ def main():
             nn.functional.normalize(encoder_t(torch.from_numpy(v)), dim=1).numpy()
             for v in teacher_views
         ]
-    np.save("teacher_features.npy", np.stack(features))
-    print(json.dumps({"losses": losses, "lrs": rates}))
+    write_results(features, losses, rates)
 
 
 if __name__ == "__main__":

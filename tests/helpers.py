@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kd_keras import config as config_lib
 from kd_keras.teachers.loading import Teacher, TeacherSpec
 
 
@@ -76,3 +77,13 @@ def h5_arrays(path):
             )
         )
     return out
+
+
+def parsed_flags(workdir, *argv):
+    """kd_keras' absl FLAGS parsed afresh from `argv` (plus --workdir and a recipe teacher, so
+    that only what a test names differs from the defaults)."""
+    config_lib.define_flags()
+    fv = config_lib.FLAGS
+    fv.unparse_flags()
+    fv(["prog", f"--workdir={workdir}", "--teacher=recipe:supervised", *argv])
+    return fv

@@ -9,6 +9,7 @@ from kd_keras import config as config_lib
 from kd_keras import losses
 from kd_keras.methods import compress_spec
 from kd_keras.optim import optimizers, schedules
+from tests.helpers import parsed_flags
 
 
 def _official_rate(epoch, lr, decay_epochs, decay_rate):
@@ -45,17 +46,9 @@ def test_step_schedule_defaults_are_compress_defaults():
     assert cfg.schedule == "cosine"  # the default schedule is unchanged
 
 
-def _flags(tmp_path, *argv):
-    config_lib.define_flags()
-    fv = config_lib.FLAGS
-    fv.unparse_flags()
-    fv(["prog", f"--workdir={tmp_path}", "--teacher=recipe:supervised", *argv])
-    return fv
-
-
 def test_step_schedule_flags_reach_the_optimizer(tmp_path):
     argv = ["--schedule=step", "--epochs=4", "--lr_decay_epochs=1,3", "--lr_decay_rate=0.5"]
-    cfg = config_lib.config_from_flags(_flags(tmp_path, *argv, "--lr_scaling=none"))
+    cfg = config_lib.config_from_flags(parsed_flags(tmp_path, *argv, "--lr_scaling=none"))
     assert cfg.optim.lr_decay_epochs == (1, 3)
     opt = optimizers.make_optimizer(cfg.optim, 10)
     rates = [float(opt._learning_rate(s)) for s in (0, 9, 10, 29, 30)]
@@ -81,15 +74,15 @@ def test_compress_option_flags_that_would_do_nothing_or_are_wrong_are_refused(
     tmp_path, argv, message
 ):
     with pytest.raises(Exception, match=message):
-        config_lib.config_from_flags(_flags(tmp_path, *argv))
+        config_lib.config_from_flags(parsed_flags(tmp_path, *argv))
 
 
 @pytest.mark.parametrize("method", ["compress_1q", "compress_2q"])
 def test_compress_bank_rows_flag_reaches_the_method_options(tmp_path, method):
-    default = config_lib.config_from_flags(_flags(tmp_path, f"--method={method}"))
+    default = config_lib.config_from_flags(parsed_flags(tmp_path, f"--method={method}"))
     assert default.options().compress_bank_rows == "unit"  # kd_keras' reading is the default
     cfg = config_lib.config_from_flags(
-        _flags(tmp_path, f"--method={method}", "--compress_bank_rows=as_stored")
+        parsed_flags(tmp_path, f"--method={method}", "--compress_bank_rows=as_stored")
     )
     assert cfg.options().compress_bank_rows == "as_stored"
 

@@ -11,19 +11,12 @@ decay, torch's momentum form and SEED's schedule (5 epochs at --lr, then the per
 cosine: --schedule=epoch_cosine --warmup_epochs=5).
 """
 
-import json
-import os
-
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from kd_keras import config
-from kd_keras.methods import registry
-from kd_keras.nets import backbones
-from kd_keras.optim import optimizers
+from tests import lockstep_replay as replay
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "data", "lockstep", "seed_tiny.npz")
 # Agreement reached against the official code on this fixture (TF and torch kernels round
 # differently; kd_keras against itself from a 1e-7-scaled start moves 1.1e-6).
 LOSS_RTOL = 1e-4  # measured 1.1e-6; Keras momentum form: 1.5e-3; tau_S = 0.1: 0.24
@@ -31,17 +24,9 @@ WEIGHT_ATOL = 5e-5  # measured 5.7e-6 (a BN moving mean); Keras momentum: 7.1e-2
 QUEUE_ATOL = 1e-6  # measured 3.0e-8: the queue holds the official teacher embeddings
 
 
-class _CachedTeacher:
-    """SEED's view of a teacher whose features come with the batch."""
-
-    def __init__(self, name, feature_dim):
-        self.name, self.feature_dim = name, int(feature_dim)
-
-
 @pytest.fixture(scope="module")
 def golden():
-    data = np.load(FIXTURE)
-    return {k: data[k] for k in data.files}
+    return replay.load("seed_tiny")
 
 
 def _config(s, momentum_form, student_temperature):
@@ -77,45 +62,17 @@ def _config(s, momentum_form, student_temperature):
 
 def _replay(golden, momentum_form="torch", student_temperature=None):
     """kd_keras on the fixture: (per-step losses, per-step lrs, final weights, final queue)."""
-    s = json.loads(str(golden["settings"]))
+    s = replay.settings(golden)
     cfg = _config(s, momentum_form, student_temperature)
     features = golden["teacher_features"]
-    student = backbones.build_resnet(s["student_arch"], s["image_size"], norm="imagenet")
-    teacher = _CachedTeacher("official", features.shape[-1])
-    method = registry.build_method(cfg, student, [teacher], steps_per_epoch=s["steps_per_epoch"])
-    method.compile(optimizer=optimizers.make_optimizer(cfg.optim, s["steps_per_epoch"]))
-    method.build((None, s["image_size"], s["image_size"], 3))
+    method = replay.build(cfg, s, features.shape[-1])
     models = {"student": method.student, "head": method.head}
-    for part, model in models.items():
-        for layer in model.layers:
-            for w in layer.weights:
-                w.assign(golden[f"init/{part}/{layer.name}/{w.path.split('/')[-1]}"])
+    replay.set_initial(models, golden)
     method.queue.bank.assign(golden["queue_init"])
-    train = tf.function(method.train_step)
-    losses, rates = [], []
-    all_views = golden["student_views_uint8"].astype(np.float32) / np.float32(255)
-    for views, targets in zip(all_views, features, strict=True):
-        rates.append(float(method.optimizer.learning_rate))
-        method.reset_metrics()
-        batch = {"student": views, "teacher_features": {"official": targets}}
-        losses.append(float(train(batch)["loss"]))
-    final = {
-        f"{part}/{layer.name}/{w.path.split('/')[-1]}": np.asarray(w)
-        for part, model in models.items()
-        for layer in model.layers
-        for w in layer.weights
-    }
-    return np.asarray(losses), np.asarray(rates), final, method.queue.bank.numpy()
-
-
-def _weight_errors(final, golden):
-    """max |kd_keras - official| per weight, BN moving variances left out (Keras averages the
-    biased batch variance, torch the unbiased one: documented, training-neutral)."""
-    return {
-        name: float(np.abs(value - golden[f"final/{name}"]).max())
-        for name, value in final.items()
-        if "moving_variance" not in name
-    }
+    losses, rates = replay.run_steps(
+        method, golden["student_views_uint8"], features, record_rates=True
+    )
+    return losses, rates, replay.final_weights(models), method.queue.bank.numpy()
 
 
 def _expected_queue(golden):
@@ -137,7 +94,7 @@ def test_kd_keras_replays_the_official_seed_trajectory(golden):
     # float32 cosine against torch's float64 math.cos: 1.2e-6 relative at the smallest rate.
     np.testing.assert_allclose(rates, golden["official_lrs"], rtol=1e-5)
     np.testing.assert_allclose(losses, golden["official_losses"], rtol=LOSS_RTOL)
-    errors = _weight_errors(final, golden)
+    errors = replay.errors(final, golden)
     assert len(errors) > 20 and any(k.startswith("head/") for k in errors)
     worst = max(errors, key=errors.get)
     assert errors[worst] < WEIGHT_ATOL, (worst, errors[worst])
@@ -145,7 +102,7 @@ def test_kd_keras_replays_the_official_seed_trajectory(golden):
 
 
 def test_the_fixture_covers_the_warm_up_the_cosine_and_a_wrapped_queue(golden):
-    s = json.loads(str(golden["settings"]))
+    s = replay.settings(golden)
     lrs = golden["official_lrs"]
     assert np.all(lrs[: s["warmup_epochs"] * s["steps_per_epoch"]] == s["lr"])
     assert len(set(lrs.tolist())) > 2
@@ -158,8 +115,7 @@ def test_the_fixture_covers_the_warm_up_the_cosine_and_a_wrapped_queue(golden):
 def test_a_departure_from_the_official_code_misses_the_trajectory(golden, departure):
     """Keras' momentum form (the lr drops after the warm-up) or a wrong tau_S leave it."""
     losses, _, final, _ = _replay(golden, **departure)
-    loss_gap = np.abs(losses - golden["official_losses"]) / golden["official_losses"]
     assert (
-        loss_gap.max() > 10 * LOSS_RTOL
-        or max(_weight_errors(final, golden).values()) > 10 * WEIGHT_ATOL
+        replay.loss_gap(losses, golden).max() > 10 * LOSS_RTOL
+        or max(replay.errors(final, golden).values()) > 10 * WEIGHT_ATOL
     )

@@ -10,6 +10,7 @@ import pytest
 from kd_keras import config as config_lib
 from kd_keras.nets import backbones
 from kd_keras.optim import optimizers
+from tests.helpers import parsed_flags
 
 
 def test_epoch_cosine_is_the_official_simreg_staircase():
@@ -29,14 +30,6 @@ def test_epoch_cosine_is_the_official_simreg_staircase():
     assert min(got) > 0  # the staircase never reaches 0 in training
 
 
-def _flags(tmp_path, *argv):
-    config_lib.define_flags()
-    fv = config_lib.FLAGS
-    fv.unparse_flags()
-    fv(["prog", f"--workdir={tmp_path}", "--teacher=recipe:supervised", *argv])
-    return fv
-
-
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -49,11 +42,11 @@ def _flags(tmp_path, *argv):
 )
 def test_flags_that_would_do_nothing_or_are_unknown_are_refused(tmp_path, argv, message):
     with pytest.raises(Exception, match=message):
-        config_lib.config_from_flags(_flags(tmp_path, *argv))
+        config_lib.config_from_flags(parsed_flags(tmp_path, *argv))
 
 
 def test_epoch_cosine_flag_reaches_the_optimizer(tmp_path):
-    cfg = config_lib.config_from_flags(_flags(tmp_path, "--schedule=epoch_cosine", "--epochs=3"))
+    cfg = config_lib.config_from_flags(parsed_flags(tmp_path, "--schedule=epoch_cosine", "--epochs=3"))
     assert cfg.optim.schedule == "epoch_cosine"
     opt = optimizers.make_optimizer(cfg.optim, 10)
     assert opt.momentum_form == "torch"
@@ -75,7 +68,7 @@ def test_strong_blur_official_is_the_authors_blur(tmp_path):
     from kd_keras.data import augment
 
     cfg = config_lib.config_from_flags(
-        _flags(tmp_path, "--augment=strong", "--strong_blur=official", "--head=mlp2_official")
+        parsed_flags(tmp_path, "--augment=strong", "--strong_blur=official", "--head=mlp2_official")
     )
     assert (cfg.data.strong_blur, cfg.model.head) == ("official", "mlp2_official")
     recipe = augment._view_recipe("strong", (16, 16), (0.2, 1.0), "auto", "official")

@@ -10,14 +10,7 @@ import pytest
 from kd_keras import config as config_lib
 from kd_keras.nets import heads
 from kd_keras.optim import optimizers, schedules
-
-
-def _flags(tmp_path, *argv):
-    config_lib.define_flags()
-    fv = config_lib.FLAGS
-    fv.unparse_flags()
-    fv(["prog", f"--workdir={tmp_path}", "--teacher=recipe:supervised", *argv])
-    return fv
+from tests.helpers import parsed_flags
 
 
 def test_mlp2_without_batch_norm_is_linear_relu_linear():
@@ -40,10 +33,10 @@ def test_heads_keep_batch_norm_by_default():
 
 
 def test_head_batch_norm_flag_reaches_the_config(tmp_path):
-    cfg = config_lib.config_from_flags(_flags(tmp_path, "--method=seed"))
+    cfg = config_lib.config_from_flags(parsed_flags(tmp_path, "--method=seed"))
     assert cfg.model.head_batch_norm is True
     cfg = config_lib.config_from_flags(
-        _flags(tmp_path, "--method=seed", "--head=mlp2", "--head_batch_norm=false")
+        parsed_flags(tmp_path, "--method=seed", "--head=mlp2", "--head_batch_norm=false")
     )
     assert cfg.model.head_batch_norm is False and cfg.model.head == "mlp2"
 
@@ -71,7 +64,7 @@ def test_head_batch_norm_flag_reaches_the_config(tmp_path):
 )
 def test_seed_options_refuse_what_would_do_nothing(tmp_path, argv, message):
     with pytest.raises(Exception, match=message):
-        config_lib.config_from_flags(_flags(tmp_path, *argv))
+        config_lib.config_from_flags(parsed_flags(tmp_path, *argv))
 
 
 def _seed_adjust_learning_rate(lr, batch_size, epochs, epoch, warmup_epochs=5):
