@@ -170,6 +170,12 @@ def test_selection_takes_the_best_held_out_value_and_records_it(tmp_path):
     assert saved["candidates"] == [{"flags": ["--lr=0.05"], "value": 0.7},
                                    {"flags": ["--lr=0.8"], "value": 0.9}]
     assert runner_lib.recorded_selection(sweep) == ("--lr=0.8",)
+    # A later `--only=other` invocation chose nothing for "lin": the report still shows its lr.
+    planner = runner_lib.Planner(spec, str(tmp_path / "w"), "cpu")
+    assert runner_lib.report_selections(spec, planner, {})["lin"] == ("--lr=0.8",)
+    assert runner_lib.report_selections(spec, planner, {"lin": ("--lr=0.05",)})["lin"] == (
+        "--lr=0.05",
+    )
     with pytest.raises(ValueError, match="no 'train_knn/top5_k1'"):
         runner_lib.select_candidate(sweep, "train_knn/top5_k1")
 

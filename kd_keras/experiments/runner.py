@@ -414,6 +414,15 @@ def recorded_selection(sweep_plans):
     return tuple(record["selected"]) if record else None
 
 
+def report_selections(spec, planner, chosen):
+    """{variant: flag lines} for the report: this invocation's choices, and for the variants it
+    did not run (--only) the ones their earlier sweeps recorded, so every row shows its lr."""
+    if not spec.sweep:
+        return chosen
+    recorded = {n: recorded_selection(planner.sweep(v)) for n, v in spec.variants.items()}
+    return {**{n: s for n, s in recorded.items() if s}, **chosen}
+
+
 def shared_jobs(plans):
     """Teacher jobs first, then cache jobs, each once, in the order variants need them."""
     seen, ordered = set(), []
@@ -639,7 +648,11 @@ def _run_locked(cfg, spec, planner, names, sweeps, chosen):
         runner.run_shared(shared_jobs(plans))
         failed += runner.run_variants(plans)
     paths = experiment_report.write_report(
-        spec, cfg.scale, cfg.workdir, planner.plan(chosen), cfg.report_dir or cfg.workdir
+        spec,
+        cfg.scale,
+        cfg.workdir,
+        planner.plan(report_selections(spec, planner, chosen)),
+        cfg.report_dir or cfg.workdir,
     )
     runner.say(f"report: {paths['md']}")
     if failed:
