@@ -112,3 +112,5 @@ def test_python_views_take_the_official_blur():
     assert batch["student"].shape == (2, 16, 16, 3)
     with pytest.raises(ValueError, match="strong_blur"):
         kd_keras.views("strong", 16, strong_blur="moco")
+    with pytest.raises(ValueError, match="blur of kind='strong'"):
+        kd_keras.views("weak", 16, strong_blur="official")

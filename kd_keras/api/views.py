@@ -49,6 +49,11 @@ class Views:
     ):
         if kind not in KINDS:
             raise ValueError(f"views kind={kind!r}: use one of {KINDS}.")
+        if strong_blur != "paper" and kind != "strong":
+            raise ValueError(
+                f"views strong_blur={strong_blur!r} is the blur of kind='strong'; this is "
+                f"kind={kind!r}."
+            )
         self.kind = kind
         self.size = int(size)
         self.seed = seed

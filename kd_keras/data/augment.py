@@ -1153,6 +1153,26 @@ def make_view_fn(
     return views if keys is None else views.select(keys)
 
 
+def view_fn_for(data, keys=None):
+    """``make_view_fn`` with a run's view settings, so training and the teacher cache build the
+    very same views.
+
+    Args:
+        data: an object with the data flags' fields (``kd_keras.config.DataConfig``): augment,
+            image_size, aug_mode, crop_scale_min, view_resize, strong_blur.
+        keys: as ``make_view_fn``.
+    """
+    return make_view_fn(
+        data.augment,
+        data.image_size,
+        data.aug_mode,
+        scale=(data.crop_scale_min, 1.0),
+        keys=keys,
+        resize=data.view_resize,
+        strong_blur=data.strong_blur,
+    )
+
+
 def make_multicrop_fn(
     sizes=(224, 96),
     counts=(2, 6),

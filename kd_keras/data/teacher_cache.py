@@ -144,14 +144,7 @@ def view_identity(data_cfg, seed, view_fn_key="teacher"):
     from kd_keras.data import augment
     from kd_keras.data import sources as data
 
-    view_fn = augment.make_view_fn(
-        data_cfg.augment,
-        data_cfg.image_size,
-        data_cfg.aug_mode,
-        scale=(data_cfg.crop_scale_min, 1.0),
-        resize=data_cfg.view_resize,
-        strong_blur=data_cfg.strong_blur,
-    )
+    view_fn = augment.view_fn_for(data_cfg)
     image = tf.constant(_probe_images(_PROBE_SOURCE_SIZE)[0])
     view = view_fn(image, data.view_seed(seed, 0, 0))[view_fn_key]
     summary = tf.image.resize(view[None], [_PROBE_SUMMARY, _PROBE_SUMMARY], method="area")[0]
@@ -475,15 +468,7 @@ def write_caches(
     from kd_keras.data import sources as data
 
     view_key = "teacher"
-    teacher_view = augment.make_view_fn(
-        data_cfg.augment,
-        data_cfg.image_size,
-        data_cfg.aug_mode,
-        scale=(data_cfg.crop_scale_min, 1.0),
-        keys=(view_key,),
-        resize=data_cfg.view_resize,
-        strong_blur=data_cfg.strong_blur,
-    )
+    teacher_view = augment.view_fn_for(data_cfg, keys=(view_key,))
     views_id = {**view_identity(data_cfg, seed, view_key), "epochs": int(epochs)}
     manifests = _new_manifests(
         cache_dirs, teachers, dataset_identity(examples, info), views_id, data_cfg, shard_size

@@ -574,16 +574,8 @@ def view_fn_for(cfg, spec, cached_teachers=False):
         from kd_keras.methods import factory
 
         return factory.multicrop_view_fn(cfg)
-    d = cfg.data
-    view_fn = augment.make_view_fn(
-        d.augment,
-        d.image_size,
-        d.aug_mode,
-        scale=(d.crop_scale_min, 1.0),
-        resize=d.view_resize,
-        strong_blur=d.strong_blur,
-    )
-    if spec.views == "single" or d.aug_mode == "same" or cached_teachers:
+    view_fn = augment.view_fn_for(cfg.data)
+    if spec.views == "single" or cfg.data.aug_mode == "same" or cached_teachers:
         view_fn = view_fn.select(("student",))
     return view_fn
 
