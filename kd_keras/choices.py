@@ -26,6 +26,9 @@ SCHEDULES = ("cosine", "constant", "epoch_cosine", "step")  # optimizers.learnin
 # optimizers.SGD: torch.optim.SGD's buffer (buf = m buf + g; w -= lr buf) or Keras' velocity
 # (v = m v - lr g; w += v); they differ whenever the learning rate changes.
 MOMENTUM_FORMS = ("torch", "keras")
+# How CompRess' loss reads bank rows (--compress_bank_rows): unit = l2-normalised again,
+# as_stored = as CompRess' SampleSimilarities does.
+COMPRESS_BANK_ROWS = ("unit", "as_stored")
 
 # Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
 # the same command again to resume). kd_keras.launch passes it on.

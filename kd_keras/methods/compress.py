@@ -5,7 +5,7 @@ Compressing Representations", NeurIPS 2020), variants 1q and 2q, with optional M
 import keras
 import tensorflow as tf
 
-from kd_keras import losses
+from kd_keras import choices, losses
 from kd_keras.methods.memory_bank import FeatureBank
 from kd_keras.methods.simreg import _Untracked
 from kd_keras.methods.single_teacher import SingleTeacherDistillation
@@ -16,8 +16,7 @@ MODES = ("1q", "2q")
 BANK_SIZE = 128_000  # --compress_memory_size
 TEMPERATURE = 0.04  # --compress_t
 MOMENTUM = 0.999  # --alpha of train_student.py (2q: momentum copy filling the student bank)
-# How the loss reads bank rows: unit = l2-normalised again (kd_keras), as_stored = CompRess.
-BANK_ROWS = ("unit", "as_stored")
+BANK_ROWS = choices.COMPRESS_BANK_ROWS
 
 
 @keras.saving.register_keras_serializable(package="kd_keras")

@@ -2,10 +2,11 @@
 
 import dataclasses
 
+from kd_keras import choices
 from kd_keras.methods import registry
 
 STUDENT_FEATURES = ("head", "backbone")
-BANK_ROWS = ("unit", "as_stored")  # compress.BANK_ROWS (this module imports no TensorFlow)
+BANK_ROWS = choices.COMPRESS_BANK_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
