@@ -240,6 +240,9 @@ def test_swav_and_oss_make_their_multicrop_views():
         **small
     )
     assert weak.grl_scale == 0.1
+    with pytest.raises(ValueError, match="feature_classifier=False has none"):
+        kd_keras.OSS(_any_size_student("s4"), teacher=_any_size_student("t4"), views=views,
+                     feature_classifier=False, grl_scale=0.5, **small)
 
 
 @pytest.mark.parametrize("views_in", ["step", "host"])

@@ -633,6 +633,11 @@ class OSS(_Distiller, oss.OSS):
         s_head = heads.ProjectionHead(
             proj_hidden_dim, proj_dim, dropout, "output", sync_bn=SYNC_BN, name="student_head"
         )
+        if not grl_scale >= 0:
+            raise ValueError(f"grl_scale must be >= 0, got {grl_scale}.")
+        if grl_scale != 1.0 and not feature_classifier:
+            raise ValueError("grl_scale scales the feature classifier's reversed gradient; "
+                             "feature_classifier=False has none.")
         classifier = grl = None
         if feature_classifier:
             classifier = heads.feature_classifier(proj_dim, 100, sync_bn=SYNC_BN)
